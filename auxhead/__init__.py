@@ -1,0 +1,42 @@
+"""auxhead: auxiliary classifiers for any PyTorch model.
+
+Attach heads at named layers (`attach`), add their losses (`AuxLoss`), strip them for
+inference (`AuxModel.strip`). fastai support lives in `auxhead.fastai`.
+"""
+
+from auxhead._probe import LayerInfo, LayerTable, list_layers
+from auxhead.attach import AuxModel, attach
+from auxhead.heads import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
+from auxhead.losses import AuxLoss, MultiLoss, distillation_loss
+from auxhead.schedules import (
+    SCHEDULES,
+    constant,
+    cosine,
+    get_schedule,
+    linear_decay,
+    linear_ramp,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HEAD_KINDS",
+    "SCHEDULES",
+    "AuxLoss",
+    "AuxModel",
+    "InceptionHead",
+    "LayerInfo",
+    "LayerTable",
+    "LinearHead",
+    "MultiLoss",
+    "SDNHead",
+    "attach",
+    "build_head",
+    "constant",
+    "cosine",
+    "distillation_loss",
+    "get_schedule",
+    "linear_decay",
+    "linear_ramp",
+    "list_layers",
+]

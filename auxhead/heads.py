@@ -1,0 +1,165 @@
+"""Built-in auxiliary heads, each sized from the shape its tap produces.
+
+A tap's output is a feature map (B, C, H, W), a token sequence (B, N, C) or a feature vector
+(B, C). Every head accepts all three: maps are pooled spatially, sequences over tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["HEAD_KINDS", "InceptionHead", "LinearHead", "SDNHead", "build_head"]
+
+
+def _check_shape(shape: Sequence[int], kind: str) -> None:
+    if len(shape) not in (2, 3, 4):
+        raise ValueError(
+            f"a {kind!r} head needs a tap output of 2, 3 or 4 dimensions "
+            f"((B, C), (B, N, C) or (B, C, H, W)); got shape {tuple(shape)}. "
+            "Pick another layer, pass `select=` to choose a tensor, or bring your own nn.Module."
+        )
+
+
+def _channels(shape: Sequence[int]) -> int:
+    # (B, C, H, W) -> C; (B, N, C) -> C; (B, C) -> C
+    return shape[1] if len(shape) == 4 else shape[-1]
+
+
+def _pool_tokens(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=1) if x.dim() == 3 else x  # (B, N, C) -> (B, C)
+
+
+class _BasicConv2d(nn.Module):
+    """Conv (no bias) + BatchNorm + ReLU, as torchvision's GoogLeNet builds it."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn(self.conv(x)), inplace=True)
+
+
+class InceptionHead(nn.Module):
+    """GoogLeNet's auxiliary classifier (Szegedy et al. 2015), scaled to the tap.
+
+    Maps: average-pool to 4x4, 1x1 conv to `width` channels, FC to `8 * width`, dropout 0.7,
+    FC to the classes. `width` is 128 (GoogLeNet's) or the tap's channels if fewer, so a small
+    CNN gets a small head. Sequences and vectors skip the pooling and conv: token mean, then the
+    same two FC layers.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int, dropout: float = 0.7) -> None:
+        super().__init__()
+        _check_shape(shape, "inception")
+        channels = _channels(shape)
+        width = min(128, channels)
+        if len(shape) == 4:
+            self.pool: nn.Module = nn.AdaptiveAvgPool2d((4, 4))
+            self.conv: nn.Module = _BasicConv2d(channels, width)
+            features = width * 16
+        else:
+            self.pool = self.conv = nn.Identity()
+            features = channels
+        self.fc1 = nn.Linear(features, 8 * width)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(self.pool(x)) if x.dim() == 4 else _pool_tokens(x)
+        x = torch.flatten(x, 1)  # (B, features)
+        x = self.dropout(F.relu(self.fc1(x), inplace=True))
+        return self.fc2(x)  # (B, num_classes)
+
+
+class LinearHead(nn.Module):
+    """Global average pool (or token mean) and one Linear layer: the cheapest probe."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        _check_shape(shape, "linear")
+        self.fc = nn.Linear(_channels(shape), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mean(dim=(2, 3)) if x.dim() == 4 else _pool_tokens(x)  # (B, C)
+        return self.fc(x)
+
+
+class SDNHead(nn.Module):
+    """Shallow-Deep Networks internal classifier (Kaya et al., ICML 2019).
+
+    A learned mix of max and average pooling, alpha * max + (1 - alpha) * avg, down to a small
+    grid, then one Linear layer. The grid keeps at most ~4096 features, as in the paper's
+    reduction of large maps.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        _check_shape(shape, "sdn")
+        channels = _channels(shape)
+        if len(shape) == 4:
+            side = max(1, min(4, shape[2], shape[3], int((4096 / channels) ** 0.5)))
+            self.grid: tuple[int, int] | None = (side, side)
+            features = channels * side * side
+        else:
+            self.grid = None
+            features = channels
+        self.alpha = nn.Parameter(torch.zeros(()))  # sigmoid(0) = 0.5: an even mix to start
+        self.fc = nn.Linear(features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grid is not None:
+            mix = torch.sigmoid(self.alpha)
+            x = mix * F.adaptive_max_pool2d(x, self.grid) + (1 - mix) * F.adaptive_avg_pool2d(
+                x, self.grid
+            )
+            x = torch.flatten(x, 1)  # (B, C * side * side)
+        else:
+            x = _pool_tokens(x)
+        return self.fc(x)
+
+
+HeadFactory = Callable[[tuple[int, ...], int], nn.Module]
+
+HEAD_KINDS: dict[str, HeadFactory] = {
+    "inception": InceptionHead,
+    "linear": LinearHead,
+    "sdn": SDNHead,
+}
+
+
+def build_head(kind: str | HeadFactory, shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Build a head for a tap of output `shape` from a kind name or a factory.
+
+    Args:
+        kind: one of `HEAD_KINDS` ("inception", "linear", "sdn") or a callable
+            `(tap_shape, num_classes) -> nn.Module`.
+        shape: the tap's output shape, batch dimension first.
+        num_classes: the number of logits the head predicts.
+
+    Raises:
+        ValueError: for an unknown kind name or a shape the head cannot take.
+        TypeError: if a factory returns something that is not an `nn.Module`.
+    """
+    if isinstance(kind, str):
+        if kind not in HEAD_KINDS:
+            raise ValueError(
+                f"unknown head kind {kind!r}; choose one of {sorted(HEAD_KINDS)}, "
+                "an nn.Module, or a callable (tap_shape, num_classes) -> nn.Module."
+            )
+        return HEAD_KINDS[kind](shape, num_classes)
+    if callable(kind):
+        head = kind(shape, num_classes)
+        if not isinstance(head, nn.Module):
+            raise TypeError(
+                f"head factory {kind!r} returned {type(head).__name__}, not an nn.Module"
+            )
+        return head
+    raise TypeError(
+        f"a head must be an nn.Module, a kind name or a factory; got {type(kind).__name__}"
+    )

@@ -1,0 +1,309 @@
+"""Losses that combine several outputs: `AuxLoss` for an `AuxModel`'s heads, `MultiLoss` for
+models that already return several outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from auxhead.attach import AuxModel
+from auxhead.schedules import Schedule, get_schedule
+
+__all__ = ["AuxLoss", "MultiLoss", "distillation_loss"]
+
+LossFunc = Callable[..., torch.Tensor]
+Weights = float | Sequence[float] | Mapping[str, float]
+
+
+def _per_name(value: Any, names: Sequence[str], what: str, default: Any = None) -> dict[str, Any]:
+    """Spread a scalar, a list in `names` order or a dict by name over `names`."""
+    if value is None:
+        return dict.fromkeys(names, default)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        missing = [name for name in names if name not in value]
+        if unknown or missing:
+            raise ValueError(
+                f"{what} by name must cover exactly {list(names)}; "
+                f"unknown: {unknown}, missing: {missing}"
+            )
+        return {name: value[name] for name in names}
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(names):
+            raise ValueError(
+                f"{what} has {len(value)} entries for {len(names)} outputs {list(names)}; "
+                "give one per output, a single value, or a dict by name"
+            )
+        return dict(zip(names, value, strict=True))
+    return dict.fromkeys(names, value)
+
+
+def _check_weights(weights: dict[str, Any]) -> dict[str, float]:
+    for name, weight in weights.items():
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
+            raise ValueError(f"weight for {name!r} must be a number >= 0, got {weight!r}")
+    return {name: float(weight) for name, weight in weights.items()}
+
+
+def _get_reduction(funcs: Sequence[LossFunc]) -> str | None:
+    return getattr(funcs[0], "reduction", None)
+
+
+def _set_reduction(funcs: Sequence[LossFunc], value: str) -> None:
+    for func in funcs:
+        if hasattr(func, "reduction"):
+            func.reduction = value
+
+
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str = "mean"
+) -> torch.Tensor:
+    """Hinton's knowledge-distillation term T^2 * KL(softmax(teacher/T) || softmax(student/T)).
+
+    The teacher is detached: the head learns from the final classifier, not the reverse (Be Your
+    Own Teacher, Zhang et al., ICCV 2019).
+    """
+    log_p = F.log_softmax(student / temperature, dim=-1)  # (B, K)
+    q = F.softmax(teacher.detach() / temperature, dim=-1)  # (B, K)
+    per_sample = F.kl_div(log_p, q, reduction="none").sum(dim=-1) * temperature**2  # (B,)
+    if reduction == "none":
+        return per_sample
+    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+
+
+class AuxLoss:
+    """main loss + sum_i w_i * s(t) * head_loss(aux_i, *targets).
+
+    A loss callable `loss(pred, *targets)` for an `AuxModel`: `pred` is the model's own output;
+    the heads' logits come from `aux_model.aux_outputs`. The aux terms are added only while the
+    model is in training mode, so a validation loss is the main loss alone, even with
+    `heads_enabled()`.
+
+    Args:
+        loss_func: the main loss, e.g. `nn.CrossEntropyLoss()`.
+        aux_model: the `AuxModel` whose heads to supervise.
+        weights: one weight for every head, a list in `at` order, or a dict by tap name.
+            GoogLeNet used 0.3, Inception v3 0.4.
+        schedule: multiplier s(t) of training progress t in [0, 1] (set `.progress`): a name
+            from `auxhead.SCHEDULES` ("constant", "linear_decay", "linear_ramp", "cosine") or a
+            callable. Default constant.
+        head_loss: loss for the heads, if not `loss_func`.
+        distill: weight alpha of self-distillation (BYOT): each head's term becomes
+            (1 - alpha) * head_loss + alpha * T^2 * KL(main || head). 0 turns it off.
+        temperature: the distillation temperature T.
+        check_finite: raise naming the head if an aux loss is NaN or infinite.
+
+    Attributes:
+        progress: training progress t in [0, 1]; a trainer sets it (the fastai callback does).
+        components: the last call's terms, detached: {"main": ..., tap name: ...} (unweighted).
+
+    Example:
+        >>> loss_func = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux_model, weights=0.3)
+        >>> loss = loss_func(aux_model(x), y)  # main + 0.3 * (sum of head losses)
+    """
+
+    def __init__(
+        self,
+        loss_func: LossFunc,
+        aux_model: AuxModel,
+        weights: Weights = 0.3,
+        schedule: str | Schedule | None = None,
+        *,
+        head_loss: LossFunc | None = None,
+        distill: float = 0.0,
+        temperature: float = 3.0,
+        check_finite: bool = True,
+    ) -> None:
+        if not isinstance(aux_model, AuxModel):
+            raise TypeError(
+                f"AuxLoss needs the AuxModel that auxhead.attach returned, "
+                f"got {type(aux_model).__name__}"
+            )
+        if not 0.0 <= distill <= 1.0:
+            raise ValueError(f"distill is a weight in [0, 1], got {distill!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        self.loss_func = loss_func
+        self.aux_model = aux_model
+        self.weights = _check_weights(_per_name(weights, aux_model.taps, "weights"))
+        self.schedule = get_schedule(schedule)
+        self.head_loss = head_loss if head_loss is not None else loss_func
+        self.distill = float(distill)
+        self.temperature = float(temperature)
+        self.check_finite = check_finite
+        self.progress = 0.0
+        self.components: dict[str, torch.Tensor] = {}
+
+    @property
+    def scale(self) -> float:
+        """The schedule's multiplier at the current progress."""
+        return float(self.schedule(min(max(self.progress, 0.0), 1.0)))
+
+    def __call__(self, pred: Any, *targets: Any) -> torch.Tensor:
+        main = self.loss_func(pred, *targets)
+        self.components = {"main": main.detach()}
+        aux = self.aux_model.aux_outputs
+        if not (self.aux_model.training and aux):
+            return main
+        scale = self.scale
+        total = main
+        for name, logits in aux.items():
+            term = self._head_term(name, logits, pred, targets)
+            self.components[name] = term.detach()
+            # A zero weight still adds the term (times 0), so every head parameter gets a
+            # gradient and DistributedDataParallel sees no unused parameters.
+            total = total + (self.weights[name] * scale) * term
+        return total
+
+    def _head_term(self, name: str, logits: torch.Tensor, pred: Any, targets: tuple) -> torch.Tensor:
+        try:
+            term = self.head_loss(logits, *targets)
+        except (RuntimeError, ValueError, IndexError) as error:
+            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in targets]
+            raise ValueError(
+                f"the loss of head {name!r} failed: its output has shape {tuple(logits.shape)}, "
+                f"the targets {shapes}. Check num_classes, or pass head_loss= for these "
+                f"targets. ({error})"
+            ) from error
+        if self.distill:
+            teacher = pred if isinstance(pred, torch.Tensor) else None
+            if teacher is None or teacher.shape != logits.shape:
+                raise ValueError(
+                    f"self-distillation needs the main output shaped like head {name!r}'s "
+                    f"logits {tuple(logits.shape)}"
+                )
+            kd = distillation_loss(logits, teacher, self.temperature, self.reduction or "mean")
+            term = (1 - self.distill) * term + self.distill * kd
+        if self.check_finite and not bool(torch.isfinite(term).all()):
+            raise FloatingPointError(
+                f"the aux loss of head {name!r} is not finite ({term.detach().flatten()[:4]}); "
+                "lower the learning rate or the head's weight, or check its inputs"
+            )
+        return term
+
+    @property
+    def reduction(self) -> str | None:
+        return _get_reduction([self.loss_func])
+
+    @reduction.setter
+    def reduction(self, value: str) -> None:
+        # fastai's get_preds(with_loss=True) sets 'none' to get one loss per sample.
+        _set_reduction([self.loss_func, self.head_loss], value)
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        activation = getattr(self.loss_func, "activation", None)
+        return activation(x) if activation is not None else x
+
+    def decodes(self, x: torch.Tensor) -> torch.Tensor:
+        decodes = getattr(self.loss_func, "decodes", None)
+        return decodes(x) if decodes is not None else x
+
+    def __repr__(self) -> str:
+        return f"AuxLoss({self.loss_func!r}, weights={self.weights}, schedule={self.schedule.__name__})"
+
+
+class MultiLoss:
+    """A weighted sum of one loss per output, for models that return several outputs.
+
+    The reusable form of "write a custom loss that unpacks every output": YOLO-style
+    multi-scale outputs, multi-task heads, or any tuple, list or dict of outputs.
+
+    Args:
+        losses: one loss for every output, a list in output order, or a dict by output key.
+        weights: 1 for every output by default; a number, a list or a dict by key.
+        targets: which targets each output is scored against: a list or dict by key of target
+            indices (an int or a tuple of ints). Default: every output against all targets if
+            there is one target, output i against target i if there are as many targets as
+            outputs.
+
+    Attributes:
+        components: the last call's unweighted losses by output key ("0", "1", ... for tuples).
+
+    Example:
+        >>> loss_func = MultiLoss(nn.CrossEntropyLoss(), weights=[1.0, 0.5])
+        >>> loss = loss_func((logits_a, logits_b), y)
+    """
+
+    def __init__(
+        self,
+        losses: LossFunc | Sequence[LossFunc] | Mapping[str, LossFunc],
+        *,
+        weights: Weights | None = None,
+        targets: Sequence[int | tuple[int, ...]] | Mapping[str, int | tuple[int, ...]] | None = None,
+    ) -> None:
+        self.losses = losses
+        self.weights = weights
+        self.targets = targets
+        self.components: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _named_outputs(preds: Any) -> dict[str, Any]:
+        if isinstance(preds, Mapping):
+            return {str(key): value for key, value in preds.items()}
+        if isinstance(preds, (tuple, list)):
+            return {str(i): value for i, value in enumerate(preds)}
+        raise TypeError(
+            f"MultiLoss needs a tuple, list or dict of outputs, got {type(preds).__name__}; "
+            "for a single output use the loss directly"
+        )
+
+    def _target_indices(self, names: list[str], n_targets: int) -> dict[str, tuple[int, ...]]:
+        if self.targets is None:
+            if n_targets == 1:
+                return dict.fromkeys(names, (0,))
+            if n_targets == len(names):
+                return {name: (i,) for i, name in enumerate(names)}
+            raise ValueError(
+                f"{len(names)} outputs {names} and {n_targets} targets: pass targets= to say "
+                "which target(s) each output is scored against"
+            )
+        spread = _per_name(self.targets, names, "targets")
+        indices = {}
+        for name, index in spread.items():
+            index = (index,) if isinstance(index, int) else tuple(index)
+            bad = [i for i in index if not 0 <= i < n_targets]
+            if bad:
+                raise ValueError(
+                    f"output {name!r} names target index {bad}, but there are {n_targets} targets"
+                )
+            indices[name] = index
+        return indices
+
+    def _loss_funcs(self) -> list[LossFunc]:
+        if isinstance(self.losses, Mapping):
+            return list(self.losses.values())
+        if isinstance(self.losses, (list, tuple)):
+            return list(self.losses)
+        return [self.losses]
+
+    def __call__(self, preds: Any, *targets: Any) -> torch.Tensor:
+        outputs = self._named_outputs(preds)
+        if not outputs:
+            raise ValueError("MultiLoss got an empty collection of outputs")
+        names = list(outputs)
+        if isinstance(self.losses, Mapping) or isinstance(self.losses, (list, tuple)):
+            losses = _per_name(self.losses, names, "losses")
+        else:
+            losses = dict.fromkeys(names, self.losses)
+        weights = _check_weights(_per_name(self.weights, names, "weights", default=1.0))
+        indices = self._target_indices(names, len(targets))
+        total: torch.Tensor | None = None
+        self.components = {}
+        for name in names:
+            term = losses[name](outputs[name], *(targets[i] for i in indices[name]))
+            self.components[name] = term.detach()
+            weighted = weights[name] * term
+            total = weighted if total is None else total + weighted
+        assert total is not None  # outputs is not empty
+        return total
+
+    @property
+    def reduction(self) -> str | None:
+        return _get_reduction(self._loss_funcs())
+
+    @reduction.setter
+    def reduction(self, value: str) -> None:
+        _set_reduction(self._loss_funcs(), value)
