@@ -4,8 +4,10 @@ Attach heads at named layers (`attach`), add their losses (`AuxLoss`), strip the
 inference (`AuxModel.strip`). fastai support lives in `auxhead.fastai`.
 """
 
+from auxhead._flops import exit_flops
 from auxhead._probe import LayerInfo, LayerTable, list_layers
 from auxhead.attach import AuxModel, attach
+from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.heads import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
 from auxhead.losses import AuxLoss, MultiLoss, distillation_loss
 from auxhead.schedules import (
@@ -24,6 +26,8 @@ __all__ = [
     "SCHEDULES",
     "AuxLoss",
     "AuxModel",
+    "EarlyExit",
+    "ExitSummary",
     "InceptionHead",
     "LayerInfo",
     "LayerTable",
@@ -35,6 +39,7 @@ __all__ = [
     "constant",
     "cosine",
     "distillation_loss",
+    "exit_flops",
     "get_schedule",
     "linear_decay",
     "linear_ramp",

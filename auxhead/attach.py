@@ -56,23 +56,32 @@ class AuxModel(nn.Module):
         self._pending: dict[str, torch.Tensor] | None = None  # filled by the hooks in forward
         self._heads_on: bool | None = None  # None: heads follow self.training
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        modules = resolve(model, self.taps)
+        self._register_hooks()
+
+    def _register_hooks(self) -> None:
+        """Put a `_RunHead` hook on every tap; on failure, none stays."""
+        modules = resolve(self.model, self.taps)
         try:
             for name, module in modules.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+                self._handles.append(module.register_forward_hook(_RunHead(self, name)))
         except BaseException:
             self._remove_hooks()
             raise
 
-    def _hook(self, name: str):
-        def run_head(_module: nn.Module, _args: Any, output: Any) -> None:
-            if not self._active:
-                return
-            select = self._select.get(name)
-            features = select(output) if select is not None else first_tensor(output)
-            self._pending[name] = self.heads[_key(name)](features)
+    def head_input(self, name: str, output: Any) -> torch.Tensor:
+        """What the head at `name` classifies, given that layer's output: the tensor its
+        `select` picks, or the first tensor."""
+        select = self._select.get(name)
+        features = select(output) if select is not None else first_tensor(output)
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(
+                f"layer {name!r} outputs no tensor for its head; pass `select=` to attach"
+            )
+        return features
 
-        return run_head
+    def _run_head(self, name: str, output: Any) -> None:
+        if self._active:
+            self._pending[name] = self.heads[_key(name)](self.head_input(name, output))
 
     @property
     def _active(self) -> bool:
@@ -94,9 +103,7 @@ class AuxModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not self._handles:
-            raise RuntimeError(
-                "this AuxModel was stripped; use the model strip() returned instead"
-            )
+            raise RuntimeError("this AuxModel was stripped; use the model strip() returned instead")
         self._pending = {}
         try:
             output = self.model(*args, **kwargs)
@@ -117,8 +124,10 @@ class AuxModel(nn.Module):
         """Run the heads (or not, with `enabled=False`) whatever the mode, inside the block.
 
         Example:
-            >>> with aux_model.eval(), aux_model.heads_enabled():  # doctest: +SKIP
-            ...     out = aux_model(x); per_head = aux_model.aux_outputs
+            >>> aux_model.eval()
+            >>> with aux_model.heads_enabled():
+            ...     out = aux_model(x)
+            >>> per_head = aux_model.aux_outputs  # {tap name: logits}
         """
         previous = self._heads_on
         self._heads_on = enabled
@@ -153,21 +162,25 @@ class AuxModel(nn.Module):
         return f"taps={self.taps}"
 
     def __getstate__(self) -> dict[str, Any]:
-        # Hook handles hold weak references and cannot be pickled or deep-copied; the copy
-        # registers its own hooks in __setstate__.
+        # Head outputs hold an autograd graph, which cannot be copied or pickled. The hooks
+        # are `_RunHead` objects, so deepcopy and pickle carry them (and their handles) over.
         state = self.__dict__.copy()
-        state["_handles"] = len(self._handles) > 0
         state["aux_outputs"] = {}
         state["_pending"] = None
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        attached = state.pop("_handles")
-        self.__dict__.update(state)
-        self._handles = []
-        if attached:
-            for name, module in resolve(self.model, self.taps).items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
+
+class _RunHead:
+    """The forward hook at one tap: a picklable callable rather than a closure, so that
+    `copy.deepcopy` and `torch.save` of an AuxModel work and the copy's hooks point at the
+    copy."""
+
+    def __init__(self, aux_model: AuxModel, name: str) -> None:
+        self.aux_model = aux_model
+        self.name = name
+
+    def __call__(self, _module: nn.Module, _args: Any, output: Any) -> None:
+        self.aux_model._run_head(self.name, output)
 
 
 def _normalise_at(at: Sequence[str] | Mapping[str, HeadSpec], default: HeadSpec):
@@ -293,4 +306,3 @@ def attach(
             built = built.to(device=reference.device, dtype=reference.dtype)
         heads[name] = built
     return AuxModel(model, heads, select=selects)
-

@@ -144,25 +144,44 @@ class AuxLoss:
 
     def __call__(self, pred: Any, *targets: Any) -> torch.Tensor:
         main = self.loss_func(pred, *targets)
-        self.components = {"main": main.detach()}
+        aux = self.aux_term(pred, *targets)
+        self.components = {"main": main.detach(), **self.components}
+        return main if aux is None else main + aux
+
+    def aux_term(
+        self, pred: Any, *targets: Any, head_loss: LossFunc | None = None
+    ) -> torch.Tensor | None:
+        """sum_i w_i * s(t) * head_loss(aux_i, *targets), or None when there is nothing to add
+        (the model is in eval mode or the heads did not run).
+
+        `head_loss` overrides the heads' loss for this call: the fastai callback passes the
+        Learner's current `loss_func`, so wrappers such as MixUp's apply to the heads too.
+        """
+        self.components = {}
         aux = self.aux_model.aux_outputs
         if not (self.aux_model.training and aux):
-            return main
+            return None
         scale = self.scale
-        total = main
+        total: torch.Tensor | None = None
         for name, logits in aux.items():
-            term = self._head_term(name, logits, pred, targets)
+            term = self._head_term(name, logits, pred, targets, head_loss or self.head_loss)
             self.components[name] = term.detach()
             # A zero weight still adds the term (times 0), so every head parameter gets a
             # gradient and DistributedDataParallel sees no unused parameters.
-            total = total + (self.weights[name] * scale) * term
+            weighted = (self.weights[name] * scale) * term
+            total = weighted if total is None else total + weighted
         return total
 
-    def _head_term(self, name: str, logits: torch.Tensor, pred: Any, targets: tuple) -> torch.Tensor:
+    def _head_term(
+        self, name: str, logits: torch.Tensor, pred: Any, targets: tuple, head_loss: LossFunc
+    ) -> torch.Tensor:
+        logits = logits.float()  # heads may have run under autocast
         try:
-            term = self.head_loss(logits, *targets)
+            term = head_loss(logits, *targets)
         except (RuntimeError, ValueError, IndexError) as error:
-            shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in targets]
+            shapes = [
+                tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in targets
+            ]
             raise ValueError(
                 f"the loss of head {name!r} failed: its output has shape {tuple(logits.shape)}, "
                 f"the targets {shapes}. Check num_classes, or pass head_loss= for these "
@@ -202,7 +221,8 @@ class AuxLoss:
         return decodes(x) if decodes is not None else x
 
     def __repr__(self) -> str:
-        return f"AuxLoss({self.loss_func!r}, weights={self.weights}, schedule={self.schedule.__name__})"
+        schedule = getattr(self.schedule, "__name__", repr(self.schedule))
+        return f"AuxLoss({self.loss_func!r}, weights={self.weights}, schedule={schedule})"
 
 
 class MultiLoss:
@@ -232,7 +252,9 @@ class MultiLoss:
         losses: LossFunc | Sequence[LossFunc] | Mapping[str, LossFunc],
         *,
         weights: Weights | None = None,
-        targets: Sequence[int | tuple[int, ...]] | Mapping[str, int | tuple[int, ...]] | None = None,
+        targets: Sequence[int | tuple[int, ...]]
+        | Mapping[str, int | tuple[int, ...]]
+        | None = None,
     ) -> None:
         self.losses = losses
         self.weights = weights
@@ -284,7 +306,7 @@ class MultiLoss:
         if not outputs:
             raise ValueError("MultiLoss got an empty collection of outputs")
         names = list(outputs)
-        if isinstance(self.losses, Mapping) or isinstance(self.losses, (list, tuple)):
+        if isinstance(self.losses, (Mapping, list, tuple)):
             losses = _per_name(self.losses, names, "losses")
         else:
             losses = dict.fromkeys(names, self.losses)

@@ -6,7 +6,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-__all__ = ["SCHEDULES", "Schedule", "constant", "cosine", "get_schedule", "linear_decay", "linear_ramp"]
+__all__ = [
+    "SCHEDULES",
+    "Schedule",
+    "constant",
+    "cosine",
+    "get_schedule",
+    "linear_decay",
+    "linear_ramp",
+]
 
 Schedule = Callable[[float], float]
 

@@ -1,0 +1,36 @@
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def tiny_cnn(num_classes: int = 5) -> nn.Sequential:
+    """A 4-stage CNN for 16x16 inputs: taps "1" (8x8), "3" (4x4) and "5" (vector)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),  # 0
+        nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),  # 1: (B, 8, 8, 8)
+        nn.Conv2d(8, 16, 3, padding=1),  # 2
+        nn.Sequential(nn.ReLU(), nn.MaxPool2d(2)),  # 3: (B, 16, 4, 4)
+        nn.Flatten(),  # 4
+        nn.Linear(16 * 16, 32),  # 5: (B, 32)
+        nn.ReLU(),  # 6
+        nn.Linear(32, num_classes),  # 7
+    )
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.fixture
+def cnn() -> nn.Sequential:
+    return tiny_cnn()
+
+
+@pytest.fixture
+def x() -> torch.Tensor:
+    return torch.randn(4, 3, 16, 16)

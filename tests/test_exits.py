@@ -1,0 +1,489 @@
+"""EarlyExit: routing, both modes, FLOPs actually saved, calibration, bad input.
+
+Most tests use a "pass-through" model whose layers are identity Linear layers: each input row
+carries the logits of head 0 (columns 0-1), head 1 (2-3) and the main output (4-5), so every
+confidence, exit and FLOP count can be worked out by hand. A Linear(6, 6) costs 2*6*6 = 72
+FLOPs per sample, a Linear(6, 2) head 24.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+import auxhead
+from auxhead.exits import EarlyExit, ExitSummary
+
+LN9 = math.log(9.0)  # logits (ln 9, 0): softmax (0.9, 0.1)
+LN3 = math.log(3.0)  # logits (ln 3, 0): softmax (0.75, 0.25)
+
+
+def _identity(n: int = 6) -> nn.Linear:
+    layer = nn.Linear(n, n)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(n))
+        layer.bias.zero_()
+    return layer
+
+
+def _columns(start: int) -> nn.Linear:
+    """Linear(6, 2) that copies columns start, start + 1."""
+    layer = nn.Linear(6, 2)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[0, start] = layer.weight[1, start + 1] = 1.0
+        layer.bias.zero_()
+    return layer
+
+
+def pass_through(depth: int = 2) -> auxhead.AuxModel:
+    """Sequential(identity x depth, columns 4-5); heads at "0" (columns 0-1), "1" (2-3)."""
+    model = nn.Sequential(*[_identity() for _ in range(depth)], _columns(4))
+    return auxhead.attach(model, {"0": _columns(0), "1": _columns(2)}, sample=torch.zeros(1, 6))
+
+
+class PassThroughNet(nn.Module):
+    """The same network as `pass_through(2)` with its own forward: only generic mode fits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = _identity(), _identity(), _columns(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.b(self.a(x)))
+
+
+def row(head0, head1, main=(LN9, 0.0)) -> list[float]:
+    return [*head0, *head1, *main]
+
+
+# thresholds (0.8, 0.5): confidences by hand, and where each sample leaves
+MIXED = torch.tensor(
+    [
+        row((LN9, 0), (0, 0)),  # 0.9 > 0.8: exit 0
+        row((0, 0), (0, LN9)),  # 0.5, then 0.9 > 0.5: exit 1
+        row((LN3, 0), (0, 0)),  # 0.75, then 0.5 (not > 0.5): main
+        row((0, LN9), (0, 0)),  # 0.9 > 0.8: exit 0, predicting class 1
+    ]
+)
+MIXED_EXITS = [0, 1, 2, 0]
+
+
+def count(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def tap_hooks(aux: auxhead.AuxModel) -> list[int]:
+    return [len(module._forward_hooks) for module in (aux.model.get_submodule(t) for t in aux.taps)]
+
+
+# ---- routing ----
+
+
+@pytest.mark.parametrize("mode", ["staged", "generic"])
+def test_mixed_batch_takes_each_samples_logits_from_its_exit(mode):
+    early = EarlyExit(pass_through(), thresholds=[0.8, 0.5], mode=mode)
+    logits = early(MIXED)
+    assert early.last_exits.tolist() == MIXED_EXITS
+    expected = torch.stack([MIXED[0, 0:2], MIXED[1, 2:4], MIXED[2, 4:6], MIXED[3, 0:2]])
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["staged", "generic"])
+def test_thresholds_zero_send_everything_to_the_first_head(mode):
+    early = EarlyExit(pass_through(), thresholds=0.0, mode=mode)
+    logits = early(MIXED)
+    assert early.last_exits.tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(logits, MIXED[:, 0:2], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", ["staged", "generic"])
+def test_thresholds_one_give_exactly_the_main_models_logits(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3))
+    aux = auxhead.attach(model, ["1"], head="linear", sample=torch.randn(2, 4))
+    early = EarlyExit(aux, thresholds=1.0, mode=mode)
+    x = torch.randn(5, 4)
+    logits = early(x)
+    assert early.last_exits.tolist() == [1] * 5
+    assert torch.equal(logits, model.eval()(x))
+
+
+def test_confidence_equal_to_the_threshold_does_not_exit():
+    early = EarlyExit(pass_through(), thresholds=[0.5, 0.5])
+    early(torch.tensor([row((0, 0), (0, 0))]))  # both heads exactly 0.5
+    assert early.last_exits.tolist() == [2]
+
+
+def test_entropy_criterion():
+    # (0.9, 0.1): 1 - H / ln 2 with H = -(0.9 ln 0.9 + 0.1 ln 0.1)
+    score = 1 - -(0.9 * math.log(0.9) + 0.1 * math.log(0.1)) / math.log(2)  # 0.531
+    x = torch.tensor([row((LN9, 0), (0, 0))])
+    early = EarlyExit(pass_through(), thresholds=[score - 0.01, 1.0], criterion="entropy")
+    early(x)
+    assert early.last_exits.tolist() == [0]
+    early.thresholds = [score + 0.01, 0.5]  # a uniform head scores 0
+    early(x)
+    assert early.last_exits.tolist() == [2]
+    early.thresholds = [score + 0.01, 0.0]  # ... but a threshold of 0 lets everyone out
+    early(x)
+    assert early.last_exits.tolist() == [1]
+
+
+def test_callable_criterion():
+    early = EarlyExit(
+        pass_through(), thresholds=0.5, criterion=lambda logits: logits[:, 1].sigmoid()
+    )
+    early(MIXED)  # exits where the class-1 logit > 0: only sample 1 (head 1) and 3 (head 0)
+    assert early.last_exits.tolist() == [2, 1, 2, 0]
+
+
+def test_modes_are_chosen_and_reported():
+    assert EarlyExit(pass_through()).mode == "staged"
+    net = PassThroughNet()
+    aux = auxhead.attach(net, {"a": _columns(0), "b": _columns(2)}, sample=torch.zeros(1, 6))
+    assert EarlyExit(aux).mode == "generic"
+    with pytest.raises(ValueError, match="cannot route samples through PassThroughNet"):
+        EarlyExit(aux, mode="staged")
+
+
+def test_generic_model_routes_like_the_staged_one():
+    net = PassThroughNet()
+    aux = auxhead.attach(net, {"a": _columns(0), "b": _columns(2)}, sample=torch.zeros(1, 6))
+    early = EarlyExit(aux, thresholds={"a": 0.8, "b": 0.5})
+    logits = early(MIXED)
+    assert early.last_exits.tolist() == MIXED_EXITS
+    torch.testing.assert_close(logits, EarlyExit(pass_through(), [0.8, 0.5])(MIXED))
+
+
+def test_runs_in_eval_without_grad_and_restores_modes():
+    aux = pass_through()
+    aux.train()
+    aux.model[1].eval()  # a frozen layer stays frozen
+    logits = EarlyExit(aux, thresholds=[0.8, 0.5])(MIXED)
+    assert not logits.requires_grad
+    assert aux.training and aux.heads.training and aux.model[0].training
+    assert not aux.model[1].training
+
+
+def test_generic_stop_leaves_no_hooks_behind():
+    aux = pass_through()
+    before = tap_hooks(aux)
+    early = EarlyExit(aux, thresholds=0.0, mode="generic")
+    early(MIXED)  # stops at the first tap with an exception
+    assert tap_hooks(aux) == before
+    with pytest.raises(RuntimeError):
+        early(torch.zeros(2, 5))  # the model itself fails
+    assert tap_hooks(aux) == before
+    assert aux.aux_outputs == {}
+
+
+def test_taps_out_of_run_order_are_refused():
+    model = nn.Sequential(_identity(), _identity(), _columns(4))
+    aux = auxhead.attach(model, {"1": _columns(2), "0": _columns(0)}, sample=torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"order they run: attach with at=\['0', '1'\]"):
+        EarlyExit(aux)
+    early = EarlyExit(aux, thresholds=0.5, mode="generic")
+    with pytest.raises(ValueError, match="order they run"):
+        early(MIXED)
+
+
+def test_tuple_output_tap_uses_select():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x.sum()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pair, self.out = Pair(), _columns(4)
+
+        def forward(self, x):
+            return self.out(self.pair(x)[0])
+
+    aux = auxhead.attach(
+        Net(), {"pair": _columns(0)}, sample=torch.zeros(1, 6), select=lambda out: out[0]
+    )
+    early = EarlyExit(aux, thresholds=0.8)
+    torch.testing.assert_close(early(MIXED)[0], MIXED[0, 0:2])
+    assert early.last_exits.tolist() == [0, 1, 1, 0]
+
+
+# ---- real compute saving ----
+
+
+def test_staged_flops_follow_each_sample():
+    early = EarlyExit(pass_through(), thresholds=[0.8, 0.5], mode="staged")
+    # layer a on 4 (288) + head 0 on 4 (96) + layer b on 2 (144) + head 1 on 2 (48) + out on 1
+    assert count(early, MIXED) == 288 + 96 + 144 + 48 + 24
+    full = count(early.aux_model.model, MIXED)
+    assert full == 4 * (72 + 72 + 24)
+    early.thresholds = [0.0, 1.0]
+    assert count(early, MIXED) == 288 + 96 < full
+    early.thresholds = 1.0  # no head runs
+    assert count(early, MIXED) == full
+
+
+def test_generic_flops_stop_when_the_batch_has_exited():
+    early = EarlyExit(pass_through(), thresholds=[0.8, 0.5], mode="generic")
+    # the whole model on 4 + head 0 on 4 + head 1 on the 2 undecided
+    assert count(early, MIXED) == 4 * 168 + 96 + 48
+    assert count(early, MIXED[2:3]) == 168 + 24 + 24  # a batch of 1 that reaches main
+    assert count(early, MIXED[0:1]) == 72 + 24  # a batch of 1 that leaves at the first tap
+    early.thresholds = [0.0, 0.5]
+    assert count(early, MIXED) == 288 + 96  # the whole batch left at the first tap
+
+
+# ---- ResNet-style models ----
+
+
+def _resnet_input() -> torch.Tensor:
+    return torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _resnet10(num_classes: int = 1000) -> torchvision.models.ResNet:
+    # torchvision's ResNet class with one block per stage: resnet18's code, a quarter the size
+    return torchvision.models.ResNet(
+        torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes
+    )
+
+
+def _check_stages(aux: auxhead.AuxModel, x: torch.Tensor) -> None:
+    early = EarlyExit(aux, thresholds=1.0)
+    assert early.mode == "staged"
+    assert torch.equal(early(x), aux.model.eval()(x))
+    aux.eval()
+    with aux.heads_enabled(), torch.no_grad():
+        aux(x)
+        first, second = aux.aux_outputs.values()
+    # half the batch leaves at the first exit, the rest at the second (everything scores > 0)
+    confidence = first.softmax(-1).amax(-1)
+    early.thresholds = [confidence.median().item(), 0.0]
+    logits = early(x)
+    leave = confidence > confidence.median()
+    assert early.last_exits.tolist() == [0 if flag else 1 for flag in leave.tolist()]
+    torch.testing.assert_close(logits, torch.where(leave[:, None], first, second))
+    generic = EarlyExit(aux, thresholds=early.thresholds, mode="generic")
+    torch.testing.assert_close(generic(x), logits)
+
+
+def test_torchvision_resnet_is_staged():
+    torch.manual_seed(0)
+    model = _resnet10(num_classes=5)
+    sample = _resnet_input()
+    _check_stages(auxhead.attach(model, ["layer1", "layer3"], head="linear", sample=sample), sample)
+
+
+def test_timm_resnet_is_staged():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=5)  # a deep stem: conv1 is a Sequential
+    sample = _resnet_input()
+    _check_stages(auxhead.attach(model, ["layer2", "layer4"], head="linear", sample=sample), sample)
+
+
+def test_fastai_style_body_and_head_is_staged():
+    # What fastai's vision_learner builds: Sequential(body = resnet children, head).
+    torch.manual_seed(0)
+    resnet = _resnet10()
+    body = nn.Sequential(*list(resnet.children())[:-2])
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(512), nn.Linear(512, 5)
+    )
+    sample = _resnet_input()
+    aux = auxhead.attach(nn.Sequential(body, head), ["0.5", "0.6"], head="linear", sample=sample)
+    _check_stages(aux, sample)
+
+
+def test_tap_inside_a_block_falls_back_to_generic():
+    model = _resnet10(num_classes=5)
+    sample = _resnet_input()[:2]
+    aux = auxhead.attach(model, ["layer1.0.conv1"], head="linear", sample=sample)
+    early = EarlyExit(aux)
+    assert early.mode == "generic"
+    assert torch.equal(early(sample), model.eval()(sample))
+
+
+# ---- calibration ----
+
+
+def _calibration_data(groups, batch_size=4) -> DataLoader:
+    """groups: (count, head-0 confidence, head 0 right?, head-1 confidence, head 1 right?,
+    main right?); the label is always class 0."""
+
+    def logits(p: float, right: bool) -> tuple[float, float]:
+        logit = math.log(p / (1 - p))
+        return (logit, 0.0) if right else (0.0, logit)
+
+    rows = []
+    for n, p0, ok0, p1, ok1, ok_main in groups:
+        rows += [row(logits(p0, ok0), logits(p1, ok1), logits(0.9, ok_main))] * n
+    inputs = torch.tensor(rows)
+    return DataLoader(TensorDataset(inputs, torch.zeros(len(rows), dtype=torch.long)), batch_size)
+
+
+# per-sample FLOPs of pass_through(4): backbone 72 per layer, heads 24, main out 24
+GROUPS = [
+    (4, 0.9, True, 0.9, True, True),  # A: head 0 is sure and right
+    (4, 0.6, False, 0.8, True, True),  # B: head 0 unsure and wrong, head 1 sure and right
+    (2, 0.7, False, 0.6, False, True),  # C: only the main head is right
+]
+
+
+def test_calibrate_finds_the_cheapest_thresholds_within_the_drop():
+    early = EarlyExit(pass_through(depth=4))
+    summary = early.calibrate(_calibration_data(GROUPS), max_accuracy_drop=0.0, timing_batches=2)
+    # A leaves at exit 0, B at exit 1, C reaches main; nothing cheaper keeps 100%:
+    # (4 * 96 + 4 * 192 + 2 * 360) / 10 = 187.2 (head 1 alone: 201.6, head 0 alone: 240)
+    assert summary is early.summary
+    assert 0.7 - 1e-6 <= early.thresholds[0] < 0.9
+    assert 0.6 - 1e-6 <= early.thresholds[1] < 0.8
+    assert summary.share == pytest.approx([0.4, 0.4, 0.2])
+    assert summary.exit_accuracy == [1.0, 1.0, 1.0]
+    assert summary.accuracy == summary.main_accuracy == 1.0
+    assert summary.flops == [96, 192, 360]
+    assert summary.mean_flops == pytest.approx(187.2)
+    assert summary.full_flops == 4 * 72 + 24
+    assert summary.saving == pytest.approx(1 - 187.2 / 312)
+    # oracle, running only the head it leaves at: A at 0 (96), B at 1 (144 + 24), C main (312)
+    assert summary.oracle_flops == pytest.approx((4 * 96 + 4 * 168 + 2 * 312) / 10)
+    assert summary.oracle_accuracy == 1.0
+    assert summary.seconds_per_sample > 0 and summary.full_seconds_per_sample > 0
+    assert not summary.fallback
+    # the forward agrees with the summary on the same data
+    inputs = torch.cat([x for x, _ in _calibration_data(GROUPS)])
+    early(inputs)
+    assert early.last_exits.tolist() == [0] * 4 + [1] * 4 + [2] * 2
+
+
+def test_calibrate_with_a_large_drop_sends_everyone_to_the_first_exit():
+    early = EarlyExit(pass_through(depth=4))
+    summary = early.calibrate(_calibration_data(GROUPS), max_accuracy_drop=1.0, timing_batches=0)
+    assert early.thresholds == (0.0, 1.0)  # exit 1 is unused, so its head is off
+    assert summary.share == [1.0, 0.0, 0.0]
+    assert summary.mean_flops == 96
+    assert summary.accuracy == pytest.approx(0.4)
+    assert summary.seconds_per_sample is None
+
+
+def test_calibrate_falls_back_to_the_main_head_with_a_warning():
+    wrong = [(6, 0.9, False, 0.9, False, True)]  # confident heads that are always wrong
+    early = EarlyExit(pass_through(depth=4), thresholds=0.0)
+    with pytest.warns(UserWarning, match="every sample goes to the main head"):
+        summary = early.calibrate(_calibration_data(wrong), max_accuracy_drop=0.1)
+    assert early.thresholds == (1.0, 1.0)
+    assert summary.fallback and summary.share == [0.0, 0.0, 1.0]
+    assert summary.mean_flops == summary.full_flops == 312
+    assert "every sample goes to the main head" in str(summary)
+
+
+def test_evaluate_keeps_the_thresholds():
+    early = EarlyExit(pass_through(depth=4), thresholds=[0.8, 0.7])
+    summary = early.evaluate(_calibration_data(GROUPS), timing_batches=0)
+    assert early.thresholds == (0.8, 0.7)
+    assert summary.share == pytest.approx([0.4, 0.4, 0.2])
+    assert summary.max_accuracy_drop is None
+
+
+def test_summary_table_and_dict():
+    early = EarlyExit(pass_through(depth=4))
+    summary = early.calibrate(_calibration_data(GROUPS), max_accuracy_drop=0.0, timing_batches=1)
+    assert isinstance(summary, ExitSummary)
+    text = str(summary)
+    assert text.splitlines()[0] == "early exits on 10 samples (criterion: confidence)"
+    assert "exit  threshold" in text and "main" in text and "saved vs the full model" in text
+    as_dict = summary.as_dict()
+    assert as_dict["exits"] == ["0", "1", "main"]
+    assert as_dict["saving"] == pytest.approx(summary.saving)
+    assert as_dict["share"] == summary.share
+
+
+# ---- state ----
+
+
+def test_thresholds_travel_with_the_state_dict_and_copies_run():
+    aux = pass_through()
+    early = EarlyExit(aux, thresholds=[0.8, 0.5])
+    other = EarlyExit(copy.deepcopy(aux))
+    other.load_state_dict(early.state_dict())
+    assert other.thresholds == (0.8, 0.5)
+    clone = copy.deepcopy(early)
+    with torch.no_grad():
+        aux.model[0].weight.zero_()  # the copy's stages must use the copy's layers
+    torch.testing.assert_close(clone(MIXED), other(MIXED))
+    assert clone.last_exits.tolist() == MIXED_EXITS
+
+
+# ---- bad input ----
+
+
+def test_bad_thresholds():
+    aux = pass_through()
+    with pytest.raises(ValueError, match=r"got 3 thresholds for 2 exits \['0', '1'\]"):
+        EarlyExit(aux, thresholds=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match=r"threshold for '1' is 1.5; thresholds lie in \[0, 1\]"):
+        EarlyExit(aux, thresholds=[0.5, 1.5])
+    with pytest.raises(ValueError, match="threshold for '0' is -0.1"):
+        EarlyExit(aux, thresholds=-0.1)
+    with pytest.raises(ValueError, match="threshold for '0' is nan"):
+        EarlyExit(aux, thresholds=float("nan"))
+    with pytest.raises(ValueError, match=r"unknown: \['2'\], missing: \['1'\]"):
+        EarlyExit(aux, thresholds={"0": 0.5, "2": 0.5})
+    with pytest.raises(TypeError, match="thresholds must be a number, a list"):
+        EarlyExit(aux, thresholds="high")
+    early = EarlyExit(aux)
+    with pytest.raises(ValueError, match="thresholds lie in"):
+        early.thresholds = [0.5, 2]
+    assert early.thresholds == (1.0, 1.0)
+
+
+def test_bad_arguments():
+    aux = pass_through()
+    with pytest.raises(TypeError, match="needs the AuxModel that auxhead.attach returned"):
+        EarlyExit(aux.model)
+    with pytest.raises(
+        ValueError, match=r"unknown criterion 'margin'; choose one of \['confidence'"
+    ):
+        EarlyExit(aux, criterion="margin")
+    with pytest.raises(ValueError, match="unknown mode 'fast'"):
+        EarlyExit(aux, mode="fast")
+    with pytest.raises(TypeError, match="one input tensor"):
+        EarlyExit(aux)([MIXED])
+
+
+def test_bad_calibration_data():
+    early = EarlyExit(pass_through())
+    unlabelled = DataLoader(TensorDataset(MIXED), batch_size=2)
+    with pytest.raises(
+        ValueError, match=r"needs labelled batches \(inputs, targets\), got a list of length 1"
+    ):
+        early.calibrate(unlabelled)
+    with pytest.raises(ValueError, match="got a Tensor"):
+        early.calibrate([MIXED])
+    soft = DataLoader(TensorDataset(MIXED, torch.rand(4, 2)), batch_size=2)
+    with pytest.raises(ValueError, match=r"class indices of shape \(B,\)"):
+        early.calibrate(soft)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        early.calibrate([])
+    with pytest.raises(ValueError, match=r"max_accuracy_drop is a fraction in \[0, 1\]"):
+        early.calibrate(unlabelled, max_accuracy_drop=5)
+    assert early.thresholds == (1.0, 1.0)
+
+
+def test_heads_with_other_classes_are_refused():
+    model = nn.Sequential(_identity(), _columns(4))
+    aux = auxhead.attach(model, {"0": nn.Linear(6, 3)}, sample=torch.zeros(1, 6))
+    early = EarlyExit(aux, thresholds=0.99)
+    with pytest.raises(ValueError, match=r"exit 'main' outputs \(4, 2\), but the first head"):
+        early(MIXED)  # no sample exits, but the head ran
+    with pytest.raises(ValueError, match="heads that predict the model's classes"):
+        early.calibrate([(MIXED, torch.zeros(4, dtype=torch.long))])

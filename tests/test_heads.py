@@ -1,0 +1,49 @@
+import pytest
+import torch
+from torch import nn
+
+from auxhead import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
+
+SHAPES = [(2, 32, 7, 7), (2, 17, 48), (2, 64)]
+
+
+@pytest.mark.parametrize("kind", sorted(HEAD_KINDS))
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_kind_takes_maps_sequences_and_vectors(kind, shape):
+    head = build_head(kind, shape, 10)
+    assert head(torch.randn(shape)).shape == (2, 10)
+
+
+def test_inception_head_is_scaled_to_the_tap():
+    small = InceptionHead((1, 16, 8, 8), 10)
+    assert small.conv.conv.out_channels == 16 and small.fc1.out_features == 128
+    big = InceptionHead((1, 512, 14, 14), 10)
+    assert big.conv.conv.out_channels == 128 and big.fc1.in_features == 2048
+    assert big.fc1.out_features == 1024 and big.dropout.p == 0.7
+
+
+def test_linear_head_is_global_average_pool_then_linear():
+    head = LinearHead((1, 3, 4, 4), 2)
+    x = torch.randn(5, 3, 4, 4)
+    torch.testing.assert_close(head(x), head.fc(x.mean(dim=(2, 3))))
+
+
+def test_sdn_head_mixes_max_and_average_pooling():
+    head = SDNHead((1, 4, 8, 8), 3)
+    assert head.grid == (4, 4)
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        head.alpha.fill_(50.0)  # sigmoid -> 1: pure max pooling
+    expected = head.fc(torch.flatten(nn.functional.adaptive_max_pool2d(x, 4), 1))
+    torch.testing.assert_close(head(x), expected)
+    # a wide map keeps at most ~4096 features
+    assert SDNHead((1, 1024, 16, 16), 3).grid == (2, 2)
+
+
+def test_build_head_errors():
+    with pytest.raises(ValueError, match="unknown head kind 'mlp'"):
+        build_head("mlp", (1, 4), 2)
+    with pytest.raises(ValueError, match=r"2, 3 or 4 dimensions .* got shape \(2, 3, 4, 5, 6\)"):
+        build_head("linear", (2, 3, 4, 5, 6), 2)
+    with pytest.raises(TypeError, match="returned int"):
+        build_head(lambda shape, n: 3, (1, 4), 2)
