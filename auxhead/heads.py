@@ -49,16 +49,17 @@ class InceptionHead(nn.Module):
     """GoogLeNet's auxiliary classifier (Szegedy et al. 2015), scaled to the tap.
 
     Maps: average-pool to 4x4, 1x1 conv to `width` channels, FC to `8 * width`, dropout 0.7,
-    FC to the classes. `width` is 128 (GoogLeNet's) or the tap's channels if fewer, so a small
-    CNN gets a small head. Sequences and vectors skip the pooling and conv: token mean, then the
-    same two FC layers.
+    FC to the classes. GoogLeNet's heads sit on 512-channel taps with width 128 and 1024 hidden
+    units; here `width` keeps that ratio, a quarter of the tap's channels (at least 8, at most
+    128), so a head on a narrow layer of a small CNN stays small next to the backbone.
+    Sequences and vectors skip the pooling and conv: token mean, then the same two FC layers.
     """
 
     def __init__(self, shape: Sequence[int], num_classes: int, dropout: float = 0.7) -> None:
         super().__init__()
         _check_shape(shape, "inception")
         channels = _channels(shape)
-        width = min(128, channels)
+        width = min(128, max(8, channels // 4))
         if len(shape) == 4:
             self.pool: nn.Module = nn.AdaptiveAvgPool2d((4, 4))
             self.conv: nn.Module = _BasicConv2d(channels, width)

@@ -15,8 +15,9 @@ def test_every_kind_takes_maps_sequences_and_vectors(kind, shape):
 
 
 def test_inception_head_is_scaled_to_the_tap():
-    small = InceptionHead((1, 16, 8, 8), 10)
+    small = InceptionHead((1, 64, 8, 8), 10)
     assert small.conv.conv.out_channels == 16 and small.fc1.out_features == 128
+    assert InceptionHead((1, 16, 8, 8), 10).conv.conv.out_channels == 8
     big = InceptionHead((1, 512, 14, 14), 10)
     assert big.conv.conv.out_channels == 128 and big.fc1.in_features == 2048
     assert big.fc1.out_features == 1024 and big.dropout.p == 0.7

@@ -1,0 +1,595 @@
+"""Image data for everything in auxhead: Fashion-MNIST / MNIST idx files, scikit-learn's digits
+and folders of images, as in-memory tensors (`load_data`) or fastai DataLoaders (`dataloaders`).
+
+Images are float32 (N, C, H, W) in [0, 1], labels int64 (N,). No normalisation is applied
+anywhere: the built-in CNN starts with BatchNorm and needs none; if your model wants it, add
+fastai's `Normalize.from_stats(mean, std)` to the loaders' `after_batch`.
+
+Only torch and numpy are imported here; scikit-learn, PIL and fastai are imported by the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from fastai.data.core import DataLoaders
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
+    "DataError",
+    "ImageData",
+    "dataloaders",
+    "load_data",
+    "read_idx",
+]
+
+# Where the Debian/Ubuntu package `dataset-fashion-mnist` installs the four idx files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+# The four files of an idx data set (MNIST, Fashion-MNIST, KMNIST...), by role.
+_IDX_STEMS = {
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "valid_x": "t10k-images-idx3-ubyte",
+    "valid_y": "t10k-labels-idx1-ubyte",
+}
+# Also matches the dotted spelling some mirrors use (train-images.idx3-ubyte).
+_IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx[13]-ubyte(\.gz)?$")
+# idx type byte -> big-endian numpy dtype (see http://yann.lecun.com/exdb/mnist/)
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
+_TRAIN_DIRS = ("train", "training")
+_VALID_DIRS = ("valid", "validation", "test", "testing")
+
+_GET_DATA = (
+    "Install it with `sudo apt-get install dataset-fashion-mnist`, or use other data: "
+    "`--data PATH` (a folder with the four idx files, or one subfolder of images per class) "
+    "or `--data digits` (bundled with scikit-learn); in Python, load_data(PATH) or "
+    "load_data('digits')."
+)
+
+
+class DataError(ValueError):
+    """Data that cannot be loaded. The message is one line a command line can print."""
+
+
+@dataclass
+class ImageData:
+    """An image classification data set held in memory.
+
+    Attributes:
+        name: "fashion-mnist", "digits", or the folder's name.
+        classes: class names; label i is `classes[i]`.
+        train_x: float32 (N, C, H, W) images in [0, 1].
+        train_y: int64 (N,) labels.
+        valid_x: the test split for idx data sets, a held-out split otherwise.
+        valid_y: its labels.
+    """
+
+    name: str
+    classes: list[str]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        for split in ("train", "valid"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if x.dim() != 4 or y.dim() != 1 or len(x) != len(y):
+                raise ValueError(
+                    f"{split}_x must be (N, C, H, W) and {split}_y (N,), "
+                    f"got {tuple(x.shape)} and {tuple(y.shape)}"
+                )
+
+    @property
+    def c(self) -> int:
+        """The number of classes."""
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        """Channels per image: 1 (grayscale) or 3 (RGB)."""
+        return int(self.train_x.shape[1])
+
+    @property
+    def size(self) -> int:
+        """Image height in pixels (the images are square unless a folder's were not)."""
+        return int(self.train_x.shape[2])
+
+    def subset(self, n_train: int, n_valid: int | None = None, seed: int = 0) -> ImageData:
+        """A random subset for quick runs: `n_train` training and `n_valid` validation images.
+
+        Args:
+            n_train: training images to keep (all of them if there are fewer).
+            n_valid: validation images to keep; None keeps them all.
+            seed: seeds the choice, so the same arguments give the same subset.
+        """
+        for what, n in (("n_train", n_train), ("n_valid", n_valid)):
+            if n is not None and n < 1:
+                raise ValueError(f"{what} must be at least 1, got {n}")
+        generator = torch.Generator().manual_seed(seed)
+
+        def pick(x: torch.Tensor, y: torch.Tensor, n: int | None):
+            if n is None or n >= len(y):
+                return x, y
+            keep = torch.randperm(len(y), generator=generator)[:n].sort().values
+            return x[keep], y[keep]
+
+        train_x, train_y = pick(self.train_x, self.train_y, n_train)
+        valid_x, valid_y = pick(self.valid_x, self.valid_y, n_valid)
+        return ImageData(self.name, list(self.classes), train_x, train_y, valid_x, valid_y)
+
+    def __repr__(self) -> str:
+        shape = "x".join(map(str, self.train_x.shape[1:]))
+        return (
+            f"ImageData({self.name!r}, {self.c} classes, {len(self.train_y)} train + "
+            f"{len(self.valid_y)} valid images of {shape})"
+        )
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read one idx file (the MNIST format), gzipped or not, into a numpy array.
+
+    Args:
+        path: the file; a name ending in ".gz" is decompressed.
+
+    Returns:
+        The array, with the dtype and shape the file's header gives.
+
+    Raises:
+        DataError: the file is not an idx file or is truncated.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as file:
+            raw = file.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"cannot read idx file {path}: {error}") from None
+    # Header: two zero bytes, a type byte, the number of dimensions, then each size as a
+    # big-endian int32.
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an idx file (bad header {raw[:4].hex() or 'empty'})")
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    ndim = raw[3]
+    offset = 4 + 4 * ndim
+    if len(raw) < offset:
+        raise DataError(f"{path} is truncated: its header names {ndim} dimensions")
+    shape = tuple(int(n) for n in np.frombuffer(raw, ">i4", ndim, 4))
+    expected = offset + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(
+            f"{path} holds {len(raw)} bytes, but its header {shape} needs {expected}: "
+            "the file is truncated or corrupt"
+        )
+    return np.frombuffer(raw, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_files(folder: Path) -> dict[str, Path]:
+    """The four idx files of `folder` by role, failing if any is missing."""
+    found, missing = {}, []
+    for role, stem in _IDX_STEMS.items():
+        dotted = stem.replace("-idx", ".idx")
+        names = (stem, f"{stem}.gz", dotted, f"{dotted}.gz")
+        path = next((folder / name for name in names if (folder / name).is_file()), None)
+        if path is None:
+            missing.append(f"{stem}[.gz]")
+        else:
+            found[role] = path
+    if missing:
+        raise DataError(
+            f"{folder} is missing idx file(s) {', '.join(missing)}; an idx folder needs all four "
+            f"of {', '.join(_IDX_STEMS.values())} (gzipped or not)"
+        )
+    return found
+
+
+def _idx_images(path: Path) -> torch.Tensor:
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise DataError(f"{path} holds an array of shape {images.shape}, not (N, H, W) images")
+    x = torch.from_numpy(images.astype(np.float32))
+    if images.dtype == np.uint8:
+        x /= 255
+    return x.unsqueeze(1)  # (N, 1, H, W)
+
+
+def _idx_labels(path: Path, n_images: int) -> torch.Tensor:
+    labels = read_idx(path)
+    if labels.shape != (n_images,):
+        raise DataError(f"{path} holds labels of shape {labels.shape}; expected ({n_images},)")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _load_idx_folder(folder: Path, name: str) -> ImageData:
+    files = _idx_files(folder)
+    train_x, valid_x = _idx_images(files["train_x"]), _idx_images(files["valid_x"])
+    train_y = _idx_labels(files["train_y"], len(train_x))
+    valid_y = _idx_labels(files["valid_y"], len(valid_x))
+    n_classes = int(max(train_y.max(), valid_y.max())) + 1
+    # The files do not name their classes; a folder called *fashion* is Fashion-MNIST.
+    if "fashion" in str(folder).lower() and n_classes <= len(FASHION_MNIST_CLASSES):
+        classes = list(FASHION_MNIST_CLASSES)
+    else:
+        classes = [str(i) for i in range(n_classes)]
+    return ImageData(name, classes, train_x, train_y, valid_x, valid_y)
+
+
+def _check_valid_pct(valid_pct: float) -> None:
+    if not 0 < valid_pct < 1:
+        raise DataError(f"valid_pct must be between 0 and 1 (exclusive), got {valid_pct!r}")
+
+
+def _split(y: torch.Tensor, valid_pct: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stratified split: a seeded `valid_pct` of each class goes to validation."""
+    generator = torch.Generator().manual_seed(seed)
+    train, valid = [], []
+    for label in torch.unique(y):
+        members = (y == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_valid = round(valid_pct * len(members))
+        valid.append(members[:n_valid])
+        train.append(members[n_valid:])
+    train_idx, valid_idx = torch.cat(train).sort().values, torch.cat(valid).sort().values
+    if len(train_idx) == 0 or len(valid_idx) == 0:
+        raise DataError(
+            f"valid_pct={valid_pct} splits {len(y)} images into {len(train_idx)} train and "
+            f"{len(valid_idx)} valid; choose another valid_pct or use more images"
+        )
+    return train_idx, valid_idx
+
+
+def _split_data(
+    name: str, classes: list[str], x: torch.Tensor, y: torch.Tensor, valid_pct: float, seed: int
+) -> ImageData:
+    train_idx, valid_idx = _split(y, valid_pct, seed)
+    return ImageData(name, classes, x[train_idx], y[train_idx], x[valid_idx], y[valid_idx])
+
+
+def _load_digits(valid_pct: float, seed: int) -> ImageData:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(
+            "the digits data set comes with scikit-learn: pip install scikit-learn"
+        ) from None
+    digits = load_digits()
+    x = torch.from_numpy(digits.images.astype(np.float32) / 16).unsqueeze(1)  # (1797, 1, 8, 8)
+    y = torch.from_numpy(digits.target.astype(np.int64))
+    classes = [str(i) for i in range(10)]
+    return _split_data("digits", classes, x, y, valid_pct, seed)
+
+
+def _image_files(folder: Path) -> dict[str, list[Path]]:
+    """Image files by class: one subfolder per class, searched recursively."""
+    by_class = {}
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(
+            p for p in sub.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
+        )
+        if files:
+            by_class[sub.name] = files
+    return by_class
+
+
+def _split_dirs(folder: Path) -> tuple[Path, Path] | None:
+    """The (train, valid) subfolders of a folder already split that way, if it is."""
+    names = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    train = next((names[n] for n in _TRAIN_DIRS if n in names), None)
+    valid = next((names[n] for n in _VALID_DIRS if n in names), None)
+    if train is None or valid is None or not _image_files(train) or not _image_files(valid):
+        return None
+    return train, valid
+
+
+def _read_images(files: list[Path], size: int | None) -> torch.Tensor:
+    """Decode `files` into one float (N, C, H, W) tensor: grayscale if every image is."""
+    from PIL import Image, UnidentifiedImageError
+
+    def open_image(path: Path) -> Image.Image:
+        try:
+            return Image.open(path)
+        except (OSError, UnidentifiedImageError) as error:
+            raise DataError(f"cannot read image {path}: {error}") from None
+
+    modes = []
+    for path in files:  # opening reads only the header
+        with open_image(path) as image:
+            modes.append(image.mode)
+    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
+    arrays, shape = [], None
+    for path in files:
+        with open_image(path) as image:
+            try:
+                image = image.convert(mode)
+            except OSError as error:
+                raise DataError(f"cannot read image {path}: {error}") from None
+        if size is not None:
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        if shape is None:
+            shape, first = image.size, path
+        elif image.size != shape:
+            raise DataError(
+                f"{path} is {image.size[0]}x{image.size[1]} but {first} is "
+                f"{shape[0]}x{shape[1]}; pass a size (--size N, load_data(size=N)) to resize all"
+            )
+        arrays.append(np.asarray(image, dtype=np.uint8))
+    images = torch.from_numpy(np.stack(arrays)).float() / 255  # (N, H, W) or (N, H, W, 3)
+    return images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2).contiguous()
+
+
+def _labelled(by_class: dict[str, list[Path]], classes: list[str]):
+    files = [path for name in by_class for path in by_class[name]]
+    labels = [classes.index(name) for name in by_class for _ in by_class[name]]
+    return files, torch.tensor(labels, dtype=torch.int64)
+
+
+def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | None) -> ImageData:
+    split = _split_dirs(folder)
+    if split is not None:  # train/ and valid/ (or test/), each with class subfolders
+        train_files, valid_files = _image_files(split[0]), _image_files(split[1])
+        classes = sorted(set(train_files) | set(valid_files))
+        groups = {"train": train_files, "valid": valid_files}
+    else:
+        groups = {"all": _image_files(folder)}
+        classes = list(groups["all"])
+    if not classes:
+        loose = [p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES]
+        if loose:
+            raise DataError(
+                f"{folder} holds images but no class subfolders: put each class's images in a "
+                f"subfolder named after the class ({folder}/<class>/<image>)"
+            )
+        raise DataError(
+            f"{folder} holds no images: expected one subfolder of images per class, or the "
+            f"four idx files ({', '.join(_IDX_STEMS.values())})"
+        )
+    if len(classes) < 2:
+        raise DataError(
+            f"{folder} has a single class {classes[0]!r}; a classifier needs at least two "
+            "class subfolders"
+        )
+    # One decode for all files, so every split gets the same colour mode and size.
+    labelled = {key: _labelled(by_class, classes) for key, by_class in groups.items()}
+    all_files = [path for files, _ in labelled.values() for path in files]
+    images = _read_images(all_files, size)
+    if split is None:
+        return _split_data(folder.name, classes, images, labelled["all"][1], valid_pct, seed)
+    n_train = len(labelled["train"][0])
+    return ImageData(
+        folder.name,
+        classes,
+        images[:n_train],
+        labelled["train"][1],
+        images[n_train:],
+        labelled["valid"][1],
+    )
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    if x.shape[-2:] == (size, size):
+        return x
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.clamp_(0, 1)
+
+
+def _load_path(path: Path, valid_pct: float, seed: int, size: int | None) -> ImageData:
+    if not path.exists():
+        raise DataError(
+            f"no data set {str(path)!r}: not a known name ('fashion-mnist', 'digits') and no "
+            "such file or folder"
+        )
+    if not path.is_dir():
+        raise DataError(
+            f"{path} is a file; --data needs a folder (four idx files, or one subfolder of "
+            "images per class) or a name ('fashion-mnist', 'digits')"
+        )
+    if any(_IDX_NAME.match(p.name) for p in path.iterdir()):
+        return _load_idx_folder(path, path.name)
+    return _load_image_folder(path, valid_pct, seed, size)
+
+
+def load_data(
+    spec: str | os.PathLike | None = None,
+    *,
+    valid_pct: float = 0.2,
+    seed: int = 0,
+    size: int | None = None,
+) -> ImageData:
+    """Load an image classification data set into memory.
+
+    Args:
+        spec: what to load:
+            - None or "fashion-mnist": Fashion-MNIST from `FASHION_MNIST_DIR` (60,000 train and
+              10,000 test images, 28x28 grayscale; `apt-get install dataset-fashion-mnist`).
+            - "digits": scikit-learn's bundled 8x8 digits (1,797 images).
+            - a folder with the four idx files (`train-images-idx3-ubyte[.gz]`, ...), like
+              MNIST's; the t10k files become the validation split. Classes are named "0", "1",
+              ... unless the path contains "fashion".
+            - a folder with one subfolder of images per class (as fastai's
+              `ImageDataLoaders.from_folder`), or with `train/` and `valid/` (or `test/`)
+              subfolders laid out that way. Images become grayscale if all of them are, RGB
+              otherwise.
+        valid_pct: the share of each class held out for validation when the data has no split
+            of its own (digits, image folders).
+        seed: seeds that split.
+        size: resize every image to `size` x `size`. None keeps the data's own size (an image
+            folder's images must then all have one size).
+
+    Returns:
+        An `ImageData` with float32 images in [0, 1] and int64 labels.
+
+    Raises:
+        DataError: the data is missing or unreadable; the message says what to do.
+
+    Example:
+        >>> data = load_data()  # Fashion-MNIST
+        >>> data.train_x.shape, data.classes[0]
+        (torch.Size([60000, 1, 28, 28]), 'T-shirt/top')
+    """
+    _check_valid_pct(valid_pct)
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise DataError(f"size must be a positive number of pixels, got {size!r}")
+    key = None if spec is None else str(spec).strip()
+    name = "" if key is None else key.lower().replace("_", "-")
+    if key is None or name in ("fashion-mnist", "fashionmnist"):
+        if not FASHION_MNIST_DIR.is_dir():
+            raise DataError(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}. {_GET_DATA}")
+        data = _load_idx_folder(FASHION_MNIST_DIR, "fashion-mnist")
+    elif name == "digits":
+        data = _load_digits(valid_pct, seed)
+    else:
+        data = _load_path(Path(key).expanduser(), valid_pct, seed, size)
+    if size is not None:
+        data.train_x, data.valid_x = _resize(data.train_x, size), _resize(data.valid_x, size)
+    return data
+
+
+@functools.cache
+def _tensor_dl_type() -> type:
+    """fastai's `TfmdDL`, made to build each batch with one index into whole arrays (defined on
+    first use, so that importing auxhead does not import fastai)."""
+    from fastai.data.core import TfmdDL
+    from fastai.torch_core import TensorCategory
+
+    class TensorDL(TfmdDL):
+        """A `TfmdDL` over in-memory arrays: each batch is one index into `arrays`.
+
+        Its dataset is an ordinary fastai `Datasets` of (image, class name) items, used for
+        everything but iteration (types, decoding, `test_dl`, `Interpretation`). A loader
+        derived from it with another dataset (`test_dl`, `Learner.export`) is a plain `TfmdDL`,
+        so no auxhead class is ever pickled.
+        """
+
+        def __init__(
+            self, dataset: Any = None, arrays: Any = None, image_type: Any = None, **kwargs: Any
+        ) -> None:
+            self.arrays = arrays  # (images, labels) as numpy arrays, in dataset order
+            self.image_type = image_type  # TensorImageBW or TensorImage
+            super().__init__(dataset, **kwargs)
+
+        def new(self, dataset: Any = None, cls: type | None = None, **kwargs: Any):
+            if cls is None and (dataset is None or dataset is self.dataset):
+                kwargs.update(arrays=self.arrays, image_type=self.image_type)
+                return super().new(dataset, cls, **kwargs)
+            return super().new(dataset, cls or TfmdDL, **kwargs)
+
+        def create_batches(self, samps):
+            if self.after_item.fs or self.before_batch.fs:  # item transforms need items
+                yield from super().create_batches(samps)
+                return
+            x, y = self.arrays
+            idxs = np.fromiter(samps, dtype=np.int64)
+            for start in range(0, len(idxs), self.bs):
+                chunk = idxs[start : start + self.bs]
+                if self.drop_last and len(chunk) < self.bs:
+                    break
+                # numpy's gather: torch's x[chunk] is 10-100x slower on a busy 2-core CPU.
+                images = self.image_type(torch.from_numpy(x[chunk]))
+                yield images, TensorCategory(torch.from_numpy(y[chunk]))
+
+    TensorDL.__module__ = __name__
+    return TensorDL
+
+
+def dataloaders(
+    data: ImageData,
+    *,
+    bs: int = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    shuffle_train: bool = True,
+) -> DataLoaders:
+    """fastai DataLoaders over an `ImageData`, fast on many small images.
+
+    Batches are typed as fastai expects, (TensorImage or TensorImageBW, TensorCategory), and
+    decode to class names, so `dls.c`, `dls.vocab`, `show_batch`, `Learner.get_preds`,
+    `show_results`, `predict` on one (C, H, W) image tensor and `ClassificationInterpretation`
+    work as for any fastai image data (`Interpretation.plot_top_losses` also needs
+    `fastai.vision.learner` imported, as `from fastai.vision.all import *` does). Each batch is
+    built by indexing the whole image array once (no per-item transforms). Inputs stay in
+    [0, 1]. An exported learner holds only fastai classes and loads with plain fastai.
+
+    Args:
+        data: from `load_data`.
+        bs: batch size (validation uses the same).
+        seed: seeds the training shuffle; the same seed gives the same batches.
+        device: where batches go; None picks fastai's default (the GPU if there is one).
+        shuffle_train: shuffle the training set each epoch (and drop its last partial batch).
+
+    Returns:
+        A fastai `DataLoaders` with `train` and `valid` loaders.
+
+    Example:
+        >>> dls = dataloaders(load_data("digits"), bs=64)
+        >>> learn = Learner(dls, model, metrics=accuracy)  # loss: CrossEntropyLossFlat
+    """
+    import fastai.vision.data  # noqa: F401  (registers show_batch / show_results for images)
+    from fastai.data.core import DataLoaders, Datasets
+    from fastai.data.transforms import Categorize, ItemGetter, Transform
+    from fastai.torch_core import TensorImage, TensorImageBW, default_device
+
+    if bs < 1:
+        raise ValueError(f"bs must be at least 1, got {bs}")
+    image_type = TensorImageBW if data.channels == 1 else TensorImage
+    dl_type = _tensor_dl_type()
+
+    def loader(x: torch.Tensor, y: torch.Tensor, train: bool):
+        # Items are (image, class name) pairs, as fastai builds them from files, so test_dl,
+        # predict and Interpretation can rebuild either from an item.
+        names = [data.classes[i] for i in y.tolist()]
+        dataset = Datasets(
+            list(zip(x.unbind(0), names, strict=True)),
+            tfms=[
+                [ItemGetter(0), Transform(image_type)],
+                [ItemGetter(1), Categorize(vocab=data.classes, sort=False)],
+            ],
+            split_idx=0 if train else 1,
+        )
+        shuffle = train and shuffle_train
+        dl = dl_type(
+            dataset,
+            arrays=(x.detach().cpu().numpy(), y.detach().cpu().numpy()),
+            image_type=image_type,
+            bs=bs,
+            shuffle=shuffle,
+            drop_last=shuffle and len(y) > bs,
+            num_workers=0,
+        )
+        dl.rng = random.Random(seed)
+        return dl
+
+    device = default_device() if device is None else torch.device(device)
+    train = loader(data.train_x, data.train_y, True)
+    valid = loader(data.valid_x, data.valid_y, False)
+    return DataLoaders(train, valid, device=device)

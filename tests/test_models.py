@@ -1,0 +1,116 @@
+import importlib.util
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import auxhead
+from auxhead.models import build_model, default_taps, small_cnn
+
+needs_torchvision = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed"
+)
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="no timm")
+
+
+def test_small_cnn_shapes_for_28x28():
+    model = small_cnn(10, channels=1, size=28)
+    assert [name for name, _ in model.named_children()] == [
+        "stem",
+        "stage1",
+        "stage2",
+        "stage3",
+        "head",
+    ]
+    table = auxhead.list_layers(model, torch.rand(2, 1, 28, 28))
+    shapes = {info.name: info.shape for info in table}
+    assert shapes["stem"] == (2, 16, 28, 28)
+    assert shapes["stage1"] == (2, 32, 14, 14)  # early downsampling
+    assert shapes["stage2"] == (2, 64, 7, 7)
+    assert shapes["stage3"] == (2, 128, 4, 4)
+    assert shapes["head"] == (2, 10)
+
+
+@pytest.mark.parametrize(("channels", "size"), [(3, 32), (1, 8), (3, 64), (1, 128)])
+def test_small_cnn_other_inputs(channels, size):
+    model = small_cnn(5, channels=channels, size=size).eval()
+    assert model(torch.rand(2, channels, size, size)).shape == (2, 5)
+
+
+def test_small_cnn_large_inputs_get_a_strided_stem():
+    table = auxhead.list_layers(small_cnn(size=128), torch.rand(1, 1, 128, 128))
+    assert {info.name: info.shape for info in table}["stem"] == (1, 16, 32, 32)
+
+
+def test_small_cnn_options():
+    model = small_cnn(3, widths=(8, 8, 16, 16), depth=1)
+    assert model.head.fc.in_features == 16 and len(model.stage1) == 1
+    with pytest.raises(ValueError, match=r"4 numbers, got \[8, 16\]"):
+        small_cnn(widths=(8, 16))
+    with pytest.raises(ValueError, match="at least 1; got 0"):
+        small_cnn(depth=0)
+
+
+def test_channels_last_computes_the_same_function():
+    torch.manual_seed(0)
+    fast = small_cnn().eval()
+    plain = small_cnn(channels_last=False).eval()
+    plain.load_state_dict(fast.state_dict())
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-4, atol=1e-5)
+    assert fast.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_small_cnn_pickles_without_auxhead():
+    # An exported fastai learner pickles the model: it must load without auxhead.
+    assert b"auxhead" not in pickle.dumps(small_cnn())
+
+
+def test_default_taps_are_layers_that_run():
+    model = small_cnn()
+    sample = torch.rand(2, 1, 28, 28)
+    taps = default_taps(model)
+    assert taps == ["stage1", "stage2"]
+    assert set(taps) <= set(auxhead.list_layers(model, sample).names)
+    aux = auxhead.attach(model, taps, sample=sample)
+    aux.train()
+    aux(torch.rand(4, 1, 28, 28))
+    assert {name: tuple(out.shape) for name, out in aux.aux_outputs.items()} == {
+        "stage1": (4, 10),
+        "stage2": (4, 10),
+    }
+
+
+def test_default_taps_unknown_model():
+    with pytest.raises(ValueError, match="no default taps for Linear; .*auxhead.list_layers"):
+        default_taps(nn.Linear(2, 2))
+
+
+@needs_torchvision
+def test_build_model_small_cnn_and_torchvision():
+    assert next(iter(build_model().named_children()))[0] == "stem"
+    model = build_model("resnet18", num_classes=7, channels=1, size=28).eval()
+    assert model.conv1.in_channels == 1
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 7)
+    assert default_taps(model) == ["layer2", "layer3"]
+    rgb = build_model("torchvision:mobilenet_v3_small", num_classes=3, channels=3).eval()
+    assert rgb(torch.rand(2, 3, 32, 32)).shape == (2, 3)
+
+
+@needs_timm
+def test_build_model_timm():
+    model = build_model("resnet10t", num_classes=4, channels=1).eval()  # timm only
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    assert default_taps(model) == ["layer2", "layer3"]
+    forced = build_model("timm:resnet18", num_classes=4, channels=1)
+    assert type(forced).__module__.startswith("timm")
+
+
+def test_build_model_unknown_name():
+    with pytest.raises(ValueError, match=r"unknown model 'resnet181'\. Did you mean: .*resnet18"):
+        build_model("resnet181")
+    with pytest.raises(ValueError, match=r"torchvision\.models\.list_models\(\)"):
+        build_model("no_such_net_at_all")
+    with pytest.raises(ValueError, match="unknown model source 'keras'"):
+        build_model("keras:resnet18")
