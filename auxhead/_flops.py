@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from auxhead._probe import call_model, eval_mode, first_tensor, resolve
 from auxhead.attach import AuxModel
 
-__all__ = ["MAIN", "FlopProfile", "count_flops", "exit_flops", "flop_profile"]
+__all__ = ["MAIN", "FlopProfile", "count_flops", "exit_flops", "exit_params", "flop_profile"]
 
 MAIN = "main"  # the name of the wrapped model's own output among the exits
 
@@ -139,3 +139,48 @@ def exit_flops(aux_model: AuxModel, sample: Any) -> dict[str, int]:
         raise ValueError(f"a tap is named {MAIN!r}, the key exit_flops keeps for the full model")
     costs = flop_profile(aux_model, sample).direct_costs()
     return dict(zip([*aux_model.taps, MAIN], costs, strict=True))
+
+
+def exit_params(aux_model: AuxModel, sample: Any) -> dict[str, int]:
+    """Parameters that take part in each exit: those of every module that has started running
+    when the tap's output is ready, plus that head's; and of the whole model (key "main").
+
+    Args:
+        aux_model: an `AuxModel`.
+        sample: an input batch for one dry run (eval mode, no grad, modes restored).
+
+    Returns:
+        `{tap: params, ..., "main": params}`, taps in `at` order.
+    """
+    model = aux_model.model
+    started: list[nn.Module] = []
+    counts: dict[str, int] = {}
+
+    def own(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters(recurse=False))
+
+    def start(module: nn.Module, _args: Any) -> None:
+        started.append(module)
+
+    def finish(name: str):
+        def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
+            seen = {id(m): m for m in started}  # a module that runs twice counts once
+            head = sum(p.numel() for p in aux_model.head(name).parameters())
+            counts[name] = sum(own(m) for m in seen.values()) + head
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(start) for m in model.modules()]
+    handles += [
+        module.register_forward_hook(finish(name))
+        for name, module in resolve(model, aux_model.taps).items()
+    ]
+    try:
+        with eval_mode(model), torch.no_grad():
+            call_model(model, sample)
+    finally:
+        for handle in handles:
+            handle.remove()
+    seen = {id(m): m for m in started}
+    return {**{name: counts[name] for name in aux_model.taps},
+            MAIN: sum(own(m) for m in seen.values())}  # fmt: skip
