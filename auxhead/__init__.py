@@ -7,6 +7,7 @@ inference (`AuxModel.strip`). fastai support lives in `auxhead.fastai`.
 from auxhead._flops import exit_flops
 from auxhead._probe import LayerInfo, LayerTable, list_layers
 from auxhead.attach import AuxModel, attach
+from auxhead.distributed import check_ddp
 from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.heads import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
 from auxhead.losses import AuxLoss, MultiLoss, distillation_loss
@@ -36,6 +37,7 @@ __all__ = [
     "SDNHead",
     "attach",
     "build_head",
+    "check_ddp",
     "constant",
     "cosine",
     "distillation_loss",

@@ -56,17 +56,20 @@ class AuxModel(nn.Module):
         self._pending: dict[str, torch.Tensor] | None = None  # filled by the hooks in forward
         self._heads_on: bool | None = None  # None: heads follow self.training
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooked = False  # a plain bool torch.compile can read (the handles it cannot)
         self._register_hooks()
 
     def _register_hooks(self) -> None:
         """Put a `_RunHead` hook on every tap; on failure, none stays."""
         modules = resolve(self.model, self.taps)
+        self._tapped = modules  # to tell a tap that did not run from one that was replaced
         try:
             for name, module in modules.items():
                 self._handles.append(module.register_forward_hook(_RunHead(self, name)))
         except BaseException:
             self._remove_hooks()
             raise
+        self._hooked = True
 
     def head_input(self, name: str, output: Any) -> torch.Tensor:
         """What the head at `name` classifies, given that layer's output: the tensor its
@@ -102,17 +105,33 @@ class AuxModel(nn.Module):
         return self.heads[_key(name)]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self._handles:
+        if not self._hooked:
             raise RuntimeError("this AuxModel was stripped; use the model strip() returned instead")
+        self.aux_outputs = {}  # the previous step's outputs (and any graph they hold) go now
         self._pending = {}
         try:
             output = self.model(*args, **kwargs)
             pending = self._pending
         finally:
             self._pending = None
+        if len(pending) < len(self.taps) and self.heads_active:
+            self._check_replaced(pending)
         # `at` order, whatever order the taps ran in.
         self.aux_outputs = {name: pending[name] for name in self.taps if name in pending}
         return output
+
+    def _check_replaced(self, ran: Mapping[str, torch.Tensor]) -> None:
+        replaced = [
+            name
+            for name in self.taps
+            if name not in ran and self.model.get_submodule(name) is not self._tapped[name]
+        ]
+        if replaced:
+            raise RuntimeError(
+                f"layer(s) {replaced} were replaced after attach (for example by "
+                "nn.SyncBatchNorm.convert_sync_batchnorm), so their heads no longer run. "
+                "Convert the model before attach, or tap the block around them."
+            )
 
     def forward_with_aux(self, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
         """`(output, aux_outputs)` in one call, for plain training loops."""
@@ -148,6 +167,7 @@ class AuxModel(nn.Module):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._hooked = False
 
     def strip(self) -> nn.Module:
         """Remove every hook and return the original model, as it was before `attach`.

@@ -76,9 +76,9 @@ def _add_train(subparsers) -> None:
                    help="calibrate early exits on held-out training images and report the "
                    "accuracy-compute trade-off")  # fmt: skip
     p.add_argument("--max-drop", type=float, default=d.max_drop,
-                   help=f"early exit: accuracy the exits may lose (default {d.max_drop})")  # fmt: skip
+                   help=f"early exit: accuracy it may lose (default {d.max_drop})")  # fmt: skip
     p.add_argument("--distill", type=float, default=d.distill,
-                   help="self-distillation weight of the heads from the main output (0-1)")  # fmt: skip
+                   help="weight of self-distillation from the main output (0-1)")  # fmt: skip
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="use only this many training images (quick runs)")  # fmt: skip
     p.set_defaults(func=_run_train)

@@ -24,6 +24,7 @@ from fastai.torch_core import find_bs
 from torch import nn
 
 from auxhead.attach import AuxModel, HeadSpec, attach
+from auxhead.distributed import check_ddp
 from auxhead.losses import AuxLoss, Weights
 from auxhead.schedules import Schedule
 
@@ -219,6 +220,7 @@ class AuxHeads(Callback):
 
     def before_train(self) -> None:
         self._trained_this_epoch = True
+        check_ddp(self.learn.model)  # distrib_ctx wraps the model after our before_fit
         self.aux_model.set_heads(None)  # follow the mode: heads run in training
 
     def before_validate(self) -> None:

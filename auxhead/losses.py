@@ -151,18 +151,21 @@ class AuxLoss:
     def aux_term(
         self, pred: Any, *targets: Any, head_loss: LossFunc | None = None
     ) -> torch.Tensor | None:
-        """sum_i w_i * s(t) * head_loss(aux_i, *targets), or None when there is nothing to add
-        (the model is in eval mode or the heads did not run).
+        """sum_i w_i * s(t) * head_loss(aux_i, *targets); None in eval mode.
+
+        In training mode, a head that did not run (`set_heads(False)`) adds a zero tied to its
+        parameters, so each still gets a (zero) gradient and `DistributedDataParallel` finds no
+        unused parameters on the next step.
 
         `head_loss` overrides the heads' loss for this call: the fastai callback passes the
         Learner's current `loss_func`, so wrappers such as MixUp's apply to the heads too.
         """
         self.components = {}
-        aux = self.aux_model.aux_outputs
-        if not (self.aux_model.training and aux):
+        if not self.aux_model.training:
             return None
+        aux = self.aux_model.aux_outputs
         scale = self.scale
-        total: torch.Tensor | None = None
+        total = self._zero_term([name for name in self.aux_model.taps if name not in aux])
         for name, logits in aux.items():
             term = self._head_term(name, logits, pred, targets, head_loss or self.head_loss)
             self.components[name] = term.detach()
@@ -171,6 +174,16 @@ class AuxLoss:
             weighted = (self.weights[name] * scale) * term
             total = weighted if total is None else total + weighted
         return total
+
+    def _zero_term(self, names: list[str]) -> torch.Tensor | None:
+        """0 * (sum of the trainable parameters of the heads at `names`): adds nothing to the
+        loss, but puts each of those parameters in the graph. None if there are none."""
+        params = [
+            p for name in names for p in self.aux_model.head(name).parameters() if p.requires_grad
+        ]
+        if not params:
+            return None
+        return sum(p.sum() for p in params) * 0.0
 
     def _head_term(
         self, name: str, logits: torch.Tensor, pred: Any, targets: tuple, head_loss: LossFunc
