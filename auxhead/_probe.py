@@ -72,7 +72,10 @@ def call_model(model: nn.Module, sample: Any) -> Any:
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode for a dry run, restoring each module's own mode afterwards (a frozen
     sub-module in eval inside a training model stays so)."""
-    modes = [(m, m.training) for m in model.modules()]
+    modes = [(m, m.training) for m in model.modules() if m.training]
+    if not modes:  # already all in eval (the early-exit hot path): nothing to switch
+        yield
+        return
     model.eval()
     try:
         yield

@@ -17,12 +17,13 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from auxhead._calibrate import ExitSummary, _exit_indices, _first_true, _leaves, _search
 from auxhead._flops import MAIN, FlopProfile, flop_profile
 from auxhead._probe import eval_mode, resolve
 from auxhead._stages import NotStageable, Plan, cut
@@ -518,81 +519,6 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
-def _first_true(mask: torch.Tensor) -> torch.Tensor:
-    """(N, E) bool -> (N,) index of the first True in each row, E where there is none."""
-    found = mask.any(dim=1)
-    first = mask.to(torch.uint8).argmax(dim=1)  # argmax gives the first of equal maxima
-    return torch.where(found, first, mask.shape[1])
-
-
-def _leaves(scores: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
-    """Which samples leave at an exit: a score strictly above the threshold, or a threshold of
-    0 (everyone), never a threshold of 1. Scores (b,) against a float, or (N, E) against (E,);
-    compared in the scores' dtype either way."""
-    if isinstance(thresholds, torch.Tensor):
-        thresholds = thresholds.to(scores.device, scores.dtype)
-    return ((scores > thresholds) | (thresholds <= 0)) & (thresholds < 1)
-
-
-def _exit_indices(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """(N, E) scores, (E,) thresholds -> (N,) exit of each sample, E for the main head: the
-    first exit it leaves at, by the forward's rule."""
-    return _first_true(_leaves(scores, thresholds))
-
-
-def _candidates(scores: torch.Tensor, limit: int = 64) -> list[float]:
-    """Thresholds worth trying: observed scores (a sample exits above its own score's
-    predecessor), thinned to `limit` quantiles, plus 0 and 1."""
-    values = scores.flatten().unique()  # sorted
-    if values.numel() > limit:
-        values = values.quantile(torch.linspace(0, 1, limit, dtype=values.dtype))
-    return sorted({0.0, 1.0, *values.clamp(0.0, 1.0).tolist()})
-
-
-def _search(
-    scores: torch.Tensor, correct: torch.Tensor, profile: FlopProfile, drop: float
-) -> tuple[float, ...]:
-    """Thresholds with the least mean FLOPs whose accuracy is at most `drop` below the main
-    head's; all 1 (the main head alone) if no exit helps."""
-    n, n_exits = scores.shape
-    # Counted in samples, so the comparison is exact: at most floor(drop * N) fewer correct.
-    need = int(correct[:, -1].sum()) - math.floor(drop * n + 1e-9)
-
-    def judge(thresholds: torch.Tensor) -> tuple[float, int]:
-        exits = _exit_indices(scores, thresholds)
-        costs = torch.tensor(profile.exit_costs((thresholds < 1).tolist()), dtype=torch.float64)
-        hits = int(correct.gather(1, exits[:, None]).sum())
-        return costs[exits].mean().item(), hits
-
-    best = torch.ones(n_exits, dtype=scores.dtype)
-    best_cost, best_hits = judge(best)
-
-    def consider(thresholds: torch.Tensor) -> bool:
-        nonlocal best, best_cost, best_hits
-        cost, hits = judge(thresholds)
-        tie = math.isclose(cost, best_cost, rel_tol=1e-12)
-        if hits >= need and ((cost < best_cost and not tie) or (tie and hits > best_hits)):
-            best, best_cost, best_hits = thresholds, cost, hits
-            return True
-        return False
-
-    for value in _candidates(scores):  # one threshold shared by every exit
-        consider(torch.full((n_exits,), value, dtype=scores.dtype))
-    per_exit = [_candidates(scores[:, index]) for index in range(n_exits)]
-    for _ in range(10):  # then one exit at a time, until nothing improves
-        improved = False
-        for index in range(n_exits):
-            for value in per_exit[index]:
-                trial = best.clone()
-                trial[index] = value
-                improved = consider(trial) or improved
-        if not improved:
-            break
-    # An exit no sample leaves at only costs its head: turn it off (nothing else changes).
-    used = _exit_indices(scores, best).bincount(minlength=n_exits + 1)[:n_exits] > 0
-    return tuple(torch.where(used, best, 1.0).tolist())
-
-
 def _seconds_per_sample(model: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> float:
     """Wall-clock seconds per sample of `model` over `batches`, after one warm-up call."""
 
@@ -607,91 +533,3 @@ def _seconds_per_sample(model: Callable[[torch.Tensor], Any], batches: list[torc
         model(batch)
     sync()
     return (time.perf_counter() - start) / sum(batch.shape[0] for batch in batches)
-
-
-def _si(flops: float) -> str:
-    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if flops >= factor:
-            return f"{flops / factor:.2f}{unit}"
-    return f"{flops:.0f}"
-
-
-@dataclass(frozen=True)
-class ExitSummary:
-    """How the early exits do on a data set; `print()` shows a table, `as_dict()` a dict."""
-
-    exits: list[str]  # the taps in `at` order, then "main"
-    thresholds: list[float]  # one per tap; 1 means the exit is off
-    criterion: str
-    samples: int
-    accuracy: float  # with early exits
-    main_accuracy: float  # the main head alone
-    max_accuracy_drop: float | None  # the calibration target; None from `evaluate`
-    fallback: bool  # calibration found no usable exit: every sample goes to the main head
-    share: list[float]  # share of the samples leaving at each exit (sums to 1)
-    exit_accuracy: list[float | None]  # accuracy of the samples leaving there; None: none did
-    flops: list[int]  # per-sample FLOPs of leaving at each exit, heads run on the way included
-    mean_flops: float  # per sample, with early exits
-    full_flops: int  # per sample, the wrapped model alone
-    oracle_flops: float  # per sample, exiting at the first correct head, running only that head
-    oracle_accuracy: float  # share of samples some exit gets right
-    seconds_per_sample: float | None  # wall-clock with early exits; None if not timed
-    full_seconds_per_sample: float | None  # wall-clock of the wrapped model alone
-
-    @property
-    def saving(self) -> float:
-        """Share of the full model's FLOPs the early exits save."""
-        return 1.0 - self.mean_flops / self.full_flops if self.full_flops else 0.0
-
-    @property
-    def oracle_saving(self) -> float:
-        """Share of the full model's FLOPs saved by exiting at the first correct head."""
-        return 1.0 - self.oracle_flops / self.full_flops if self.full_flops else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "saving": self.saving, "oracle_saving": self.oracle_saving}
-
-    def __str__(self) -> str:
-        rows = [("exit", "threshold", "share", "accuracy", "FLOPs/sample")]
-        for index, name in enumerate(self.exits):
-            threshold = self.thresholds[index] if index < len(self.thresholds) else None
-            accuracy = self.exit_accuracy[index]
-            rows.append(
-                (
-                    name,
-                    "-" if threshold is None else "off" if threshold >= 1 else f"{threshold:.4f}",
-                    f"{self.share[index]:.1%}",
-                    "-" if accuracy is None else f"{accuracy:.2%}",
-                    _si(self.flops[index]),
-                )
-            )
-        widths = [max(len(row[c]) for row in rows) for c in range(5)]
-        lines = [
-            "  ".join(
-                cell.ljust(w) if c == 0 else cell.rjust(w)
-                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-            for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(0, f"early exits on {self.samples} samples (criterion: {self.criterion})")
-        target = (
-            "" if self.max_accuracy_drop is None else f", allowed drop {self.max_accuracy_drop:.2%}"
-        )
-        lines.append(
-            f"accuracy {self.accuracy:.2%} (main head alone {self.main_accuracy:.2%}{target})"
-        )
-        lines.append(
-            f"FLOPs/sample {_si(self.mean_flops)}: {self.saving:.1%} saved vs the full model "
-            f"({_si(self.full_flops)}); the oracle saves {self.oracle_saving:.1%} "
-            f"({_si(self.oracle_flops)}, accuracy {self.oracle_accuracy:.2%})"
-        )
-        if self.seconds_per_sample is not None and self.full_seconds_per_sample is not None:
-            speedup = self.full_seconds_per_sample / max(self.seconds_per_sample, 1e-12)
-            lines.append(
-                f"wall-clock/sample {self.seconds_per_sample * 1e3:.3f} ms vs "
-                f"{self.full_seconds_per_sample * 1e3:.3f} ms for the full model ({speedup:.2f}x)"
-            )
-        if self.fallback:
-            lines.append("no exit met the accuracy target: every sample goes to the main head")
-        return "\n".join(line.rstrip() for line in lines)
