@@ -26,6 +26,7 @@ from torch import nn
 from auxhead._calibrate import ExitSummary, _exit_indices, _first_true, _leaves, _search
 from auxhead._flops import MAIN, FlopProfile, flop_profile
 from auxhead._probe import eval_mode, resolve
+from auxhead._spread import per_name
 from auxhead._stages import NotStageable, Plan, cut
 from auxhead.attach import AuxModel
 
@@ -64,27 +65,12 @@ def _check_thresholds(value: Any, taps: list[str]) -> tuple[float, ...]:
         return (1.0,) * len(taps)
     if isinstance(value, torch.Tensor):
         value = value.tolist()
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(taps))
-        missing = [tap for tap in taps if tap not in value]
-        if unknown or missing:
-            raise ValueError(
-                f"thresholds by name must cover exactly the taps {taps}; "
-                f"unknown: {unknown}, missing: {missing}"
-            )
-        value = [value[tap] for tap in taps]
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = [value] * len(taps)
-    elif not isinstance(value, (list, tuple)):
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple, Mapping)):
         raise TypeError(
             f"thresholds must be a number, a list (one per tap) or a dict by tap name, "
             f"got {type(value).__name__}"
         )
-    if len(value) != len(taps):
-        raise ValueError(
-            f"got {len(value)} thresholds for {len(taps)} exits {taps}; give one per tap in "
-            "`at` order, a single number, or a dict by tap name"
-        )
+    value = list(per_name(value, taps, "thresholds", "exits").values())
     for tap, threshold in zip(taps, value, strict=True):
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
             raise TypeError(f"threshold for {tap!r} must be a number, got {threshold!r}")

@@ -11,6 +11,7 @@ This is the only module of the core package that imports fastai.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -325,15 +326,7 @@ def aux_learner(
     dls: Any,
     model: nn.Module | Callable | str,
     at: Sequence[str] | Mapping[str, HeadSpec],
-    *,
-    num_classes: int | None = None,
-    head: HeadSpec = "inception",
-    weights: Weights = 0.3,
-    schedule: str | Schedule | None = None,
-    head_metrics: bool = True,
-    distill: float = 0.0,
-    temperature: float = 3.0,
-    **learner_kwargs: Any,
+    **kwargs: Any,
 ) -> Learner:
     """A Learner with auxiliary heads in one line.
 
@@ -342,28 +335,22 @@ def aux_learner(
         model: an `nn.Module` (a plain `Learner` is built), or an architecture for
             `vision_learner` (a torchvision function such as `resnet18`, or a timm name).
         at: layer names or a dict name -> head, as for `AuxHeads`.
-        **learner_kwargs: passed to `Learner`/`vision_learner` (metrics, loss_func, ...).
+        **kwargs: `AuxHeads`' options (head, weights, schedule, num_classes, head_metrics,
+            distill, temperature, select); the rest go to `Learner`/`vision_learner`
+            (metrics, loss_func, pretrained, ...).
 
     Example:
-        >>> learn = aux_learner(dls, resnet18, ["0.5", "0.6"], metrics=accuracy,
+        >>> learn = aux_learner(dls, resnet18, ["0.5", "0.6"], weights=0.3, metrics=accuracy,
         ...                     pretrained=False)
     """
-    callback = AuxHeads(
-        at,
-        num_classes=num_classes,
-        head=head,
-        weights=weights,
-        schedule=schedule,
-        head_metrics=head_metrics,
-        distill=distill,
-        temperature=temperature,
-    )
-    cbs = [*_as_list(learner_kwargs.pop("cbs", None)), callback]
+    options = set(inspect.signature(AuxHeads).parameters) - {"at"}
+    callback = AuxHeads(at, **{k: kwargs.pop(k) for k in list(kwargs) if k in options})
+    cbs = [*_as_list(kwargs.pop("cbs", None)), callback]
     if isinstance(model, nn.Module):
-        return Learner(dls, model, cbs=cbs, **learner_kwargs)
+        return Learner(dls, model, cbs=cbs, **kwargs)
     from fastai.vision.learner import vision_learner
 
-    return vision_learner(dls, model, cbs=cbs, **learner_kwargs)
+    return vision_learner(dls, model, cbs=cbs, **kwargs)
 
 
 def _as_list(cbs: Any) -> list:

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from auxhead._spread import per_name
 from auxhead.attach import AuxModel
 from auxhead.schedules import Schedule, get_schedule
 
@@ -16,29 +17,6 @@ __all__ = ["AuxLoss", "MultiLoss", "distillation_loss"]
 
 LossFunc = Callable[..., torch.Tensor]
 Weights = float | Sequence[float] | Mapping[str, float]
-
-
-def _per_name(value: Any, names: Sequence[str], what: str, default: Any = None) -> dict[str, Any]:
-    """Spread a scalar, a list in `names` order or a dict by name over `names`."""
-    if value is None:
-        return dict.fromkeys(names, default)
-    if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(names))
-        missing = [name for name in names if name not in value]
-        if unknown or missing:
-            raise ValueError(
-                f"{what} by name must cover exactly {list(names)}; "
-                f"unknown: {unknown}, missing: {missing}"
-            )
-        return {name: value[name] for name in names}
-    if isinstance(value, (list, tuple)):
-        if len(value) != len(names):
-            raise ValueError(
-                f"{what} has {len(value)} entries for {len(names)} outputs {list(names)}; "
-                "give one per output, a single value, or a dict by name"
-            )
-        return dict(zip(names, value, strict=True))
-    return dict.fromkeys(names, value)
 
 
 def _check_weights(weights: dict[str, Any]) -> dict[str, float]:
@@ -128,7 +106,7 @@ class AuxLoss:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         self.loss_func = loss_func
         self.aux_model = aux_model
-        self.weights = _check_weights(_per_name(weights, aux_model.taps, "weights"))
+        self.weights = _check_weights(per_name(weights, aux_model.taps, "weights", "heads"))
         self.schedule = get_schedule(schedule)
         self.head_loss = head_loss if head_loss is not None else loss_func
         self.distill = float(distill)
@@ -295,7 +273,7 @@ class MultiLoss:
                 f"{len(names)} outputs {names} and {n_targets} targets: pass targets= to say "
                 "which target(s) each output is scored against"
             )
-        spread = _per_name(self.targets, names, "targets")
+        spread = per_name(self.targets, names, "targets")
         indices = {}
         for name, index in spread.items():
             index = (index,) if isinstance(index, int) else tuple(index)
@@ -320,10 +298,10 @@ class MultiLoss:
             raise ValueError("MultiLoss got an empty collection of outputs")
         names = list(outputs)
         if isinstance(self.losses, (Mapping, list, tuple)):
-            losses = _per_name(self.losses, names, "losses")
+            losses = per_name(self.losses, names, "losses")
         else:
             losses = dict.fromkeys(names, self.losses)
-        weights = _check_weights(_per_name(self.weights, names, "weights", default=1.0))
+        weights = _check_weights(per_name(self.weights, names, "weights", default=1.0))
         indices = self._target_indices(names, len(targets))
         total: torch.Tensor | None = None
         self.components = {}

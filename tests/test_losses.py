@@ -141,7 +141,7 @@ def test_non_finite_aux_loss_names_the_head(setup):
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        ({"weights": [0.1]}, ValueError, "1 entries for 2 outputs"),
+        ({"weights": [0.1]}, ValueError, "got 1 weights for 2 heads"),
         ({"weights": {"1": 0.1, "9": 0.2}}, ValueError, r"unknown: \['9'\], missing: \['3'\]"),
         ({"weights": -1.0}, ValueError, "must be a number >= 0, got -1.0"),
         ({"schedule": "step"}, ValueError, "unknown schedule 'step'"),
