@@ -138,14 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    if not debug:  # before fastai and torch are imported: their import-time warnings too
+        warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
-    if not args.debug:
-        warnings.filterwarnings("ignore")  # library warnings are noise on the terminal
     try:
         return args.func(args)
     except KeyboardInterrupt:

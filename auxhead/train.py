@@ -43,7 +43,7 @@ class TrainConfig:
     head: str = "inception"
     weights: float = 0.3
     schedule: str = "constant"
-    epochs: int = 4
+    epochs: int = 3
     lr: float = 4e-3
     bs: int = 256
     seed: int = 0
