@@ -314,9 +314,15 @@ def learner(digits):
     torch.manual_seed(0)
     dls = dataloaders(digits, bs=64, device="cpu")
     learn = Learner(dls, small_cnn(10, 1, 8), metrics=accuracy)  # loss from Categorize
-    with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(1, 1e-2)
-    return learn
+    # One thread: a tiny model gains nothing from more, and on a busy CPU they spin.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with learn.no_bar(), learn.no_logging():
+            learn.fit_one_cycle(1, 1e-2)
+        yield learn
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_fastai

@@ -61,17 +61,18 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="also train a TAC-GAN (twin auxiliary classifier) and report both side by side",
     )
     parser.add_argument("--bs", type=int, default=128, help="batch size (default 128)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="Adam learning rate (5e-4)")
+    parser.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (2e-4)")
     parser.add_argument("--latent-dim", type=int, default=64, help="noise size (default 64)")
     parser.add_argument("--width", type=int, default=32, help="network width (default 32)")
     parser.add_argument(
-        "--class-weight", type=float, default=1.0, help="weight of the class loss (default 1)"
+        "--class-weight", type=float, default=1.5, help="weight of the class loss (default 1.5)"
     )
     parser.add_argument(
         "--mode-seeking",
         type=float,
-        default=0.0,
-        help="weight of MSGAN's mode-seeking term against AC-GAN's loss of diversity (default 0)",
+        default=0.5,
+        help="weight of MSGAN's mode-seeking term against AC-GAN's loss of diversity; 0 for the "
+        "paper's plain AC-GAN (default 0.5)",
     )
     parser.add_argument(
         "--no-fake-class-loss",
