@@ -17,7 +17,7 @@ from torch import nn
 __all__ = ["build_model", "default_taps", "small_cnn"]
 
 # Widths of the stem and the three stages of `small_cnn`, and convolutions per stage; chosen
-# with benchmarks/fmnist_budget.py so the CLI's default run fits its CPU time budget.
+# with benchmarks/fmnist_budget.py so the CLI's default run (3 epochs) fits in 5 CPU minutes.
 SMALL_CNN_WIDTHS = (16, 32, 64, 128)
 SMALL_CNN_DEPTH = 2
 
@@ -42,8 +42,10 @@ def small_cnn(
     depth: int = SMALL_CNN_DEPTH,
     channels_last: bool = True,
 ) -> nn.Sequential:
-    """A small, fast CNN for small images (28x28 Fashion-MNIST in about 15 s an epoch on 2 CPU
-    cores), with named stages to attach heads to.
+    """A small, fast CNN for small images, with named stages to attach heads to.
+
+    On Fashion-MNIST, 3 epochs of fit_one_cycle (lr 3e-3, bs 256) with two inception heads reach
+    92% test accuracy, at about 45-50 CPU-seconds an epoch (benchmarks/fmnist_budget.py).
 
     stem (3x3 conv) -> stage1, stage2, stage3 (each halves the resolution with a strided conv,
     then `depth - 1` more convs) -> head (global average pool, linear). Every conv is followed
@@ -57,7 +59,7 @@ def small_cnn(
         widths: channels of the stem and the three stages.
         depth: convolutions per stage (at least 1).
         channels_last: store the conv weights channels-last, which makes the convs run
-            channels-last (about 1.4x faster on CPU); the model computes the same function.
+            channels-last (about 1.3x faster on CPU); the model computes the same function.
 
     Returns:
         An `nn.Sequential` with children "stem", "stage1", "stage2", "stage3", "head".

@@ -96,8 +96,9 @@ class ACGANTrainer(Callback):
     """Does AC-GAN's alternating steps: per batch one discriminator, then one generator step.
 
     In training, the generator draws one image per real image, conditioned on the real batch's
-    labels (so the class mix follows the data); the discriminator steps on both batches, then
-    the generator steps against the updated discriminator. In validation the same losses and
+    labels (so the class mix follows the data; with `mode_seeking`, the first half's labels
+    twice, giving same-class pairs); the discriminator steps on both batches, then the
+    generator steps against the updated discriminator. In validation the same losses and
     accuracies are computed without stepping. `stats` holds the last batch's numbers, which the
     Recorder columns read; `learn.loss` is d_loss + g_loss.
 

@@ -281,7 +281,8 @@ class GANEvaluator:
     a generated set against it.
 
     Args:
-        classifier: a trained `SmallCNN` (or any module with `features` and `num_features`).
+        classifier: a trained `SmallCNN`, or any module with `features(images)`,
+            `num_features` and `n_classes`.
         train_x, train_y: real training images and labels (for the Frechet floor).
         test_x, test_y: real held-out images and labels: the reference distribution.
         floor_samples: real training images drawn for the floor; match it to the number of
