@@ -8,6 +8,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: thousands of tiny steps on a busy 2-core machine spend ~15x the
+    arithmetic on thread hand-offs with two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_cnn(num_classes: int = 5) -> nn.Sequential:
     """A 4-stage CNN for 16x16 inputs: taps "1" (8x8), "3" (4x4) and "5" (vector)."""
     return nn.Sequential(

@@ -11,13 +11,7 @@ from torch import nn
 
 import auxhead
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained_and_stripped(x: torch.Tensor) -> tuple[nn.Module, dict[str, torch.Tensor]]:

@@ -16,14 +16,7 @@ STEPS, WARMUP = 2000, 200
 ALLOWED_GROWTH = 4 * 2**20  # bytes of RSS over 1,800 steps; a retained graph costs ~60 KiB/step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny steps: with two threads on a busy 2-core machine, thread handoffs cost
-    # ~15x the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 needs_proc = pytest.mark.skipif(

@@ -17,14 +17,7 @@ TOTAL = EPOCHS * STEPS_PER_EPOCH
 STOP_AT = STEPS_PER_EPOCH + 2  # in the middle of the second epoch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Thousands of tiny steps: with two threads on a busy 2-core machine, thread handoffs cost
-    # ~15x the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor]:
