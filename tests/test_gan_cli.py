@@ -33,7 +33,7 @@ def _args(*argv):
 def test_defaults():
     args = _args()
     assert args.data is None and args.out == "acgan-out" and not args.tac
-    assert args.n_per_class >= 100
+    assert args.n_per_class >= 100 and not args.fake_class_loss and args.mode_seeking > 0
 
 
 def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
@@ -51,7 +51,8 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
         assert images.min() >= 0 and images.max() <= 1
         assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [100] * 3
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["runs"][1]["loss"]["class_on_fake"] is False  # TAC-GAN's classifier: real only
+    assert [run["loss"]["class_on_fake"] for run in saved["runs"]] == [False, False]
+    assert [run["loss"]["tac"] for run in saved["runs"]] == [False, True]
     assert 0 <= saved["reference"]["classifier_test_accuracy"]["overall"] <= 1
     for run in saved["runs"]:
         assert len(run["accuracy"]["per_class"]) == 3 and run["fid"] >= 0

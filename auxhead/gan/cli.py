@@ -11,6 +11,13 @@ Files written to `--out`: `grid.png` (one row per class), `grids/grid_epoch_NNN.
 `learn.load`), `samples.npz` (`images` float32 N x C x H x W in [0, 1], `labels` int64,
 `classes`), `report.md` and `report.json`. With `--tac` the TAC-GAN's own files go to
 `--out/tac/` and the report shows both side by side.
+
+The defaults were measured on Fashion-MNIST to meet the goals in `TARGETS` within about ten
+minutes on two CPU cores: the discriminator's class head learns from real images only (trained
+on generated ones too, as in the paper, it learns the generator's own codes for the classes,
+which an independent classifier does not share) and a mode-seeking term keeps the generator
+from ignoring its noise. `--mode-seeking 0 --class-weight 1 --fake-class-loss` is the paper's
+AC-GAN.
 """
 
 from __future__ import annotations
@@ -70,14 +77,16 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--mode-seeking",
         type=float,
-        default=0.5,
-        help="weight of MSGAN's mode-seeking term against AC-GAN's loss of diversity; 0 for the "
-        "paper's plain AC-GAN (default 0.5)",
+        default=1.0,
+        help="weight of MSGAN's mode-seeking term against AC-GAN's loss of diversity "
+        "(default 1.0; the paper's plain AC-GAN: --mode-seeking 0 --class-weight 1 "
+        "--fake-class-loss)",
     )
     parser.add_argument(
-        "--no-fake-class-loss",
+        "--fake-class-loss",
         action="store_true",
-        help="train the discriminator's class head on real images only",
+        help="also train the discriminator's class head on generated images, as the AC-GAN "
+        "paper does (default: real images only, which lets the generator collude with it less)",
     )
     parser.add_argument(
         "--n-per-class",
@@ -162,10 +171,9 @@ def _train_variant(
     }
     generator = Generator(**config)
     discriminator = Discriminator(data.c, data.size, data.channels, width=args.width, twin=tac)
-    fake_class_loss = False if args.no_fake_class_loss else None
     loss = ACGANLoss(
         class_weight=args.class_weight,
-        fake_class_loss=fake_class_loss,
+        fake_class_loss=args.fake_class_loss,
         tac=tac,
         mode_seeking=args.mode_seeking,
     )
@@ -243,7 +251,8 @@ def _markdown(report: dict[str, Any]) -> str:
         f"{len(classes)} classes. Seed {report['config']['seed']}, "
         f"{report['config']['epochs']} epochs, width {report['config']['width']}, class-loss "
         f"weight {report['config']['class_weight']}, mode-seeking weight "
-        f"{report['config']['mode_seeking']}.",
+        f"{report['config']['mode_seeking']}, discriminator's class loss on "
+        f"{'real and generated' if report['config']['fake_class_loss'] else 'real'} images.",
         "",
         f"Independent classifier (trained on the real train split, "
         f"{report['classifier_seconds']:.0f} s): real test accuracy "
@@ -365,7 +374,7 @@ def run_acgan(args: argparse.Namespace) -> dict[str, Any]:
                 "width",
                 "class_weight",
                 "mode_seeking",
-                "no_fake_class_loss",
+                "fake_class_loss",
                 "n_per_class",
                 "classifier_epochs",
                 "threads",

@@ -48,7 +48,7 @@ class SmallCNN(nn.Module):
     """
 
     def __init__(
-        self, n_classes: int, channels: int, *, width: int = 32, feature_dim: int = 128
+        self, n_classes: int, channels: int, *, width: int = 16, feature_dim: int = 128
     ) -> None:
         super().__init__()
 
