@@ -81,6 +81,9 @@ def _add_train(subparsers) -> None:
                    help="weight of self-distillation from the main output (0-1)")  # fmt: skip
     p.add_argument("--limit", type=_positive_int, default=None,
                    help="use only this many training images (quick runs)")  # fmt: skip
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for torch (default torch's choice); on a machine busy "
+                   "with other jobs 1 is often faster")  # fmt: skip
     p.set_defaults(func=_run_train)
 
 
@@ -88,6 +91,10 @@ def _run_train(args: argparse.Namespace) -> int:
     from auxhead.report import terminal_summary, write_report
     from auxhead.train import TrainConfig, run_train
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     config = TrainConfig(
         data=args.data, arch=args.arch, at=args.at, head=args.head, weights=args.weights,
         schedule=args.schedule, epochs=args.epochs, lr=args.lr, bs=args.bs, seed=args.seed,

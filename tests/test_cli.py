@@ -29,7 +29,7 @@ def auxhead(*args, cwd=None, timeout=240):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = auxhead("train", *QUICK, "--compare", "--early-exit", "--out", out)
+    result = auxhead("train", *QUICK, "--compare", "--early-exit", "--threads", "1", "--out", out)
     return result, out
 
 
@@ -118,6 +118,12 @@ def test_bad_input_one_clear_line(tmp_path):
     assert "resnet9000" in arch
     layer = _error_line(auxhead("train", *QUICK, "--at", "stage7"))
     assert "stage7" in layer and "list_layers" in layer
+
+
+def test_bad_option_values_are_refused_by_the_parser(tmp_path):
+    result = auxhead("train", "--threads", "0", "--out", tmp_path)
+    assert result.returncode == 2 and "--threads: must be at least 1, got 0" in result.stderr
+    assert not any(tmp_path.iterdir())
 
 
 def test_debug_shows_the_traceback(tmp_path):
