@@ -7,6 +7,7 @@ whether each exit, then the main output, is right (N, E + 1). No forwards run he
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -49,28 +50,45 @@ def _candidates(scores: torch.Tensor, limit: int = 64) -> list[float]:
 
 
 def _search(
-    scores: torch.Tensor, correct: torch.Tensor, profile: FlopProfile, drop: float
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    drop: float,
+    confidence: float | None = None,
 ) -> tuple[float, ...]:
     """Thresholds with the least mean FLOPs whose accuracy is at most `drop` below the main
-    head's; all 1 (the main head alone) if no exit helps."""
-    n, n_exits = scores.shape
-    # Counted in samples, so the comparison is exact: at most floor(drop * N) fewer correct.
-    need = int(correct[:, -1].sum()) - math.floor(drop * n + 1e-9)
+    head's; all 1 (the main head alone) if no exit helps.
 
-    def judge(thresholds: torch.Tensor) -> tuple[float, int]:
+    With `confidence`, the drop's one-sided upper confidence bound must be within `drop`
+    too: the mean of the paired per-sample differences (main right - exit right) plus
+    z(confidence) standard errors, the normal approximation to their distribution.
+    """
+    n, n_exits = scores.shape
+    main = correct[:, -1]
+    # Counted in samples, so the comparison is exact: at most floor(drop * N) fewer correct.
+    need = int(main.sum()) - math.floor(drop * n + 1e-9)
+    z = statistics.NormalDist().inv_cdf(confidence) if confidence is not None else None
+
+    def judge(thresholds: torch.Tensor) -> tuple[float, int, bool]:
         exits = _exit_indices(scores, thresholds)
         costs = torch.tensor(profile.exit_costs((thresholds < 1).tolist()), dtype=torch.float64)
-        hits = int(correct.gather(1, exits[:, None]).sum())
-        return costs[exits].mean().item(), hits
+        right = correct.gather(1, exits[:, None]).squeeze(1)
+        hits = int(right.sum())
+        allowed = hits >= need
+        if allowed and z is not None:
+            differences = main.to(torch.float64) - right.to(torch.float64)
+            spread = differences.std().item() if n > 1 else math.inf
+            allowed = differences.mean().item() + z * spread / math.sqrt(n) <= drop + 1e-12
+        return costs[exits].mean().item(), hits, allowed
 
     best = torch.ones(n_exits, dtype=scores.dtype)
-    best_cost, best_hits = judge(best)
+    best_cost, best_hits, _ = judge(best)
 
     def consider(thresholds: torch.Tensor) -> bool:
         nonlocal best, best_cost, best_hits
-        cost, hits = judge(thresholds)
+        cost, hits, allowed = judge(thresholds)
         tie = math.isclose(cost, best_cost, rel_tol=1e-12)
-        if hits >= need and ((cost < best_cost and not tie) or (tie and hits > best_hits)):
+        if allowed and ((cost < best_cost and not tie) or (tie and hits > best_hits)):
             best, best_cost, best_hits = thresholds, cost, hits
             return True
         return False
@@ -120,6 +138,7 @@ class ExitSummary:
     oracle_accuracy: float  # share of samples some exit gets right
     seconds_per_sample: float | None  # wall-clock with early exits; None if not timed
     full_seconds_per_sample: float | None  # wall-clock of the wrapped model alone
+    confidence: float | None = None  # calibration: the drop's bound held at this confidence
 
     @property
     def saving(self) -> float:
@@ -158,9 +177,11 @@ class ExitSummary:
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines.insert(0, f"early exits on {self.samples} samples (criterion: {self.criterion})")
-        target = (
-            "" if self.max_accuracy_drop is None else f", allowed drop {self.max_accuracy_drop:.2%}"
-        )
+        target = ""
+        if self.max_accuracy_drop is not None:
+            target = f", allowed drop {self.max_accuracy_drop:.2%}"
+            if self.confidence is not None:
+                target += f" at {self.confidence:.0%} confidence"
         lines.append(
             f"accuracy {self.accuracy:.2%} (main head alone {self.main_accuracy:.2%}{target})"
         )

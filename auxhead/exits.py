@@ -334,6 +334,7 @@ class EarlyExit(nn.Module):
         data: Iterable[Any],
         max_accuracy_drop: float = 0.005,
         *,
+        confidence: float | None = None,
         timing_batches: int = 8,
     ) -> ExitSummary:
         """Choose the thresholds that minimise the expected FLOPs per sample while keeping the
@@ -347,11 +348,19 @@ class EarlyExit(nn.Module):
         too little is turned off (threshold 1). The summary's numbers are measured on `data`
         itself: evaluate on a separate test set for unbiased ones.
 
+        The search picks the cheapest thresholds that just meet the drop on `data`, so on new
+        data the drop is as often above the target as below, and more so on small calibration
+        sets. `confidence` asks for a margin: the drop's upper confidence bound, from the
+        standard error of the per-sample differences to the main head, must meet the target.
+
         Args:
             data: an iterable of `(inputs, targets)` batches with class-index targets, such as
                 a torch or fastai validation DataLoader.
             max_accuracy_drop: the accuracy the exits may lose against the main head, as a
                 fraction (0.005 is half a percentage point).
+            confidence: None to hold the drop on `data` itself; a probability such as 0.9 to
+                hold it with that one-sided confidence (normal approximation), which keeps
+                fewer samples at the exits.
             timing_batches: how many of the first batches to keep for timing the early exit
                 against the full model after the search; 0 skips the timing.
 
@@ -360,7 +369,7 @@ class EarlyExit(nn.Module):
 
         Raises:
             ValueError: batches without labels, targets that are not class indices, empty data,
-                or a drop outside [0, 1].
+                a drop outside [0, 1], or a confidence outside (0, 1).
 
         Warns:
             UserWarning: when no exit can be used within the drop; every sample then goes to
@@ -375,19 +384,31 @@ class EarlyExit(nn.Module):
                 f"max_accuracy_drop is a fraction in [0, 1] (0.005 = half a point), "
                 f"got {max_accuracy_drop!r}"
             )
+        if confidence is not None and (
+            isinstance(confidence, bool)
+            or not isinstance(confidence, (int, float))
+            or not 0.0 < confidence < 1.0
+        ):
+            raise ValueError(
+                f"confidence is a probability in (0, 1) such as 0.9, or None for no margin; "
+                f"got {confidence!r}"
+            )
         seen = self._collect(data, timing_batches)
-        thresholds = _search(seen.scores, seen.correct, seen.profile, max_accuracy_drop)
+        thresholds = _search(seen.scores, seen.correct, seen.profile, max_accuracy_drop, confidence)
         fallback = all(threshold >= 1.0 for threshold in thresholds)
         if fallback:
             main_accuracy = seen.correct[:, -1].float().mean().item()
+            margin = "" if confidence is None else f" at {confidence:.0%} confidence"
+            remedy = "" if confidence is None else ", a lower confidence or more data"
             warnings.warn(
                 f"no exit keeps the accuracy within max_accuracy_drop={max_accuracy_drop} of "
-                f"the main head's {main_accuracy:.2%} while saving FLOPs, so every sample goes "
-                "to the main head (thresholds 1). Train the heads longer or allow a larger drop.",
+                f"the main head's {main_accuracy:.2%}{margin} while saving FLOPs, so every "
+                "sample goes to the main head (thresholds 1). Train the heads longer or allow "
+                f"a larger drop{remedy}.",
                 stacklevel=2,
             )
         self.thresholds = list(thresholds)
-        self.summary = self._summarise(seen, max_accuracy_drop, fallback)
+        self.summary = self._summarise(seen, max_accuracy_drop, fallback, confidence)
         logger.info("calibrated early exits\n%s", self.summary)
         return self.summary
 
@@ -436,7 +457,13 @@ class EarlyExit(nn.Module):
             timing_inputs=kept,
         )
 
-    def _summarise(self, seen: _Seen, drop: float | None, fallback: bool) -> ExitSummary:
+    def _summarise(
+        self,
+        seen: _Seen,
+        drop: float | None,
+        fallback: bool,
+        confidence: float | None = None,
+    ) -> ExitSummary:
         n_exits = len(self.taps)
         thresholds = torch.tensor(self._thresholds)
         exits = _exit_indices(seen.scores, thresholds)  # (N,)
@@ -472,6 +499,7 @@ class EarlyExit(nn.Module):
             oracle_accuracy=seen.correct.any(dim=1).float().mean().item(),
             seconds_per_sample=seconds,
             full_seconds_per_sample=full_seconds,
+            confidence=confidence,
         )
 
 

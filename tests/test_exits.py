@@ -386,6 +386,26 @@ def test_calibrate_falls_back_to_the_main_head_with_a_warning():
     assert "every sample goes to the main head" in str(summary)
 
 
+def test_calibrate_with_confidence_keeps_a_margin():
+    # 96 samples head 0 gets right with confidence 0.9; 4 it gets wrong with confidence 0.6
+    # (head 1 too), which the main head gets right.
+    groups = [(96, 0.9, True, 0.9, True, True), (4, 0.6, False, 0.6, False, True)]
+    early = EarlyExit(pass_through(depth=4))
+    # A drop of 4 points allows sending everyone to exit 0: exactly 4 fewer correct.
+    point = early.calibrate(_calibration_data(groups), max_accuracy_drop=0.04, timing_batches=0)
+    assert point.share == [1.0, 0.0, 0.0] and point.accuracy == pytest.approx(0.96)
+    # At 90% confidence the bound is 0.04 + z(0.9) * std(D) / sqrt(100), with D the per-sample
+    # differences main right - exit right (four 1s, 96 0s): 0.04 + 1.2816 * 0.1969 / 10 > 0.04.
+    # Only letting the sure 96 leave at exit 0 (D all 0, bound 0) is allowed.
+    sure = early.calibrate(
+        _calibration_data(groups), max_accuracy_drop=0.04, confidence=0.9, timing_batches=0
+    )
+    assert 0.6 - 1e-6 <= early.thresholds[0] < 0.9 and early.thresholds[1] == 1.0
+    assert sure.share == pytest.approx([0.96, 0.0, 0.04]) and sure.accuracy == 1.0
+    assert sure.confidence == 0.9 and "at 90% confidence" in str(sure)
+    assert point.confidence is None and "% confidence" not in str(point)
+
+
 def test_evaluate_keeps_the_thresholds():
     early = EarlyExit(pass_through(depth=4), thresholds=[0.8, 0.7])
     summary = early.evaluate(_calibration_data(GROUPS), timing_batches=0)
@@ -476,6 +496,9 @@ def test_bad_calibration_data():
         early.calibrate([])
     with pytest.raises(ValueError, match=r"max_accuracy_drop is a fraction in \[0, 1\]"):
         early.calibrate(unlabelled, max_accuracy_drop=5)
+    for bad in (1.0, 0, True, "0.9"):
+        with pytest.raises(ValueError, match=rf"confidence is a probability in \(0, 1\).*{bad!r}"):
+            early.calibrate(unlabelled, confidence=bad)
     assert early.thresholds == (1.0, 1.0)
 
 
