@@ -77,6 +77,9 @@ def _add_train(subparsers) -> None:
                    "accuracy-compute trade-off")  # fmt: skip
     p.add_argument("--max-drop", type=float, default=d.max_drop,
                    help=f"early exit: accuracy it may lose (default {d.max_drop})")  # fmt: skip
+    p.add_argument("--confidence", type=float, default=None,
+                   help="early exit: hold --max-drop with this one-sided confidence, e.g. 0.9 "
+                   "(default: on the held-out images themselves)")  # fmt: skip
     p.add_argument("--distill", type=float, default=d.distill,
                    help="weight of self-distillation from the main output (0-1)")  # fmt: skip
     p.add_argument("--limit", type=_positive_int, default=None,
@@ -99,7 +102,8 @@ def _run_train(args: argparse.Namespace) -> int:
         data=args.data, arch=args.arch, at=args.at, head=args.head, weights=args.weights,
         schedule=args.schedule, epochs=args.epochs, lr=args.lr, bs=args.bs, seed=args.seed,
         out=args.out, compare=args.compare, early_exit=args.early_exit,
-        max_drop=args.max_drop, distill=args.distill, limit=args.limit,
+        max_drop=args.max_drop, confidence=args.confidence, distill=args.distill,
+        limit=args.limit,
     )  # fmt: skip
     print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, "
           f"{config.epochs} epochs, heads: {config.head}", flush=True)  # fmt: skip

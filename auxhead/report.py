@@ -53,6 +53,10 @@ def _timing_lines(result: TrainResult) -> list[str]:
     return lines
 
 
+def _at_confidence(confidence: float | None) -> str:
+    return "" if confidence is None else f" (with {confidence:.0%} confidence)"
+
+
 def _early_exit_table(result: TrainResult, markdown: bool) -> str | None:
     ee = result.early_exit
     if ee is None:
@@ -164,7 +168,8 @@ def _markdown(result: TrainResult) -> str:
         lines += ["## Early exit", "",
                   f"Thresholds calibrated on {result.early_exit['n_calibration']} held-out "
                   f"training images for at most {100 * c.max_drop:.1f} points of accuracy "
-                  f"lost; routing mode: {result.early_exit['mode']}.", "", ee, ""]  # fmt: skip
+                  f"lost{_at_confidence(c.confidence)}; routing mode: "
+                  f"{result.early_exit['mode']}.", "", ee, ""]  # fmt: skip
     lines += ["## Training log", "", _history_table(result), "", "## Files", ""]
     lines += [f"- `{Path(p).name}`: {what}" for what, p in _describe_files(result)]
     return "\n".join(lines) + "\n"

@@ -51,6 +51,7 @@ class TrainConfig:
     compare: bool = False
     early_exit: bool = False
     max_drop: float = 0.005  # early exit: allowed accuracy drop from the main head
+    confidence: float | None = None  # early exit: hold the drop with this confidence
     holdout: int = 5000  # early exit: training images held out for calibration
     distill: float = 0.0
     limit: int | None = None  # use only this many training (and a quarter as many test) images
@@ -191,8 +192,10 @@ def run_train(config: TrainConfig) -> TrainResult:
 
     Raises:
         auxhead.data.DataError: the data cannot be loaded.
-        ValueError: an unknown architecture, layer name, head kind or schedule.
+        ValueError: an unknown architecture, layer name, head kind or schedule, or an early
+            exit setting out of range.
     """
+    _check_exit_settings(config)  # before training, not after it
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed, reproducible=True)
@@ -253,10 +256,23 @@ def run_train(config: TrainConfig) -> TrainResult:
     return result
 
 
+def _check_exit_settings(config: TrainConfig) -> None:
+    if not 0.0 <= config.max_drop <= 1.0:
+        raise ValueError(
+            f"--max-drop is a fraction in [0, 1] (0.005 is half a point), got {config.max_drop}"
+        )
+    if config.confidence is not None and not 0.0 < config.confidence < 1.0:
+        raise ValueError(
+            f"--confidence is a probability in (0, 1) such as 0.9, got {config.confidence}"
+        )
+
+
 def _early_exit(aux_model: AuxModel, holdout: ImageData, data: ImageData, config: TrainConfig):
     exit_model = EarlyExit(aux_model)
     calibration: ExitSummary = exit_model.calibrate(
-        _batches(holdout.valid_x, holdout.valid_y, 500), max_accuracy_drop=config.max_drop
+        _batches(holdout.valid_x, holdout.valid_y, 500),
+        max_accuracy_drop=config.max_drop,
+        confidence=config.confidence,
     )
     test: ExitSummary = exit_model.evaluate(_batches(data.valid_x, data.valid_y, 500))
     return {

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 QUICK = ["--data", "digits", "--limit", "240", "--epochs", "1", "--bs", "32"]
+# The fixture's run, repeated by the determinism test.
+FULL = [*QUICK, "--compare", "--early-exit", "--confidence", "0.9", "--threads", "1"]
 
 
 def auxhead(*args, cwd=None, timeout=240):
@@ -29,7 +31,7 @@ def auxhead(*args, cwd=None, timeout=240):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = auxhead("train", *QUICK, "--compare", "--early-exit", "--threads", "1", "--out", out)
+    result = auxhead("train", *FULL, "--out", out)
     return result, out
 
 
@@ -54,11 +56,13 @@ def test_train_writes_the_report(quick_run):
     assert isinstance(report["baseline_accuracy"], float)
     assert report["train_seconds"] > 0
     assert report["early_exit"]["test"]["exits"] == ["stage1", "stage2", "main"]
+    assert report["early_exit"]["calibration"]["confidence"] == 0.9
     # the terminal table names every exit
     for name in ("stage1", "stage2", "main (final layer)", "baseline (no heads)"):
         assert name in result.stdout
     md = (out / "report.md").read_text()
     assert "## Exits" in md and "## Early exit" in md and "![accuracy per epoch](heads.png)" in md
+    assert "accuracy lost (with 90% confidence)" in md
 
 
 def test_checkpoint_has_heads_and_export_needs_no_auxhead(quick_run):
@@ -79,7 +83,7 @@ def test_checkpoint_has_heads_and_export_needs_no_auxhead(quick_run):
 
 def test_same_seed_same_numbers(quick_run, tmp_path):
     _, first = quick_run
-    again = auxhead("train", *QUICK, "--compare", "--early-exit", "--out", tmp_path)
+    again = auxhead("train", *FULL, "--out", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     a = json.loads((first / "report.json").read_text())
     b = json.loads((tmp_path / "report.json").read_text())
@@ -118,6 +122,12 @@ def test_bad_input_one_clear_line(tmp_path):
     assert "resnet9000" in arch
     layer = _error_line(auxhead("train", *QUICK, "--at", "stage7"))
     assert "stage7" in layer and "list_layers" in layer
+    out = tmp_path / "exits"
+    drop = _error_line(auxhead("train", *QUICK, "--early-exit", "--max-drop", "5", "--out", out))
+    assert "--max-drop is a fraction in [0, 1]" in drop and "got 5.0" in drop
+    confidence = _error_line(auxhead("train", *QUICK, "--confidence", "1.5", "--out", out))
+    assert "--confidence is a probability in (0, 1)" in confidence and "1.5" in confidence
+    assert not out.exists()  # refused before anything was written
 
 
 def test_bad_option_values_are_refused_by_the_parser(tmp_path):
