@@ -146,8 +146,10 @@ def test_vision_learner_freeze_and_param_groups(dls):
     assert "acc_0_5" in learn.recorder.metric_names
 
 
-def test_fine_tune_lr_find_and_mixed_precision(dls):
-    learn = aux_learner(dls, resnet18, ["0.5"], pretrained=False, n_in=1, metrics=accuracy)
+def test_fine_tune_lr_find_and_mixed_precision(dls, tmp_path):
+    learn = aux_learner(
+        dls, resnet18, ["0.5"], pretrained=False, n_in=1, metrics=accuracy, path=tmp_path
+    )  # lr_find saves and removes path/models/_tmp.pth
     learn.fine_tune(1, freeze_epochs=1)
     assert len(learn.aux_heads.history) == 2
     learn.lr_find(num_it=5, show_plot=False)
