@@ -150,6 +150,9 @@ def test_ctrl_c_leaves_the_last_epoch_checkpoint(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # A shell's background job inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: give the child the default handler, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     checkpoint = tmp_path / "checkpoint.pth"
     deadline = time.time() + 180
