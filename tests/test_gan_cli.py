@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from auxhead.data import DataError
-from auxhead.gan.cli import add_acgan_arguments, run_acgan
+from auxhead.gan.cli import add_acgan_arguments, classifier_epochs, run_acgan
 from auxhead.gan.models import Generator
 
 TINY = ["--epochs", "1", "--width", "4", "--latent-dim", "8", "--bs", "16"]
@@ -34,6 +34,14 @@ def test_defaults():
     args = _args()
     assert args.data is None and args.out == "acgan-out" and not args.tac
     assert args.n_per_class >= 100 and not args.fake_class_loss and args.mode_seeking > 0
+    assert args.classifier_epochs is None
+
+
+def test_classifier_epochs_scale_with_the_data():
+    assert classifier_epochs(60_000) == 2  # Fashion-MNIST: 469 steps an epoch
+    assert classifier_epochs(1_438) == 75  # digits: 12 steps an epoch, 900 steps in all
+    assert classifier_epochs(10) == 900
+    assert classifier_epochs(1_438, requested=3) == 3
 
 
 def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):

@@ -38,11 +38,15 @@ from auxhead.gan.losses import ACGANLoss
 from auxhead.gan.metrics import GANEvaluator
 from auxhead.gan.models import IMG_SIZES, Discriminator, Generator
 
-__all__ = ["TARGETS", "add_acgan_arguments", "run_acgan"]
+__all__ = ["TARGETS", "add_acgan_arguments", "classifier_epochs", "run_acgan"]
 
 # The default run's goals: share of generated samples the independent classifier assigns to
 # their conditioning class, and the smallest per-class diversity as a share of the real data's.
 TARGETS = {"accuracy": 0.85, "diversity_ratio": 0.70}
+
+# The independent classifier trains for at least this many steps of 128 images (2 epochs of
+# Fashion-MNIST); on a small data set such as digits that is many more epochs.
+CLASSIFIER_STEPS = 900
 
 
 def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -97,8 +101,9 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument(
         "--classifier-epochs",
         type=int,
-        default=2,
-        help="epochs of the independent evaluation classifier (default 2)",
+        default=None,
+        help=f"epochs of the independent evaluation classifier (default: enough for "
+        f"{CLASSIFIER_STEPS} steps of 128 images, at least 2; 2 on Fashion-MNIST)",
     )
     parser.add_argument(
         "--threads",
@@ -119,11 +124,19 @@ def _check_args(args: argparse.Namespace) -> None:
             )
     if args.n_per_class < 100:
         raise ValueError(f"--n-per-class must be >= 100, got {args.n_per_class}")
-    if args.classifier_epochs < 1:
+    if args.classifier_epochs is not None and args.classifier_epochs < 1:
         raise ValueError(f"--classifier-epochs must be >= 1, got {args.classifier_epochs}")
     for name in ("class_weight", "mode_seeking", "lr"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+
+def classifier_epochs(n_train: int, requested: int | None = None) -> int:
+    """`requested`, or enough epochs for `CLASSIFIER_STEPS` steps of 128 images (at least 2)."""
+    if requested is not None:
+        return requested
+    steps_per_epoch = -(-n_train // 128)
+    return max(2, -(-CLASSIFIER_STEPS // steps_per_epoch))
 
 
 def _load(args: argparse.Namespace) -> ImageData:
@@ -319,6 +332,7 @@ def run_acgan(args: argparse.Namespace) -> dict[str, Any]:
         ValueError: bad options (`DataError` for data that cannot be used).
     """
     _check_args(args)
+    args = argparse.Namespace(**vars(args))  # a copy: defaults resolved below are recorded
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     start = time.time()
@@ -328,6 +342,7 @@ def run_acgan(args: argparse.Namespace) -> dict[str, Any]:
     data = _load(args)
     print(f"data: {data}")
 
+    args.classifier_epochs = classifier_epochs(len(data.train_y), args.classifier_epochs)
     print(f"training the independent classifier ({args.classifier_epochs} epochs)...")
     t = time.time()
     evaluator = GANEvaluator.fit(
