@@ -1,5 +1,6 @@
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,9 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
         assert len(run["diversity_ratio"]) == 3 and run["history"][0]["d_loss"] > 0
     markdown = (tmp_path / "report.md").read_text()
     assert "| AC-GAN | TAC-GAN |" in markdown and "Frechet" in markdown
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert images == ["grid.png", "tac/grid.png"]
+    assert all((tmp_path / image).is_file() for image in images)
     # the checkpoint rebuilds the generator
     ckpt = torch.load(tmp_path / "generator.pth")
     g = Generator(**ckpt["config"])

@@ -287,6 +287,19 @@ def _markdown(report: dict[str, Any]) -> str:
         + " |",
         "| train time (s) | | " + " | ".join(f"{r['train_seconds']:.0f}" for r in runs) + " |",
         "",
+        "## Samples",
+        "",
+        f"One row per class ({', '.join(classes)}), one column per fixed noise vector; the "
+        "grid of every epoch is in `grids/`" + (" and `tac/grids/`." if len(runs) > 1 else "."),
+        "",
+        "| " + " | ".join(names) + " |",
+        "|" + "---|" * len(names),
+        "| "
+        + " | ".join(
+            f"![{r['variant']} samples]({'tac/' if r['loss']['tac'] else ''}grid.png)" for r in runs
+        )
+        + " |",
+        "",
         "## Per class",
         "",
         "Accuracy: share of generated samples classified as their conditioning class (the real "
