@@ -19,8 +19,7 @@ from typing import Any
 
 import torch
 from fastai.callback.core import Callback, GatherPredsCallback
-from fastai.learner import Learner
-from fastai.metrics import Metric
+from fastai.learner import AvgMetric, Learner
 from fastai.torch_core import find_bs
 from torch import nn
 
@@ -37,15 +36,13 @@ def _column(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
-class _HeadMetric(Metric):
-    """Accuracy or loss of one head on the validation set, read from the batch's aux outputs."""
+class _HeadMetric(AvgMetric):
+    """Accuracy or loss of one head on the validation set, read from the batch's aux outputs;
+    fastai's `AvgMetric` averages it over the samples."""
 
     def __init__(self, callback: AuxHeads, tap: str, kind: str) -> None:
         self.callback, self.tap, self.kind = callback, tap, kind
         self.reset()
-
-    def reset(self) -> None:
-        self.total, self.count = 0.0, 0
 
     def accumulate(self, learn: Learner) -> None:
         logits = self.callback.batch_aux.get(self.tap)
@@ -60,10 +57,6 @@ class _HeadMetric(Metric):
         else:
             self.total += learn.loss_func(logits.float(), *learn.yb).mean().item() * bs
         self.count += bs
-
-    @property
-    def value(self) -> float | None:
-        return self.total / self.count if self.count else None
 
     @property
     def name(self) -> str:

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from conftest import digits_cnn
 from fastai.callback.core import Callback
 from fastai.distributed import DistributedDL
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.optimizer import SGD
-from torch import nn
 
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.fastai import AuxHeads
@@ -65,15 +65,7 @@ class HeadsOffMidEpoch(Callback):
 
 def learner(image_data: ImageData, bs: int) -> Learner:
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),  # 1: (B, 8, 8, 8)
-        nn.Conv2d(8, 16, 3, padding=1, stride=2),
-        nn.ReLU(),  # 3: (B, 16, 4, 4)
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
+    model = digits_cnn()
     dls = dataloaders(image_data, bs=bs, device="cpu", shuffle_train=False)
     return Learner(
         dls,

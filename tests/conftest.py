@@ -32,6 +32,19 @@ def tiny_cnn(num_classes: int = 5) -> nn.Sequential:
     )
 
 
+def digits_cnn() -> nn.Sequential:
+    """A 2-conv CNN for 1x8x8 digits, 10 classes: taps "1" (B, 8, 8, 8) and "3" (B, 16, 4, 4)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),  # 1: (B, 8, 8, 8)
+        nn.Conv2d(8, 16, 3, padding=1, stride=2),
+        nn.ReLU(),  # 3: (B, 16, 4, 4)
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+
+
 def hook_count(model: nn.Module) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 

@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import hook_count
+from conftest import digits_cnn, hook_count
 from torch import nn
 
 import auxhead
@@ -88,18 +88,6 @@ from auxhead.data import dataloaders, load_data  # noqa: E402
 from auxhead.fastai import AuxHeads, export_learner  # noqa: E402
 
 
-def _small_cnn() -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1),
-        nn.ReLU(),  # 1: (B, 8, 8, 8)
-        nn.Conv2d(8, 16, 3, padding=1, stride=2),
-        nn.ReLU(),  # 3: (B, 16, 4, 4)
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(16, 10),
-    )
-
-
 @pytest.fixture
 def dls():
     data = load_data("digits", seed=0).subset(128, 32, seed=0)
@@ -110,7 +98,7 @@ def test_a_bad_batch_mid_epoch_surfaces_and_the_learner_fits_again(dls):
     torch.manual_seed(0)
     learn = Learner(
         dls,
-        _small_cnn(),
+        digits_cnn(),
         loss_func=CrossEntropyLossFlat(),
         metrics=accuracy,
         cbs=AuxHeads(["1", "3"], head="linear"),
@@ -141,7 +129,7 @@ def test_a_bad_batch_mid_epoch_surfaces_and_the_learner_fits_again(dls):
 
 def test_20_add_fit_strip_cycles_of_the_callback(dls, tmp_path):
     torch.manual_seed(0)
-    model = _small_cnn()
+    model = digits_cnn()
     learn = Learner(dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, path=tmp_path)
     n_params = sum(p.numel() for p in model.parameters())
     for cycle in range(20):

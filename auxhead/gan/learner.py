@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelBatchException
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner, Metric
+from fastai.learner import AvgMetric, Learner
 from fastai.optimizer import OptimWrapper
 from PIL import Image
 from torch import nn
@@ -210,24 +210,18 @@ class ACGANTrainer(Callback):
         }
 
 
-class _TrainerStat(Metric):
-    """A Recorder column: one of `ACGANTrainer.stats`, averaged over the batches."""
+class _TrainerStat(AvgMetric):
+    """A Recorder column: one of `ACGANTrainer.stats`, averaged over the samples by fastai's
+    `AvgMetric`."""
 
     def __init__(self, trainer: ACGANTrainer, key: str) -> None:
         self.trainer, self.key = trainer, key
-        self.total, self.count = 0.0, 0
-
-    def reset(self) -> None:
-        self.total, self.count = 0.0, 0
+        self.reset()
 
     def accumulate(self, learn: Learner) -> None:
         bs = len(learn.yb[0])
         self.total += self.trainer.stats[self.key] * bs
         self.count += bs
-
-    @property
-    def value(self) -> float | None:
-        return self.total / self.count if self.count else None
 
     @property
     def name(self) -> str:
