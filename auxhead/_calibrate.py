@@ -15,7 +15,30 @@ import torch
 
 from auxhead._flops import FlopProfile
 
-__all__ = ["ExitSummary"]
+__all__ = ["ExitSummary", "check_targets"]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_targets(
+    max_accuracy_drop: object,
+    confidence: object = None,
+    *,
+    names: tuple[str, str] = ("max_accuracy_drop", "confidence"),
+) -> None:
+    """Refuse a drop outside [0, 1] or a confidence outside (0, 1), naming them as `names`
+    (the command line checks its options with this before training)."""
+    if not _is_number(max_accuracy_drop) or not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ValueError(
+            f"{names[0]} is a fraction in [0, 1] (0.005 is half a point), got {max_accuracy_drop!r}"
+        )
+    if confidence is not None and (not _is_number(confidence) or not 0.0 < confidence < 1.0):
+        raise ValueError(
+            f"{names[1]} is a probability in (0, 1) such as 0.9 (None: no margin), "
+            f"got {confidence!r}"
+        )
 
 
 def _first_true(mask: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from auxhead._calibrate import ExitSummary, _exit_indices, _first_true, _leaves, _search
+from auxhead._calibrate import (
+    ExitSummary,
+    _exit_indices,
+    _first_true,
+    _leaves,
+    _search,
+    check_targets,
+)
 from auxhead._flops import MAIN, FlopProfile, flop_profile
 from auxhead._probe import eval_mode, resolve
 from auxhead._spread import per_name
@@ -375,24 +382,7 @@ class EarlyExit(nn.Module):
             UserWarning: when no exit can be used within the drop; every sample then goes to
                 the main head (thresholds 1).
         """
-        if (
-            isinstance(max_accuracy_drop, bool)
-            or not isinstance(max_accuracy_drop, (int, float))
-            or not 0.0 <= max_accuracy_drop <= 1.0
-        ):
-            raise ValueError(
-                f"max_accuracy_drop is a fraction in [0, 1] (0.005 = half a point), "
-                f"got {max_accuracy_drop!r}"
-            )
-        if confidence is not None and (
-            isinstance(confidence, bool)
-            or not isinstance(confidence, (int, float))
-            or not 0.0 < confidence < 1.0
-        ):
-            raise ValueError(
-                f"confidence is a probability in (0, 1) such as 0.9, or None for no margin; "
-                f"got {confidence!r}"
-            )
+        check_targets(max_accuracy_drop, confidence)
         seen = self._collect(data, timing_batches)
         thresholds = _search(seen.scores, seen.correct, seen.profile, max_accuracy_drop, confidence)
         fallback = all(threshold >= 1.0 for threshold in thresholds)

@@ -22,6 +22,7 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torch import nn
 
+from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
 from auxhead._probe import resolve
 from auxhead.attach import AuxModel
@@ -195,7 +196,8 @@ def run_train(config: TrainConfig) -> TrainResult:
         ValueError: an unknown architecture, layer name, head kind or schedule, or an early
             exit setting out of range.
     """
-    _check_exit_settings(config)  # before training, not after it
+    # the early exit's settings before training, not after it
+    check_targets(config.max_drop, config.confidence, names=("--max-drop", "--confidence"))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     set_seed(config.seed, reproducible=True)
@@ -254,17 +256,6 @@ def run_train(config: TrainConfig) -> TrainResult:
     if config.compare:
         _baseline(result, dls, data, config, out)
     return result
-
-
-def _check_exit_settings(config: TrainConfig) -> None:
-    if not 0.0 <= config.max_drop <= 1.0:
-        raise ValueError(
-            f"--max-drop is a fraction in [0, 1] (0.005 is half a point), got {config.max_drop}"
-        )
-    if config.confidence is not None and not 0.0 < config.confidence < 1.0:
-        raise ValueError(
-            f"--confidence is a probability in (0, 1) such as 0.9, got {config.confidence}"
-        )
 
 
 def _early_exit(aux_model: AuxModel, holdout: ImageData, data: ImageData, config: TrainConfig):
