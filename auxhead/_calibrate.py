@@ -1,21 +1,37 @@
-"""Threshold search for `EarlyExit.calibrate`, and the `ExitSummary` it returns.
+"""Threshold search and the Learn-then-Test guarantee behind `EarlyExit.calibrate`.
 
 Everything here works on what one pass over held-out data keeps: each head's score (N, E) and
-whether each exit, then the main output, is right (N, E + 1). No forwards run here.
+whether each exit, then the main output, is right (N, E + 1). No forwards run here, so the
+benchmark can replay thousands of calibrations from cached scores.
+
+The guarantee (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test",
+arXiv 2110.01052). Call a sample *harmed* when the main head is right and the exit it leaves
+at is wrong. The accuracy drop on any data is (harmed - helped) / N <= harmed / N, so the harm
+rate bounds the drop. The calibration data is split at random in two: the *path* part orders
+candidate thresholds from safe to aggressive (the FLOPs-optimal thresholds for harm budgets
+0, 1, 2, ... samples), the *test* part tests each along that order, H0: harm rate > eps, with
+the exact binomial tail; fixed-sequence testing stops at the first failure and keeps the last
+one that passed. Then with probability >= 1 - delta over the draw of the calibration data, the
+harm rate, hence the accuracy drop, on new data exchangeable with it is <= eps. The path and
+the temperatures must not see the test part: that is what the split is for.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
-from dataclasses import asdict, dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from auxhead._flops import FlopProfile
 
-__all__ = ["ExitSummary", "check_targets"]
+__all__ = ["METHODS", "Calibration", "check_targets", "choose_thresholds"]
+
+METHODS = ("ltt", "empirical")
+PATH_SHARE = 0.3  # share of the calibration data that orders the path; the rest tests it
+EXHAUSTIVE_LIMIT = 20_000  # threshold combinations tried exhaustively; beyond, coordinate search
+MAX_PATH = 64  # most path points tested (budgets are thinned beyond)
 
 
 def _is_number(value: object) -> bool:
@@ -35,23 +51,23 @@ def check_targets(
             f"{names[0]} is a fraction in [0, 1] (0.005 is half a point), got {max_accuracy_drop!r}"
         )
     if confidence is not None and (not _is_number(confidence) or not 0.0 < confidence < 1.0):
-        raise ValueError(
-            f"{names[1]} is a probability in (0, 1) such as 0.9 (None: no margin), "
-            f"got {confidence!r}"
-        )
+        raise ValueError(f"{names[1]} is a probability in (0, 1) such as 0.9, got {confidence!r}")
+
+
+# ---- routing by the forward's rule -------------------------------------------------------
 
 
 def _first_true(mask: torch.Tensor) -> torch.Tensor:
-    """(N, E) bool -> (N,) index of the first True in each row, E where there is none."""
-    found = mask.any(dim=1)
-    first = mask.to(torch.uint8).argmax(dim=1)  # argmax gives the first of equal maxima
-    return torch.where(found, first, mask.shape[1])
+    """(..., E) bool -> (...) index of the first True along the last dim, E where there is none."""
+    found = mask.any(dim=-1)
+    first = mask.to(torch.uint8).argmax(dim=-1)  # argmax gives the first of equal maxima
+    return torch.where(found, first, mask.shape[-1])
 
 
 def _leaves(scores: torch.Tensor, thresholds: torch.Tensor | float) -> torch.Tensor:
     """Which samples leave at an exit: a score strictly above the threshold, or a threshold of
-    0 (everyone), never a threshold of 1. Scores (b,) against a float, or (N, E) against (E,);
-    compared in the scores' dtype either way."""
+    0 (everyone), never a threshold of 1. Scores (b,) against a float, or (..., E) against
+    (..., E) thresholds that broadcast; compared in the scores' dtype either way."""
     if isinstance(thresholds, torch.Tensor):
         thresholds = thresholds.to(scores.device, scores.dtype)
     return ((scores > thresholds) | (thresholds <= 0)) & (thresholds < 1)
@@ -63,13 +79,127 @@ def _exit_indices(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tenso
     return _first_true(_leaves(scores, thresholds))
 
 
+# ---- the search: exact over a grid of candidates -----------------------------------------
+
+
 def _candidates(scores: torch.Tensor, limit: int = 64) -> list[float]:
-    """Thresholds worth trying: observed scores (a sample exits above its own score's
-    predecessor), thinned to `limit` quantiles, plus 0 and 1."""
+    """Thresholds worth trying for one exit: the observed scores (a threshold at a score lets
+    exactly the samples above it leave), thinned to `limit` quantiles, plus 0 and 1."""
     values = scores.flatten().unique()  # sorted
     if values.numel() > limit:
         values = values.quantile(torch.linspace(0, 1, limit, dtype=values.dtype))
     return sorted({0.0, 1.0, *values.clamp(0.0, 1.0).tolist()})
+
+
+@dataclass
+class _Stats:
+    """Per threshold vector (M of them): mean FLOPs per sample, and counts over the N samples."""
+
+    thresholds: torch.Tensor  # (M, E)
+    cost: torch.Tensor  # (M,) float64
+    hits: torch.Tensor  # (M,) samples right
+    harms: torch.Tensor  # (M,) samples the main head gets right and the exit wrong
+
+
+class _Judge:
+    """Evaluates batches of threshold vectors on fixed scores and correctness."""
+
+    def __init__(self, scores: torch.Tensor, correct: torch.Tensor, profile: FlopProfile) -> None:
+        self.scores, self.correct = scores, correct
+        self.main = correct[:, -1]
+        n_exits = scores.shape[1]
+        # Exit costs for each on/off pattern of the heads (bit e: head e runs), (2^E, E + 1).
+        patterns = [[bool(p >> e & 1) for e in range(n_exits)] for p in range(2**n_exits)]
+        self.pattern_costs = torch.tensor(
+            [profile.exit_costs(active) for active in patterns], dtype=torch.float64
+        )
+        self.bits = 2 ** torch.arange(n_exits)
+
+    def __call__(self, thresholds: torch.Tensor) -> _Stats:
+        n = self.scores.shape[0]
+        chunk = max(1, 4_000_000 // max(1, n * self.scores.shape[1]))
+        costs, hits, harms = [], [], []
+        for start in range(0, thresholds.shape[0], chunk):
+            block = thresholds[start : start + chunk]  # (m, E)
+            exits = _first_true(_leaves(self.scores[None], block[:, None, :]))  # (m, N)
+            pattern = ((block < 1).long() * self.bits).sum(dim=1)  # (m,)
+            per_sample = self.pattern_costs[pattern].gather(1, exits)  # (m, N)
+            right = self.correct.T.gather(0, exits) if exits.numel() else exits.bool()
+            costs.append(per_sample.mean(dim=1))
+            hits.append(right.sum(dim=1))
+            harms.append((self.main & ~right).sum(dim=1))
+        return _Stats(thresholds, torch.cat(costs), torch.cat(hits), torch.cat(harms))
+
+
+def _best(stats: _Stats, allowed: torch.Tensor, objective: str) -> int | None:
+    """Index of the best allowed vector: least cost (ties: more hits) for "cost", most hits
+    (ties: least cost) for "hits"; None if none is allowed."""
+    if not bool(allowed.any()):
+        return None
+    cost = stats.cost.clone()
+    # Costs within a relative 1e-12 are ties: round them so that the tie-break decides.
+    cost = torch.round(cost / cost.abs().max().clamp_min(1.0) * 1e12)
+    hits = stats.hits.double()
+    keys = (cost, -hits) if objective == "cost" else (-hits, cost)
+    order = torch.arange(len(cost))
+    # lexicographic: sort by the secondary key, then stable-sort by the primary
+    order = order[torch.argsort(keys[1][order], stable=True)]
+    order = order[torch.argsort(keys[0][order], stable=True)]
+    allowed_sorted = allowed[order]
+    return int(order[allowed_sorted.nonzero()[0, 0]])
+
+
+def _grid(per_exit: list[list[float]]) -> torch.Tensor:
+    """Every combination of the per-exit candidates, (M, E)."""
+    axes = [torch.tensor(values, dtype=torch.float64) for values in per_exit]
+    return torch.cartesian_prod(*axes).reshape(-1, len(per_exit))
+
+
+def _optimise(
+    judge: _Judge,
+    per_exit: list[list[float]],
+    rules: Sequence[Callable[[_Stats], torch.Tensor]],
+    objective: str,
+    limit: int,
+) -> list[torch.Tensor | None]:
+    """For each rule (stats -> allowed mask), the best thresholds by `objective`, or None.
+
+    Exhaustive over the grid of per-exit candidates when it has at most `limit` points (exact
+    on that grid); otherwise the best shared threshold, improved one exit at a time."""
+    size = math.prod(len(values) for values in per_exit)
+    if size <= limit:
+        stats = judge(_grid(per_exit))
+        picks = [_best(stats, rule(stats), objective) for rule in rules]
+        return [None if pick is None else stats.thresholds[pick] for pick in picks]
+    shared = sorted({value for values in per_exit for value in values})
+    n_exits = len(per_exit)
+    start_stats = judge(torch.tensor(shared, dtype=torch.float64)[:, None].repeat(1, n_exits))
+    results: list[torch.Tensor | None] = []
+    for rule in rules:
+        pick = _best(start_stats, rule(start_stats), objective)
+        if pick is None:
+            results.append(None)
+            continue
+        best = start_stats.thresholds[pick]
+        for _ in range(10):  # one exit at a time, until nothing improves
+            before = best.clone()
+            for index in range(n_exits):
+                trials = best.repeat(len(per_exit[index]), 1)
+                trials[:, index] = torch.tensor(per_exit[index], dtype=torch.float64)
+                trials = torch.cat([best[None], trials])  # the incumbent first: it wins ties
+                stats = judge(trials)
+                best = trials[_best(stats, rule(stats), objective)]
+            if torch.equal(before, best):
+                break
+        results.append(best)
+    return results
+
+
+def _switch_off_unused(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """An exit no sample leaves at only costs its head: turn it off (nothing else changes)."""
+    n_exits = scores.shape[1]
+    used = _exit_indices(scores, thresholds).bincount(minlength=n_exits + 1)[:n_exits] > 0
+    return torch.where(used, thresholds, 1.0)
 
 
 def _search(
@@ -77,148 +207,327 @@ def _search(
     correct: torch.Tensor,
     profile: FlopProfile,
     drop: float,
-    confidence: float | None = None,
+    *,
+    limit: int = EXHAUSTIVE_LIMIT,
 ) -> tuple[float, ...]:
     """Thresholds with the least mean FLOPs whose accuracy is at most `drop` below the main
-    head's; all 1 (the main head alone) if no exit helps.
-
-    With `confidence`, the drop's one-sided upper confidence bound must be within `drop`
-    too: the mean of the paired per-sample differences (main right - exit right) plus
-    z(confidence) standard errors, the normal approximation to their distribution.
-    """
-    n, n_exits = scores.shape
-    main = correct[:, -1]
+    head's on these samples (ties: the more accurate); all 1 if no exit helps."""
+    n = scores.shape[0]
     # Counted in samples, so the comparison is exact: at most floor(drop * N) fewer correct.
-    need = int(main.sum()) - math.floor(drop * n + 1e-9)
-    z = statistics.NormalDist().inv_cdf(confidence) if confidence is not None else None
+    need = int(correct[:, -1].sum()) - math.floor(drop * n + 1e-9)
+    judge = _Judge(scores, correct, profile)
+    per_exit = [_candidates(scores[:, index]) for index in range(scores.shape[1])]
+    (best,) = _optimise(judge, per_exit, [lambda s: s.hits >= need], "cost", limit)
+    assert best is not None  # all 1 (the main head alone) always meets the drop
+    return tuple(_switch_off_unused(scores, best).tolist())
 
-    def judge(thresholds: torch.Tensor) -> tuple[float, int, bool]:
-        exits = _exit_indices(scores, thresholds)
-        costs = torch.tensor(profile.exit_costs((thresholds < 1).tolist()), dtype=torch.float64)
-        right = correct.gather(1, exits[:, None]).squeeze(1)
-        hits = int(right.sum())
-        allowed = hits >= need
-        if allowed and z is not None:
-            differences = main.to(torch.float64) - right.to(torch.float64)
-            spread = differences.std().item() if n > 1 else math.inf
-            allowed = differences.mean().item() + z * spread / math.sqrt(n) <= drop + 1e-12
-        return costs[exits].mean().item(), hits, allowed
 
-    best = torch.ones(n_exits, dtype=scores.dtype)
-    best_cost, best_hits, _ = judge(best)
+def _budget_search(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    budgets: Sequence[float],
+    *,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> list[torch.Tensor | None]:
+    """For each budget (mean FLOPs per sample), the most accurate thresholds within it (ties:
+    the cheaper); None where nothing fits."""
+    judge = _Judge(scores, correct, profile)
+    per_exit = [_candidates(scores[:, index]) for index in range(scores.shape[1])]
+    rules = [lambda s, b=budget: s.cost <= b * (1 + 1e-12) for budget in budgets]
+    picks = _optimise(judge, per_exit, rules, "hits", limit)
+    return [None if p is None else _switch_off_unused(scores, p) for p in picks]
 
-    def consider(thresholds: torch.Tensor) -> bool:
-        nonlocal best, best_cost, best_hits
-        cost, hits, allowed = judge(thresholds)
-        tie = math.isclose(cost, best_cost, rel_tol=1e-12)
-        if allowed and ((cost < best_cost and not tie) or (tie and hits > best_hits)):
-            best, best_cost, best_hits = thresholds, cost, hits
-            return True
-        return False
 
-    for value in _candidates(scores):  # one threshold shared by every exit
-        consider(torch.full((n_exits,), value, dtype=scores.dtype))
-    per_exit = [_candidates(scores[:, index]) for index in range(n_exits)]
-    for _ in range(10):  # then one exit at a time, until nothing improves
-        improved = False
-        for index in range(n_exits):
-            for value in per_exit[index]:
-                trial = best.clone()
-                trial[index] = value
-                improved = consider(trial) or improved
-        if not improved:
+def _harm_path(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    max_harm: float,
+    *,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> list[torch.Tensor]:
+    """The FLOPs-optimal thresholds for harm budgets 0, 1, 2, ... samples, up to `max_harm`
+    (a rate) of these samples: the path from safe to aggressive, duplicates removed."""
+    n = scores.shape[0]
+    top = max(0, math.ceil(max_harm * n))
+    budgets = (
+        sorted({round(top * i / MAX_PATH) for i in range(MAX_PATH + 1)})
+        if top > MAX_PATH
+        else range(top + 1)
+    )
+    judge = _Judge(scores, correct, profile)
+    per_exit = [_candidates(scores[:, index]) for index in range(scores.shape[1])]
+    rules = [lambda s, b=budget: s.harms <= b for budget in budgets]
+    path: list[torch.Tensor] = []
+    for pick in _optimise(judge, per_exit, rules, "cost", limit):
+        if pick is None:
+            continue
+        pick = _switch_off_unused(scores, pick)
+        if not path or not torch.equal(pick, path[-1]):
+            path.append(pick)
+    return path
+
+
+# ---- p-values and bounds -----------------------------------------------------------------
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) <= k), exact (a log-sum-exp of the probability mass, in float64)."""
+    if k < 0:
+        return 0.0
+    if k >= n or p <= 0.0:
+        return 1.0
+    if p >= 1.0:
+        return 0.0
+    i = torch.arange(k + 1, dtype=torch.float64)
+    log_pmf = (
+        math.lgamma(n + 1)
+        - torch.lgamma(i + 1)
+        - torch.lgamma(n - i + 1)
+        + i * math.log(p)
+        + (n - i) * math.log1p(-p)
+    )
+    return min(1.0, torch.logsumexp(log_pmf, dim=0).exp().item())
+
+
+def binomial_p_value(k: int, n: int, eps: float) -> float:
+    """Valid p-value for H0: rate > eps, having seen k events in n Bernoulli draws: the largest
+    P(Bin(n, p) <= k) over p >= eps, which is at p = eps."""
+    return binomial_cdf(k, n, eps)
+
+
+def binomial_upper_bound(k: int, n: int, delta: float) -> float:
+    """Clopper-Pearson one-sided upper bound on a rate, k events in n draws: the largest p with
+    P(Bin(n, p) <= k) >= delta; the rate is below it with probability >= 1 - delta."""
+    if n == 0 or k >= n:
+        return 1.0
+    low, high = k / n, 1.0
+    for _ in range(60):  # bisection to ~1e-18
+        mid = (low + high) / 2
+        if binomial_cdf(k, n, mid) > delta:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def hoeffding_bentkus_p_value(mean: float, n: int, alpha: float) -> float:
+    """Valid p-value for H0: E[loss] > alpha from the mean of n losses in [0, 1] (Bates et al.
+    2021): min(exp(-n h(min(mean, alpha), alpha)), e * P(Bin(n, alpha) <= ceil(n mean)))."""
+    if alpha >= 1.0:  # a loss in [0, 1] cannot have a mean above 1
+        return 0.0
+    if alpha <= 0.0:  # a loss in [0, 1] with mean > 0 cannot be refuted
+        return 1.0
+
+    def h(a: float, b: float) -> float:  # KL divergence between Bernoulli(a) and Bernoulli(b)
+        out = (1 - a) * math.log((1 - a) / (1 - b))
+        return out + (a * math.log(a / b) if a > 0 else 0.0)
+
+    hoeffding = math.exp(-n * h(min(mean, alpha), alpha))
+    bentkus = math.e * binomial_cdf(math.ceil(n * mean - 1e-9), n, alpha)
+    return min(1.0, hoeffding, bentkus)
+
+
+def fixed_sequence(p_values: Sequence[float], delta: float) -> int:
+    """How many hypotheses fixed-sequence testing rejects at level delta: it walks them in
+    order and stops at the first p-value above delta (family-wise error <= delta)."""
+    passed = 0
+    for p in p_values:
+        if p > delta:
             break
-    # An exit no sample leaves at only costs its head: turn it off (nothing else changes).
-    used = _exit_indices(scores, best).bincount(minlength=n_exits + 1)[:n_exits] > 0
-    return tuple(torch.where(used, best, 1.0).tolist())
+        passed += 1
+    return passed
 
 
-def _si(flops: float) -> str:
-    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if flops >= factor:
-            return f"{flops / factor:.2f}{unit}"
-    return f"{flops:.0f}"
+# ---- temperature scaling -----------------------------------------------------------------
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017), (N, K)
+    logits; a golden-section search on 1 / T in [0.02, 50] (the NLL is convex in 1 / T)."""
+    logits, targets = logits.double(), targets.long()
+
+    def nll(beta: float) -> float:
+        return torch.nn.functional.cross_entropy(logits * beta, targets).item()
+
+    low, high = math.log(0.02), math.log(50.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(math.exp(a)), nll(math.exp(b))
+    for _ in range(60):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(math.exp(b))
+    return 1.0 / math.exp((low + high) / 2)
+
+
+# ---- the whole calibration ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ExitSummary:
-    """How the early exits do on a data set; `print()` shows a table, `as_dict()` a dict."""
+class Calibration:
+    """What `choose_thresholds` decided, and the evidence for it."""
 
-    exits: list[str]  # the taps in `at` order, then "main"
-    thresholds: list[float]  # one per tap; 1 means the exit is off
-    criterion: str
-    samples: int
-    accuracy: float  # with early exits
-    main_accuracy: float  # the main head alone
-    max_accuracy_drop: float | None  # the calibration target; None from `evaluate`
-    fallback: bool  # calibration found no usable exit: every sample goes to the main head
-    share: list[float]  # share of the samples leaving at each exit (sums to 1)
-    exit_accuracy: list[float | None]  # accuracy of the samples leaving there; None: none did
-    flops: list[int]  # per-sample FLOPs of leaving at each exit, heads run on the way included
-    mean_flops: float  # per sample, with early exits
-    full_flops: int  # per sample, the wrapped model alone
-    oracle_flops: float  # per sample, exiting at the first correct head, running only that head
-    oracle_accuracy: float  # share of samples some exit gets right
-    seconds_per_sample: float | None  # wall-clock with early exits; None if not timed
-    full_seconds_per_sample: float | None  # wall-clock of the wrapped model alone
-    confidence: float | None = None  # calibration: the drop's bound held at this confidence
+    thresholds: tuple[float, ...]
+    temperatures: tuple[float, ...]  # per head: its scores come from logits / T
+    method: str  # "ltt" or "empirical"
+    target: str  # "drop" (max_accuracy_drop) or "flops" (max_flops)
+    fallback: bool  # nothing usable: every sample goes to the main head
+    confidence: float | None  # ltt: 1 - delta
+    bound: float | None  # ltt: the (1 - delta) upper bound the test used (harm rate or FLOPs share)
+    path_samples: int  # samples that ordered the path (and fitted the temperatures)
+    test_samples: int  # samples that tested it (ltt)
+    path_length: int  # threshold vectors on the path
+    passed: int  # of them that passed the test in sequence
 
-    @property
-    def saving(self) -> float:
-        """Share of the full model's FLOPs the early exits save."""
-        return 1.0 - self.mean_flops / self.full_flops if self.full_flops else 0.0
 
-    @property
-    def oracle_saving(self) -> float:
-        """Share of the full model's FLOPs saved by exiting at the first correct head."""
-        return 1.0 - self.oracle_flops / self.full_flops if self.full_flops else 0.0
+def _split(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = min(n - 1, max(1, round(share * n)))
+    return order[:cut], order[cut:]
 
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "saving": self.saving, "oracle_saving": self.oracle_saving}
 
-    def __str__(self) -> str:
-        rows = [("exit", "threshold", "share", "accuracy", "FLOPs/sample")]
-        for index, name in enumerate(self.exits):
-            threshold = self.thresholds[index] if index < len(self.thresholds) else None
-            accuracy = self.exit_accuracy[index]
-            rows.append(
-                (
-                    name,
-                    "-" if threshold is None else "off" if threshold >= 1 else f"{threshold:.4f}",
-                    f"{self.share[index]:.1%}",
-                    "-" if accuracy is None else f"{accuracy:.2%}",
-                    _si(self.flops[index]),
-                )
-            )
-        widths = [max(len(row[c]) for row in rows) for c in range(5)]
-        lines = [
-            "  ".join(
-                cell.ljust(w) if c == 0 else cell.rjust(w)
-                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
-            )
-            for row in rows
-        ]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(0, f"early exits on {self.samples} samples (criterion: {self.criterion})")
-        target = ""
-        if self.max_accuracy_drop is not None:
-            target = f", allowed drop {self.max_accuracy_drop:.2%}"
-            if self.confidence is not None:
-                target += f" at {self.confidence:.0%} confidence"
-        lines.append(
-            f"accuracy {self.accuracy:.2%} (main head alone {self.main_accuracy:.2%}{target})"
+def choose_thresholds(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    *,
+    max_accuracy_drop: float | None = 0.005,
+    max_flops: float | None = None,
+    confidence: float = 0.9,
+    method: str = "ltt",
+    logits: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+    path_share: float = PATH_SHARE,
+    seed: int = 0,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> Calibration:
+    """Pick thresholds from one pass's scores (N, E) and correctness (N, E + 1).
+
+    Args:
+        max_accuracy_drop: the accuracy the exits may lose against the main head; with "ltt",
+            held with probability >= `confidence` on new exchangeable data.
+        max_flops: instead of a drop, a compute budget as a share of the full model's FLOPs:
+            the most accurate thresholds whose mean FLOPs stay within it (with "ltt", with
+            probability >= `confidence`).
+        confidence: 1 - delta, for "ltt".
+        method: "ltt" (the guarantee) or "empirical" (met on these samples only).
+        logits, targets, score_fn: (N, E, K) head logits, (N,) labels and the criterion
+            (logits, T) -> scores, to fit one temperature per head; the scores are then
+            score_fn(logits, T).
+        path_share: share of the samples that order the path (and fit temperatures) in "ltt".
+        seed: the random split.
+        limit: most threshold combinations searched exhaustively.
+    """
+    n, n_exits = scores.shape
+    guaranteed = method == "ltt"
+    if guaranteed:
+        path_rows, test_rows = _split(n, path_share, seed)
+    else:
+        path_rows = test_rows = torch.arange(n)
+    temperatures = (1.0,) * n_exits
+    if logits is not None:
+        assert targets is not None and score_fn is not None
+        temperatures = tuple(
+            fit_temperature(logits[path_rows, e], targets[path_rows]) for e in range(n_exits)
         )
-        lines.append(
-            f"FLOPs/sample {_si(self.mean_flops)}: {self.saving:.1%} saved vs the full model "
-            f"({_si(self.full_flops)}); the oracle saves {self.oracle_saving:.1%} "
-            f"({_si(self.oracle_flops)}, accuracy {self.oracle_accuracy:.2%})"
+        scores = torch.stack(
+            [score_fn(logits[:, e], temperatures[e]) for e in range(n_exits)], dim=1
         )
-        if self.seconds_per_sample is not None and self.full_seconds_per_sample is not None:
-            speedup = self.full_seconds_per_sample / max(self.seconds_per_sample, 1e-12)
-            lines.append(
-                f"wall-clock/sample {self.seconds_per_sample * 1e3:.3f} ms vs "
-                f"{self.full_seconds_per_sample * 1e3:.3f} ms for the full model ({speedup:.2f}x)"
-            )
-        if self.fallback:
-            lines.append("no exit met the accuracy target: every sample goes to the main head")
-        return "\n".join(line.rstrip() for line in lines)
+    scores = scores.double()
+    main = correct[:, -1]
+    off = torch.ones(n_exits, dtype=torch.float64)
+
+    def result(thresholds: torch.Tensor, **fields) -> Calibration:
+        values = tuple(float(t) for t in thresholds.tolist())
+        fields.setdefault("fallback", all(t >= 1.0 for t in values))
+        return Calibration(
+            thresholds=values,
+            temperatures=temperatures,
+            method=method,
+            target="flops" if max_flops is not None else "drop",
+            confidence=confidence if guaranteed else None,
+            path_samples=len(path_rows),
+            test_samples=len(test_rows) if guaranteed else 0,
+            **fields,
+        )
+
+    if max_flops is not None:
+        budget = max_flops * profile.full
+        if not guaranteed:
+            (pick,) = _budget_search(scores, correct, profile, [budget], limit=limit)
+            picked = off if pick is None else pick
+            return result(picked, bound=None, path_length=1, passed=int(pick is not None),
+                          fallback=pick is None)  # fmt: skip
+        # Path from cheap (safe for the budget) to accurate: the most accurate thresholds for
+        # growing budgets on the path part; the test part holds the mean FLOPs share to the
+        # budget with Hoeffding-Bentkus on the per-sample cost rescaled to [0, 1].
+        p_scores, p_correct = scores[path_rows], correct[path_rows]
+        budgets = [budget * (0.5 + i / 40) for i in range(41)]  # 50% to 150% of the budget
+        path = [p for p in _budget_search(p_scores, p_correct, profile, budgets, limit=limit)
+                if p is not None]  # fmt: skip
+        path = [p for i, p in enumerate(path) if i == 0 or not torch.equal(p, path[i - 1])]
+        judge = _Judge(scores[test_rows], correct[test_rows], profile)
+        low = float(judge.pattern_costs.min())
+        high = float(judge.pattern_costs.max())
+        span = max(high - low, 1e-12)
+        alpha = (budget - low) / span
+        p_values = []
+        for thresholds in path:
+            mean = (float(judge(thresholds[None]).cost[0]) - low) / span
+            p_values.append(hoeffding_bentkus_p_value(mean, len(test_rows), alpha))
+        passed = fixed_sequence(p_values, 1 - confidence)
+        if passed == 0:
+            return result(off, bound=None, path_length=len(path), passed=0, fallback=True)
+        chosen = path[passed - 1]
+        mean = (float(judge(chosen[None]).cost[0]) - low) / span
+        bound = _hb_upper_bound(mean, len(test_rows), 1 - confidence) * span + low
+        return result(chosen, bound=bound / profile.full, path_length=len(path), passed=passed)
+
+    assert max_accuracy_drop is not None
+    if not guaranteed:
+        return result(
+            torch.tensor(_search(scores, correct, profile, max_accuracy_drop, limit=limit)),
+            bound=None, path_length=1, passed=1,
+        )  # fmt: skip
+    # Learn then Test: order on the path part, test harm <= eps on the test part.
+    p_scores, p_correct = scores[path_rows], correct[path_rows]
+    # Beyond eps on the path part, a point could still pass on the test part: go to 2 eps.
+    path = _harm_path(p_scores, p_correct, profile, 2 * max_accuracy_drop, limit=limit)
+    t_scores, t_main = scores[test_rows], main[test_rows]
+    t_correct = correct[test_rows]
+    m = len(test_rows)
+    harms = []
+    for thresholds in path:
+        exits = _exit_indices(t_scores, thresholds)
+        right = t_correct.gather(1, exits[:, None]).squeeze(1)
+        harms.append(int((t_main & ~right).sum()))
+    p_values = [binomial_p_value(k, m, max_accuracy_drop) for k in harms]
+    passed = fixed_sequence(p_values, 1 - confidence)
+    # A path point that routes everyone to the main head has no harm and saves nothing.
+    if passed == 0 or bool((path[passed - 1] >= 1).all()):
+        return result(off, bound=0.0 if passed else None, path_length=len(path), passed=passed,
+                      fallback=True)  # fmt: skip
+    bound = binomial_upper_bound(harms[passed - 1], m, 1 - confidence)
+    return result(path[passed - 1], bound=bound, path_length=len(path), passed=passed)
+
+
+def _hb_upper_bound(mean: float, n: int, delta: float) -> float:
+    """The smallest alpha whose Hoeffding-Bentkus p-value is <= delta (bisection)."""
+    low, high = mean, 1.0
+    if hoeffding_bentkus_p_value(mean, n, high) > delta:
+        return 1.0
+    for _ in range(50):
+        mid = (low + high) / 2
+        if hoeffding_bentkus_p_value(mean, n, mid) <= delta:
+            high = mid
+        else:
+            low = mid
+    return high

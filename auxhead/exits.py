@@ -14,24 +14,16 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from auxhead._calibrate import (
-    ExitSummary,
-    _exit_indices,
-    _first_true,
-    _leaves,
-    _search,
-    check_targets,
-)
-from auxhead._flops import MAIN, FlopProfile, flop_profile
+from auxhead._calibrate import METHODS, _leaves, check_targets, choose_thresholds
+from auxhead._exit_summary import ExitSummary, collect, summarise
+from auxhead._flops import MAIN
 from auxhead._probe import eval_mode, resolve
 from auxhead._spread import per_name
 from auxhead._stages import NotStageable, Plan, cut
@@ -162,6 +154,7 @@ class EarlyExit(nn.Module):
         self.aux_model = aux_model
         self.criterion = criterion if isinstance(criterion, str) else "custom"
         self.thresholds = thresholds
+        self.temperatures = None
         self.last_exits: torch.Tensor | None = None
         self.summary: ExitSummary | None = None
         self._plan: Plan | None = None
@@ -203,15 +196,40 @@ class EarlyExit(nn.Module):
     def thresholds(self, value: float | list[float] | Mapping[str, float] | None) -> None:
         self._thresholds = _check_thresholds(value, self.taps)
 
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """One temperature per tap, in `at` order: a head's score is the criterion of its
+        logits / T (the logits it answers with are its own). `calibrate(temperature=True)`
+        fits them; assign a list, a dict by name, a number, or None (all 1)."""
+        return self._temperatures
+
+    @temperatures.setter
+    def temperatures(self, value: float | list[float] | Mapping[str, float] | None) -> None:
+        if value is None:
+            self._temperatures = (1.0,) * len(self.taps)
+            return
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        values = list(per_name(value, self.taps, "temperatures", "exits").values())
+        for tap, t in zip(self.taps, values, strict=True):
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+                raise ValueError(f"temperature for {tap!r} must be a number > 0, got {t!r}")
+        self._temperatures = tuple(float(t) for t in values)
+
     def get_extra_state(self) -> dict[str, Any]:
-        # Calibrated thresholds travel with the state_dict.
-        return {"thresholds": list(self._thresholds)}
+        # Calibrated thresholds and temperatures travel with the state_dict.
+        return {"thresholds": list(self._thresholds), "temperatures": list(self._temperatures)}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.thresholds = state["thresholds"]
+        self.temperatures = state.get("temperatures")
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, criterion={self.criterion!r}, thresholds={self.thresholds}"
+        scaled = "" if set(self.temperatures) == {1.0} else f", temperatures={self.temperatures}"
+        return (
+            f"mode={self.mode!r}, criterion={self.criterion!r}, "
+            f"thresholds={self.thresholds}{scaled}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, ...) inputs -> (B, K) logits, each sample's from its exit; sets `last_exits`."""
@@ -228,11 +246,12 @@ class EarlyExit(nn.Module):
     def _exit_here(self, index: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's logits (b, K) and which of the b samples exit at tap `index` (b,)."""
         logits = self.aux_model.head(self.taps[index])(features)
-        return logits, _leaves(self._scores(logits), self._thresholds[index])
+        scores = self._scores(logits, self._temperatures[index])
+        return logits, _leaves(scores, self._thresholds[index])
 
-    def _scores(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, K) logits -> (B,) scores by the criterion."""
-        scores = self._score(logits)
+    def _scores(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(B, K) logits -> (B,) scores by the criterion, of logits / temperature."""
+        scores = self._score(logits if temperature == 1.0 else logits / temperature)
         if not isinstance(scores, torch.Tensor) or scores.shape != logits.shape[:1]:
             got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
             raise ValueError(
@@ -339,66 +358,132 @@ class EarlyExit(nn.Module):
     def calibrate(
         self,
         data: Iterable[Any],
-        max_accuracy_drop: float = 0.005,
+        max_accuracy_drop: float | None = None,
         *,
-        confidence: float | None = None,
+        confidence: float | None = 0.9,
+        method: str = "ltt",
+        max_flops: float | None = None,
+        temperature: bool = False,
         timing_batches: int = 8,
+        seed: int = 0,
     ) -> ExitSummary:
-        """Choose the thresholds that minimise the expected FLOPs per sample while keeping the
-        accuracy within `max_accuracy_drop` of the main head's, on held-out data.
+        """Choose the thresholds that save the most FLOPs while the accuracy drop against the
+        main head stays within `max_accuracy_drop` on new data, with probability at least
+        `confidence` (or, with `max_flops`, the most accurate ones within a compute budget).
 
         One pass runs every head and the main output on `data` and keeps each exit's score and
-        correctness; the search then needs no more forwards. It tries one threshold shared by
-        all exits, then improves the thresholds one exit at a time (each over up to 64
-        candidates taken from the observed scores) while the accuracy stays within the drop.
-        The cost of an exit counts the heads that run before it, so a head that would save
-        too little is turned off (threshold 1). The summary's numbers are measured on `data`
-        itself: evaluate on a separate test set for unbiased ones.
+        correctness; the search then needs no more forwards. The cost of an exit counts the
+        heads that run before it, so a head that saves too little is turned off (threshold 1).
 
-        The search picks the cheapest thresholds that just meet the drop on `data`, so on new
-        data the drop is as often above the target as below, and more so on small calibration
-        sets. `confidence` asks for a margin: the drop's upper confidence bound, from the
-        standard error of the per-sample differences to the main head, must meet the target.
+        method="ltt" (the default) gives a distribution-free, finite-sample guarantee by
+        Learn then Test (Angelopoulos et al. 2021): `data` is split at random, 30% to order
+        candidate thresholds from safe to aggressive (the FLOPs-optimal ones for growing
+        numbers of harmed samples: main head right, exit wrong), 70% to test them in that
+        order with an exact binomial test at level 1 - confidence, stopping at the first that
+        fails. Then with probability >= `confidence` over the draw of `data`, the share of new
+        samples the exits harm, which bounds the accuracy drop, is at most
+        `max_accuracy_drop`. It assumes that `data` is exchangeable with the data served (for
+        example a random held-out part of the same distribution), and it counts only harm, not
+        the samples an exit gets right where the main head is wrong, so the measured drop is
+        usually well below the target. method="empirical" just meets the drop on `data`
+        itself: cheaper thresholds, and on new data the drop is over the target about as often
+        as not.
 
         Args:
             data: an iterable of `(inputs, targets)` batches with class-index targets, such as
-                a torch or fastai validation DataLoader.
+                a torch or fastai validation DataLoader; held-out data, never trained on.
             max_accuracy_drop: the accuracy the exits may lose against the main head, as a
-                fraction (0.005 is half a percentage point).
-            confidence: None to hold the drop on `data` itself; a probability such as 0.9 to
-                hold it with that one-sided confidence (normal approximation), which keeps
-                fewer samples at the exits.
+                fraction (0.005 is half a percentage point). Default 0.005, unless `max_flops`
+                is given.
+            confidence: the probability, over the draw of `data`, that the target holds on
+                new data ("ltt" only; None: the default, 0.9).
+            method: "ltt" (guaranteed) or "empirical" (met on `data` only).
+            max_flops: a compute budget instead of a drop, as a share of the full model's
+                FLOPs per sample (0.4: 40%): the most accurate thresholds whose mean FLOPs stay
+                within it; with "ltt", on new data with probability >= `confidence`
+                (Hoeffding-Bentkus test of the mean cost).
+            temperature: fit one temperature per head (the NLL of softmax(logits / T) on the
+                path part of `data`, all of it with "empirical") before choosing the
+                thresholds; scores then come from the scaled logits.
             timing_batches: how many of the first batches to keep for timing the early exit
                 against the full model after the search; 0 skips the timing.
+            seed: the random split of `data` ("ltt").
 
         Returns:
-            An `ExitSummary`, also kept as `self.summary`; the thresholds are set.
+            An `ExitSummary` on all of `data` (also kept as `self.summary`), with the bound
+            the test held and the observed drop with its interval; the thresholds (and
+            temperatures) are set. Evaluate on a separate test set for unbiased numbers.
 
         Raises:
             ValueError: batches without labels, targets that are not class indices, empty data,
-                a drop outside [0, 1], or a confidence outside (0, 1).
+                a drop outside [0, 1], a confidence outside (0, 1), an unknown method, or both
+                a drop and a budget.
 
         Warns:
-            UserWarning: when no exit can be used within the drop; every sample then goes to
-                the main head (thresholds 1).
+            UserWarning: when no thresholds meet the target; every sample then goes to the
+                main head (thresholds 1).
+
+        Example:
+            >>> early = auxhead.EarlyExit(aux_model)
+            >>> summary = early.calibrate(valid_dl, max_accuracy_drop=0.005, confidence=0.9)
+            >>> summary.saving, summary.bound  # FLOPs saved on valid_dl, the tested bound
+            >>> early.calibrate(valid_dl, max_flops=0.4)  # best accuracy at 40% of the FLOPs
         """
-        check_targets(max_accuracy_drop, confidence)
-        seen = self._collect(data, timing_batches)
-        thresholds = _search(seen.scores, seen.correct, seen.profile, max_accuracy_drop, confidence)
-        fallback = all(threshold >= 1.0 for threshold in thresholds)
-        if fallback:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        if max_flops is not None:
+            if max_accuracy_drop is not None:
+                raise ValueError(
+                    "give either max_accuracy_drop or max_flops, not both: max_flops picks "
+                    "the most accurate thresholds within the compute budget"
+                )
+            if isinstance(max_flops, bool) or not isinstance(max_flops, (int, float)):
+                raise ValueError(f"max_flops is a share of the full FLOPs, got {max_flops!r}")
+            if not 0.0 < max_flops <= 10.0:
+                raise ValueError(
+                    f"max_flops is a share of the full model's FLOPs such as 0.4, got {max_flops!r}"
+                )
+        elif max_accuracy_drop is None:
+            max_accuracy_drop = 0.005
+        confidence = 0.9 if confidence is None else confidence
+        check_targets(0.0 if max_accuracy_drop is None else max_accuracy_drop, confidence)
+        seen = collect(self, data, timing_batches, keep_logits=temperature)
+        choice = choose_thresholds(
+            seen.scores,
+            seen.correct,
+            seen.profile,
+            max_accuracy_drop=max_accuracy_drop,
+            max_flops=max_flops,
+            confidence=confidence,
+            method=method,
+            logits=seen.logits,
+            targets=seen.targets,
+            score_fn=self._scores if temperature else None,
+            seed=seed,
+        )
+        if choice.fallback:
             main_accuracy = seen.correct[:, -1].float().mean().item()
-            margin = "" if confidence is None else f" at {confidence:.0%} confidence"
-            remedy = "" if confidence is None else ", a lower confidence or more data"
+            if max_flops is not None:
+                target = f"no exit keeps the mean FLOPs within max_flops={max_flops}"
+                remedy = "allow more FLOPs"
+            else:
+                target = (
+                    f"no exit keeps the accuracy within max_accuracy_drop={max_accuracy_drop} "
+                    f"of the main head's {main_accuracy:.2%} while saving FLOPs"
+                )
+                remedy = "allow a larger drop"
+            margin = "" if method == "empirical" else f" at {confidence:.0%} confidence"
+            extra = "" if method == "empirical" else ", a lower confidence or more data"
             warnings.warn(
-                f"no exit keeps the accuracy within max_accuracy_drop={max_accuracy_drop} of "
-                f"the main head's {main_accuracy:.2%}{margin} while saving FLOPs, so every "
-                "sample goes to the main head (thresholds 1). Train the heads longer or allow "
-                f"a larger drop{remedy}.",
+                f"{target}{margin}, so every sample goes to the main head (thresholds 1). "
+                f"Train the heads longer, {remedy}{extra}.",
                 stacklevel=2,
             )
-        self.thresholds = list(thresholds)
-        self.summary = self._summarise(seen, max_accuracy_drop, fallback, confidence)
+        self.thresholds = list(choice.thresholds)
+        self.temperatures = list(choice.temperatures)
+        self.summary = summarise(
+            self, seen, drop=max_accuracy_drop, calibration=choice, max_flops=max_flops
+        )
         logger.info("calibrated early exits\n%s", self.summary)
         return self.summary
 
@@ -406,134 +491,6 @@ class EarlyExit(nn.Module):
         """The `ExitSummary` of the current thresholds on `data` (e.g. a test set after
         `calibrate` on a validation set), without changing them. Arguments as in `calibrate`.
         """
-        self.summary = self._summarise(self._collect(data, timing_batches), None, False)
+        scaled = any(t != 1.0 for t in self.temperatures)
+        self.summary = summarise(self, collect(self, data, timing_batches, keep_logits=scaled))
         return self.summary
-
-    def _collect(self, data: Iterable[Any], timing_batches: int) -> _Seen:
-        taps, aux_model = self.taps, self.aux_model
-        device = next(aux_model.parameters(), torch.empty(0)).device
-        scores, correct, kept = [], [], []
-        first: torch.Tensor | None = None
-        with eval_mode(aux_model), torch.no_grad(), aux_model.heads_enabled():
-            try:
-                for batch in data:
-                    inputs, targets = _split_batch(batch)
-                    inputs, targets = inputs.to(device), targets.to(device)
-                    main = aux_model(inputs)
-                    missing = [tap for tap in taps if tap not in aux_model.aux_outputs]
-                    if missing:
-                        raise ValueError(f"taps {missing} did not run on the calibration inputs")
-                    heads = [aux_model.aux_outputs[tap] for tap in taps]
-                    pairs = zip([*heads, main], self.exit_names, strict=True)
-                    logits = [self._like(out, heads[0], name) for out, name in pairs]  # (B, K)
-                    if targets.shape[0] != main.shape[0]:
-                        raise ValueError(
-                            f"a batch has {main.shape[0]} inputs but {targets.shape[0]} targets"
-                        )
-                    scores.append(torch.stack([self._scores(h) for h in heads], dim=1).cpu())
-                    hits = [out.argmax(dim=-1) == targets for out in logits]
-                    correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
-                    first = inputs[:1] if first is None else first
-                    if len(kept) < timing_batches:
-                        kept.append(inputs)
-            finally:
-                aux_model.clear_aux()
-        if first is None:
-            raise ValueError("the calibration data yielded no batches")
-        return _Seen(
-            scores=torch.cat(scores),
-            correct=torch.cat(correct),
-            profile=flop_profile(aux_model, first),
-            timing_inputs=kept,
-        )
-
-    def _summarise(
-        self,
-        seen: _Seen,
-        drop: float | None,
-        fallback: bool,
-        confidence: float | None = None,
-    ) -> ExitSummary:
-        n_exits = len(self.taps)
-        thresholds = torch.tensor(self._thresholds)
-        exits = _exit_indices(seen.scores, thresholds)  # (N,)
-        costs = seen.profile.exit_costs((thresholds < 1).tolist())
-        oracle = _first_true(seen.correct[:, :n_exits])  # (N,)
-        oracle_costs = seen.profile.direct_costs()
-        hit = seen.correct.gather(1, exits[:, None]).squeeze(1)
-        share, exit_accuracy = [], []
-        for index in range(n_exits + 1):
-            here = exits == index
-            share.append(here.float().mean().item())
-            exit_accuracy.append(hit[here].float().mean().item() if here.any() else None)
-        seconds = full_seconds = None
-        if seen.timing_inputs:
-            seconds = _seconds_per_sample(self, seen.timing_inputs)
-            with eval_mode(self.aux_model), torch.no_grad():
-                full_seconds = _seconds_per_sample(self.aux_model.model, seen.timing_inputs)
-        return ExitSummary(
-            exits=self.exit_names,
-            thresholds=list(self._thresholds),
-            criterion=self.criterion,
-            samples=len(exits),
-            accuracy=hit.float().mean().item(),
-            main_accuracy=seen.correct[:, -1].float().mean().item(),
-            max_accuracy_drop=drop,
-            fallback=fallback,
-            share=share,
-            exit_accuracy=exit_accuracy,
-            flops=costs,
-            mean_flops=torch.tensor(costs, dtype=torch.float64)[exits].mean().item(),
-            full_flops=seen.profile.full,
-            oracle_flops=torch.tensor(oracle_costs, dtype=torch.float64)[oracle].mean().item(),
-            oracle_accuracy=seen.correct.any(dim=1).float().mean().item(),
-            seconds_per_sample=seconds,
-            full_seconds_per_sample=full_seconds,
-            confidence=confidence,
-        )
-
-
-@dataclass
-class _Seen:
-    """What one pass over the calibration data keeps."""
-
-    scores: torch.Tensor  # (N, E) each head's score, by the criterion
-    correct: torch.Tensor  # (N, E + 1) bool: each head, then the main output, is right
-    profile: FlopProfile
-    timing_inputs: list[torch.Tensor]
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        got = type(batch).__name__
-        got += f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
-        raise ValueError(
-            f"calibration needs labelled batches (inputs, targets), got a {got}. "
-            "Pass a DataLoader over (input, label) pairs, such as the validation DataLoader."
-        )
-    inputs, targets = batch
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"EarlyExit takes one input tensor per batch, got {type(inputs).__name__}")
-    targets = torch.as_tensor(targets).as_subclass(torch.Tensor)  # drop fastai's subclasses
-    if targets.dim() != 1 or targets.is_floating_point():
-        raise ValueError(
-            f"targets must be class indices of shape (B,), got {targets.dtype} of shape "
-            f"{tuple(targets.shape)}"
-        )
-    return inputs, targets
-
-
-def _seconds_per_sample(model: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> float:
-    """Wall-clock seconds per sample of `model` over `batches`, after one warm-up call."""
-
-    def sync() -> None:
-        if batches[0].is_cuda:
-            torch.cuda.synchronize(batches[0].device)
-
-    model(batches[0])
-    sync()
-    start = time.perf_counter()
-    for batch in batches:
-        model(batch)
-    sync()
-    return (time.perf_counter() - start) / sum(batch.shape[0] for batch in batches)

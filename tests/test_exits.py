@@ -341,7 +341,9 @@ GROUPS = [
 
 def test_calibrate_finds_the_cheapest_thresholds_within_the_drop():
     early = EarlyExit(pass_through(depth=4))
-    summary = early.calibrate(_calibration_data(GROUPS), max_accuracy_drop=0.0, timing_batches=2)
+    summary = early.calibrate(
+        _calibration_data(GROUPS), max_accuracy_drop=0.0, method="empirical", timing_batches=2
+    )
     # A leaves at exit 0, B at exit 1, C reaches main; nothing cheaper keeps 100%:
     # (4 * 96 + 4 * 192 + 2 * 360) / 10 = 187.2 (head 1 alone: 201.6, head 0 alone: 240)
     assert summary is early.summary
@@ -367,7 +369,9 @@ def test_calibrate_finds_the_cheapest_thresholds_within_the_drop():
 
 def test_calibrate_with_a_large_drop_sends_everyone_to_the_first_exit():
     early = EarlyExit(pass_through(depth=4))
-    summary = early.calibrate(_calibration_data(GROUPS), max_accuracy_drop=1.0, timing_batches=0)
+    summary = early.calibrate(
+        _calibration_data(GROUPS), max_accuracy_drop=1.0, method="empirical", timing_batches=0
+    )
     assert early.thresholds == (0.0, 1.0)  # exit 1 is unused, so its head is off
     assert summary.share == [1.0, 0.0, 0.0]
     assert summary.mean_flops == 96
@@ -386,24 +390,74 @@ def test_calibrate_falls_back_to_the_main_head_with_a_warning():
     assert "every sample goes to the main head" in str(summary)
 
 
-def test_calibrate_with_confidence_keeps_a_margin():
-    # 96 samples head 0 gets right with confidence 0.9; 4 it gets wrong with confidence 0.6
-    # (head 1 too), which the main head gets right.
-    groups = [(96, 0.9, True, 0.9, True, True), (4, 0.6, False, 0.6, False, True)]
+def test_calibrate_guarantees_the_drop_by_learn_then_test():
+    # 900 samples head 0 gets right at 0.9; 100 it gets wrong at 0.6, which head 1 gets right
+    # at 0.8; the main head right on all. 300 order the path, 700 test it.
+    groups = [(900, 0.9, True, 0.9, True, True), (100, 0.6, False, 0.8, True, True)]
     early = EarlyExit(pass_through(depth=4))
-    # A drop of 4 points allows sending everyone to exit 0: exactly 4 fewer correct.
-    point = early.calibrate(_calibration_data(groups), max_accuracy_drop=0.04, timing_batches=0)
-    assert point.share == [1.0, 0.0, 0.0] and point.accuracy == pytest.approx(0.96)
-    # At 90% confidence the bound is 0.04 + z(0.9) * std(D) / sqrt(100), with D the per-sample
-    # differences main right - exit right (four 1s, 96 0s): 0.04 + 1.2816 * 0.1969 / 10 > 0.04.
-    # Only letting the sure 96 leave at exit 0 (D all 0, bound 0) is allowed.
-    sure = early.calibrate(
-        _calibration_data(groups), max_accuracy_drop=0.04, confidence=0.9, timing_batches=0
+    summary = early.calibrate(
+        _calibration_data(groups, batch_size=100), max_accuracy_drop=0.05, timing_batches=0
     )
-    assert 0.6 - 1e-6 <= early.thresholds[0] < 0.9 and early.thresholds[1] == 1.0
-    assert sure.share == pytest.approx([0.96, 0.0, 0.04]) and sure.accuracy == 1.0
-    assert sure.confidence == 0.9 and "at 90% confidence" in str(sure)
-    assert point.confidence is None and "% confidence" not in str(point)
+    # Sending everyone to exit 0 harms 10% > 5%: the test refuses it; the sure ones leave at
+    # 0, the others at 1, harming none: the bound is Clopper-Pearson's for 0 of 700.
+    assert 0.6 - 1e-6 <= early.thresholds[0] < 0.9 and early.thresholds[1] < 0.8
+    assert summary.share == pytest.approx([0.9, 0.1, 0.0])
+    assert summary.method == "ltt" and summary.confidence == 0.9
+    assert summary.calibration_samples == (300, 700)
+    assert summary.bound == pytest.approx(1 - 0.1 ** (1 / 700), rel=1e-6)
+    assert summary.drop == 0.0 and summary.harm == 0.0 and summary.drop_interval == (0.0, 0.0)
+    text = str(summary)
+    assert "with 90% confidence on new data exchangeable with these" in text
+    assert "path from 300 samples, tested on 700" in text
+    # The empirical fit sends everyone to exit 0: exactly the 5% drop on these samples.
+    point = early.calibrate(
+        _calibration_data(groups, batch_size=100),
+        max_accuracy_drop=0.1,
+        method="empirical",
+        timing_batches=0,
+    )
+    assert point.share == [1.0, 0.0, 0.0] and point.drop == pytest.approx(0.1)
+    assert point.harm == pytest.approx(0.1) and point.bound is None
+    low, high = point.drop_interval  # 0.1 +- 1.96 * sd / sqrt(1000), sd of 100 ones in 1000
+    half = 1.959964 * math.sqrt(0.1 * 0.9 * 1000 / 999) / math.sqrt(1000)
+    assert (low, high) == pytest.approx((0.1 - half, 0.1 + half), rel=1e-5)
+    assert "met on these samples (empirical: no guarantee on new data)" in str(point)
+
+
+def test_calibrate_within_a_flops_budget():
+    # full model 312 FLOPs; a budget of 50% (156) allows 80% accuracy at best (C, which only
+    # the main head gets right, cannot reach it): A leaves at exit 0 (96), B and C at exit 1
+    # (192), 153.6 FLOPs; or, cheaper for the same 80%, A and C at exit 0, B at exit 1: 134.4.
+    early = EarlyExit(pass_through(depth=4))
+    summary = early.calibrate(
+        _calibration_data(GROUPS), max_flops=0.5, method="empirical", timing_batches=0
+    )
+    assert summary.mean_flops == pytest.approx(134.4) and summary.accuracy == pytest.approx(0.8)
+    assert summary.max_flops == 0.5 and "at most 50% of the full model's FLOPs" in str(summary)
+    with pytest.raises(ValueError, match="either max_accuracy_drop or max_flops"):
+        early.calibrate(_calibration_data(GROUPS), 0.01, max_flops=0.5)
+    with pytest.raises(ValueError, match="max_flops is a share of the full model's FLOPs"):
+        early.calibrate(_calibration_data(GROUPS), max_flops=-1)
+
+
+def test_calibrate_fits_temperatures_and_the_forward_uses_them():
+    early = EarlyExit(pass_through(depth=4))
+    summary = early.calibrate(
+        _calibration_data(GROUPS), max_accuracy_drop=0.0, method="empirical",
+        temperature=True, timing_batches=0,
+    )  # fmt: skip
+    assert all(t != 1.0 for t in early.temperatures)
+    assert summary.temperatures == list(early.temperatures)
+    inputs = torch.cat([x for x, _ in _calibration_data(GROUPS)])
+    early(inputs)  # the forward routes with the scaled scores exactly as the summary counted
+    counts = early.last_exits.bincount(minlength=3) / len(inputs)
+    assert counts.tolist() == pytest.approx(summary.share)
+    assert early.evaluate(_calibration_data(GROUPS), timing_batches=0).share == summary.share
+    other = EarlyExit(copy.deepcopy(early.aux_model))
+    other.load_state_dict(early.state_dict())
+    assert other.temperatures == early.temperatures
+    with pytest.raises(ValueError, match="temperature for '0' must be a number > 0"):
+        early.temperatures = [0.0, 1.0]
 
 
 def test_evaluate_keeps_the_thresholds():
@@ -416,7 +470,9 @@ def test_evaluate_keeps_the_thresholds():
 
 def test_summary_table_and_dict():
     early = EarlyExit(pass_through(depth=4))
-    summary = early.calibrate(_calibration_data(GROUPS), max_accuracy_drop=0.0, timing_batches=1)
+    summary = early.calibrate(
+        _calibration_data(GROUPS), max_accuracy_drop=0.0, method="empirical", timing_batches=1
+    )
     assert isinstance(summary, ExitSummary)
     text = str(summary)
     assert text.splitlines()[0] == "early exits on 10 samples (criterion: confidence)"
@@ -496,6 +552,8 @@ def test_bad_calibration_data():
         early.calibrate([])
     with pytest.raises(ValueError, match=r"max_accuracy_drop is a fraction in \[0, 1\]"):
         early.calibrate(unlabelled, max_accuracy_drop=5)
+    with pytest.raises(ValueError, match=r"unknown method 'normal'; choose one of \['ltt'"):
+        early.calibrate(unlabelled, method="normal")
     for bad in (1.0, 0, True, "0.9"):
         with pytest.raises(ValueError, match=rf"confidence is a probability in \(0, 1\).*{bad!r}"):
             early.calibrate(unlabelled, confidence=bad)

@@ -1,0 +1,336 @@
+"""Measurement for `EarlyExit`: one pass over labelled data that keeps each head's score and
+correctness (`collect`), the `ExitSummary` of a set of thresholds on it (`summarise`), and
+wall-clock timing against the full model.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from auxhead._calibrate import Calibration, _exit_indices, _first_true
+from auxhead._flops import FlopProfile, flop_profile
+from auxhead._probe import eval_mode
+
+if TYPE_CHECKING:
+    from auxhead.exits import EarlyExit
+
+__all__ = ["ExitSummary"]
+
+INTERVAL = 0.95  # level of the observed drop's interval
+
+
+def _si(flops: float) -> str:
+    for factor, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if flops >= factor:
+            return f"{flops / factor:.2f}{unit}"
+    return f"{flops:.0f}"
+
+
+@dataclass(frozen=True)
+class ExitSummary:
+    """How the early exits do on a data set; `print()` shows a table, `as_dict()` a dict."""
+
+    exits: list[str]  # the taps in `at` order, then "main"
+    thresholds: list[float]  # one per tap; 1 means the exit is off
+    criterion: str
+    samples: int
+    accuracy: float  # with early exits
+    main_accuracy: float  # the main head alone
+    max_accuracy_drop: float | None  # the calibration target; None from `evaluate`
+    fallback: bool  # calibration found no usable exit: every sample goes to the main head
+    share: list[float]  # share of the samples leaving at each exit (sums to 1)
+    exit_accuracy: list[float | None]  # accuracy of the samples leaving there; None: none did
+    flops: list[int]  # per-sample FLOPs of leaving at each exit, heads run on the way included
+    mean_flops: float  # per sample, with early exits
+    full_flops: int  # per sample, the wrapped model alone
+    oracle_flops: float  # per sample, exiting at the first correct head, running only that head
+    oracle_accuracy: float  # share of samples some exit gets right
+    seconds_per_sample: float | None  # wall-clock with early exits; None if not timed
+    full_seconds_per_sample: float | None  # wall-clock of the wrapped model alone
+    confidence: float | None = None  # "ltt": the target holds with this probability
+    method: str | None = None  # "ltt" or "empirical"; None from `evaluate`
+    max_flops: float | None = None  # the calibration's compute budget, share of full FLOPs
+    bound: float | None = None  # "ltt": the upper confidence bound the test held to the
+    # target, on the test part of the data: of the harm rate (which bounds the drop) for
+    # max_accuracy_drop, of the mean FLOPs share for max_flops
+    harm: float = 0.0  # share of samples the main head gets right and their exit wrong
+    drop_interval: tuple[float, float] = (0.0, 0.0)  # 95% interval of the drop (normal approx.)
+    temperatures: list[float] | None = None  # per head, when fitted
+    calibration_samples: tuple[int, int] | None = None  # "ltt": (path part, test part)
+
+    @property
+    def drop(self) -> float:
+        """Accuracy of the main head alone minus that with early exits, on these samples."""
+        return self.main_accuracy - self.accuracy
+
+    @property
+    def saving(self) -> float:
+        """Share of the full model's FLOPs the early exits save."""
+        return 1.0 - self.mean_flops / self.full_flops if self.full_flops else 0.0
+
+    @property
+    def oracle_saving(self) -> float:
+        """Share of the full model's FLOPs saved by exiting at the first correct head."""
+        return 1.0 - self.oracle_flops / self.full_flops if self.full_flops else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "drop": self.drop,
+            "saving": self.saving,
+            "oracle_saving": self.oracle_saving,
+        }
+
+    def __str__(self) -> str:
+        rows = [("exit", "threshold", "share", "accuracy", "FLOPs/sample")]
+        for index, name in enumerate(self.exits):
+            threshold = self.thresholds[index] if index < len(self.thresholds) else None
+            accuracy = self.exit_accuracy[index]
+            rows.append(
+                (
+                    name,
+                    "-" if threshold is None else "off" if threshold >= 1 else f"{threshold:.4f}",
+                    f"{self.share[index]:.1%}",
+                    "-" if accuracy is None else f"{accuracy:.2%}",
+                    _si(self.flops[index]),
+                )
+            )
+        widths = [max(len(row[c]) for row in rows) for c in range(5)]
+        lines = [
+            "  ".join(
+                cell.ljust(w) if c == 0 else cell.rjust(w)
+                for c, (cell, w) in enumerate(zip(row, widths, strict=True))
+            )
+            for row in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(0, f"early exits on {self.samples} samples (criterion: {self.criterion})")
+        low, high = self.drop_interval
+        lines.append(
+            f"accuracy {self.accuracy:.2%} (main head alone {self.main_accuracy:.2%}): drop "
+            f"{self.drop * 100:.2f} pt, {INTERVAL:.0%} interval {low * 100:.2f} to "
+            f"{high * 100:.2f} pt; main right and exit wrong on {self.harm:.2%}"
+        )
+        lines.append(self._target_line())
+        lines.append(
+            f"FLOPs/sample {_si(self.mean_flops)}: {self.saving:.1%} saved vs the full model "
+            f"({_si(self.full_flops)}); the oracle saves {self.oracle_saving:.1%} "
+            f"({_si(self.oracle_flops)}, accuracy {self.oracle_accuracy:.2%})"
+        )
+        if self.temperatures is not None:
+            scaled = ", ".join(f"{t:.3f}" for t in self.temperatures)
+            lines.append(f"head temperatures (fitted on the calibration data): {scaled}")
+        if self.seconds_per_sample is not None and self.full_seconds_per_sample is not None:
+            speedup = self.full_seconds_per_sample / max(self.seconds_per_sample, 1e-12)
+            lines.append(
+                f"wall-clock/sample {self.seconds_per_sample * 1e3:.3f} ms vs "
+                f"{self.full_seconds_per_sample * 1e3:.3f} ms for the full model ({speedup:.2f}x)"
+            )
+        if self.fallback:
+            lines.append("no exit met the target: every sample goes to the main head")
+        return "\n".join(line.rstrip() for line in lines if line)
+
+    def _target_line(self) -> str:
+        if self.method is None:
+            return ""
+        if self.max_flops is not None:
+            target = f"target: at most {self.max_flops:.0%} of the full model's FLOPs"
+        else:
+            target = f"target: accuracy drop at most {self.max_accuracy_drop * 100:.2f} pt"
+        if self.method == "empirical":
+            return f"{target}, met on these samples (empirical: no guarantee on new data)"
+        assert self.confidence is not None and self.calibration_samples is not None
+        path, test = self.calibration_samples
+        held = "" if self.bound is None else (
+            f"; upper bound on the test part {self.bound:.2%} of FLOPs"
+            if self.max_flops is not None
+            else f"; upper bound on the test part {self.bound * 100:.2f} pt"
+        )  # fmt: skip
+        return (
+            f"{target} with {self.confidence:.0%} confidence on new data exchangeable with "
+            f"these (Learn then Test: path from {path} samples, tested on {test}{held})"
+        )
+
+
+@dataclass
+class Seen:
+    """What one pass over labelled data keeps."""
+
+    scores: torch.Tensor  # (N, E) each head's score, by the criterion (at temperature 1)
+    correct: torch.Tensor  # (N, E + 1) bool: each head, then the main output, is right
+    profile: FlopProfile
+    timing_inputs: list[torch.Tensor]
+    logits: torch.Tensor | None = None  # (N, E, K) head logits, kept to fit temperatures
+    targets: torch.Tensor | None = None  # (N,)
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, class-index targets) from one batch, or a ValueError saying what is wrong."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        got = type(batch).__name__
+        got += f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
+        raise ValueError(
+            f"calibration needs labelled batches (inputs, targets), got a {got}. "
+            "Pass a DataLoader over (input, label) pairs, such as the validation DataLoader."
+        )
+    inputs, targets = batch
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"EarlyExit takes one input tensor per batch, got {type(inputs).__name__}")
+    targets = torch.as_tensor(targets).as_subclass(torch.Tensor)  # drop fastai's subclasses
+    if targets.dim() != 1 or targets.is_floating_point():
+        raise ValueError(
+            f"targets must be class indices of shape (B,), got {targets.dtype} of shape "
+            f"{tuple(targets.shape)}"
+        )
+    return inputs, targets
+
+
+def collect(
+    early: EarlyExit, data: Iterable[Any], timing_batches: int, keep_logits: bool = False
+) -> Seen:
+    """Run every head and the main output on `data` once (eval mode, no grad)."""
+    taps, aux_model = early.taps, early.aux_model
+    device = next(aux_model.parameters(), torch.empty(0)).device
+    scores, correct, kept, logits, labels = [], [], [], [], []
+    first: torch.Tensor | None = None
+    with eval_mode(aux_model), torch.no_grad(), aux_model.heads_enabled():
+        try:
+            for batch in data:
+                inputs, targets = split_batch(batch)
+                inputs, targets = inputs.to(device), targets.to(device)
+                main = aux_model(inputs)
+                missing = [tap for tap in taps if tap not in aux_model.aux_outputs]
+                if missing:
+                    raise ValueError(f"taps {missing} did not run on the calibration inputs")
+                heads = [aux_model.aux_outputs[tap] for tap in taps]
+                pairs = zip([*heads, main], early.exit_names, strict=True)
+                outputs = [early._like(out, heads[0], name) for out, name in pairs]  # (B, K)
+                if targets.shape[0] != main.shape[0]:
+                    raise ValueError(
+                        f"a batch has {main.shape[0]} inputs but {targets.shape[0]} targets"
+                    )
+                scores.append(torch.stack([early._scores(h, 1.0) for h in heads], dim=1).cpu())
+                hits = [out.argmax(dim=-1) == targets for out in outputs]
+                correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
+                if keep_logits:
+                    logits.append(torch.stack(heads, dim=1).float().cpu())  # (B, E, K)
+                    labels.append(targets.cpu())
+                first = inputs[:1] if first is None else first
+                if len(kept) < timing_batches:
+                    kept.append(inputs)
+        finally:
+            aux_model.clear_aux()
+    if first is None:
+        raise ValueError("the calibration data yielded no batches")
+    return Seen(
+        scores=torch.cat(scores),
+        correct=torch.cat(correct),
+        profile=flop_profile(aux_model, first),
+        timing_inputs=kept,
+        logits=torch.cat(logits) if keep_logits else None,
+        targets=torch.cat(labels) if keep_logits else None,
+    )
+
+
+def _drop_interval(differences: torch.Tensor) -> tuple[float, float]:
+    """Two-sided INTERVAL normal-approximation interval of the mean of paired differences."""
+    n = differences.numel()
+    mean = differences.mean().item()
+    if n < 2:
+        return (-1.0, 1.0)
+    half = statistics.NormalDist().inv_cdf(0.5 + INTERVAL / 2) * differences.std().item()
+    half /= math.sqrt(n)
+    return (max(-1.0, mean - half), min(1.0, mean + half))
+
+
+def summarise(
+    early: EarlyExit,
+    seen: Seen,
+    *,
+    drop: float | None = None,
+    calibration: Calibration | None = None,
+    max_flops: float | None = None,
+) -> ExitSummary:
+    """The `ExitSummary` of `early`'s current thresholds and temperatures on `seen`."""
+    n_exits = len(early.taps)
+    thresholds = torch.tensor(early.thresholds)
+    temperatures = torch.tensor(early.temperatures, dtype=seen.scores.dtype)
+    scores = seen.scores
+    if seen.logits is not None and bool((temperatures != 1).any()):
+        scores = torch.stack(
+            [early._scores(seen.logits[:, e], early.temperatures[e]) for e in range(n_exits)],
+            dim=1,
+        )
+    elif bool((temperatures != 1).any()):
+        raise AssertionError("temperatures need the logits")  # collect(keep_logits=True)
+    exits = _exit_indices(scores, thresholds)  # (N,)
+    costs = seen.profile.exit_costs((thresholds < 1).tolist())
+    oracle = _first_true(seen.correct[:, :n_exits])  # (N,)
+    oracle_costs = seen.profile.direct_costs()
+    hit = seen.correct.gather(1, exits[:, None]).squeeze(1)
+    main = seen.correct[:, -1]
+    share, exit_accuracy = [], []
+    for index in range(n_exits + 1):
+        here = exits == index
+        share.append(here.float().mean().item())
+        exit_accuracy.append(hit[here].float().mean().item() if here.any() else None)
+    seconds = full_seconds = None
+    if seen.timing_inputs:
+        seconds = seconds_per_sample(early, seen.timing_inputs)
+        with eval_mode(early.aux_model), torch.no_grad():
+            full_seconds = seconds_per_sample(early.aux_model.model, seen.timing_inputs)
+    fitted = bool((temperatures != 1).any())
+    return ExitSummary(
+        exits=early.exit_names,
+        thresholds=list(early.thresholds),
+        criterion=early.criterion,
+        samples=len(exits),
+        accuracy=hit.float().mean().item(),
+        main_accuracy=main.float().mean().item(),
+        max_accuracy_drop=drop,
+        fallback=calibration.fallback if calibration is not None else False,
+        share=share,
+        exit_accuracy=exit_accuracy,
+        flops=costs,
+        mean_flops=torch.tensor(costs, dtype=torch.float64)[exits].mean().item(),
+        full_flops=seen.profile.full,
+        oracle_flops=torch.tensor(oracle_costs, dtype=torch.float64)[oracle].mean().item(),
+        oracle_accuracy=seen.correct.any(dim=1).float().mean().item(),
+        seconds_per_sample=seconds,
+        full_seconds_per_sample=full_seconds,
+        confidence=calibration.confidence if calibration is not None else None,
+        method=calibration.method if calibration is not None else None,
+        max_flops=max_flops,
+        bound=calibration.bound if calibration is not None else None,
+        harm=(main & ~hit).float().mean().item(),
+        drop_interval=_drop_interval(main.double() - hit.double()),
+        temperatures=list(early.temperatures) if fitted else None,
+        calibration_samples=(
+            (calibration.path_samples, calibration.test_samples)
+            if calibration is not None and calibration.method == "ltt"
+            else None
+        ),
+    )
+
+
+def seconds_per_sample(model: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> float:
+    """Wall-clock seconds per sample of `model` over `batches`, after one warm-up call."""
+
+    def sync() -> None:
+        if batches[0].is_cuda:
+            torch.cuda.synchronize(batches[0].device)
+
+    model(batches[0])
+    sync()
+    start = time.perf_counter()
+    for batch in batches:
+        model(batch)
+    sync()
+    return (time.perf_counter() - start) / sum(batch.shape[0] for batch in batches)

@@ -1,0 +1,272 @@
+"""The threshold search against brute force, the binomial and Hoeffding-Bentkus bounds against
+hand computations, fixed-sequence testing, temperature fitting, and the Learn-then-Test
+guarantee by simulation (`auxhead._calibrate`; `tests/test_exits.py` covers `calibrate`)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from auxhead._calibrate import (
+    _budget_search,
+    _harm_path,
+    _search,
+    binomial_cdf,
+    binomial_p_value,
+    binomial_upper_bound,
+    choose_thresholds,
+    fit_temperature,
+    fixed_sequence,
+    hoeffding_bentkus_p_value,
+)
+from auxhead._flops import FlopProfile
+
+# ---- binomial tail, bound and p-values, by hand ----
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_binomial_cdf_matches_the_sum_by_hand(k):
+    n, p = 10, 0.1
+    by_hand = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+    # k = 0: 0.9^10 = 0.3486784401; k = 1: + 10 * 0.1 * 0.9^9 = 0.7360989291
+    assert binomial_cdf(k, n, p) == pytest.approx(by_hand, rel=1e-12)
+    assert binomial_p_value(k, n, p) == pytest.approx(by_hand, rel=1e-12)
+    assert binomial_cdf(0, 10, 0.1) == pytest.approx(0.3486784401, rel=1e-10)
+    assert binomial_cdf(1, 10, 0.1) == pytest.approx(0.7360989291, rel=1e-10)
+
+
+def test_binomial_cdf_edges_and_a_large_n():
+    assert binomial_cdf(-1, 10, 0.5) == 0.0
+    assert binomial_cdf(10, 10, 0.5) == 1.0
+    assert binomial_cdf(3, 10, 0.0) == 1.0 and binomial_cdf(3, 10, 1.0) == 0.0
+    # n = 5000, p = 0.005, k = 12: a sum of 13 exact terms (math.comb is exact in integers)
+    n, p, k = 5000, 0.005, 12
+    by_hand = sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+    assert binomial_cdf(k, n, p) == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_binomial_upper_bound():
+    # k = 0: P(Bin(n, p) <= 0) = (1 - p)^n = delta at p = 1 - delta^(1/n)
+    assert binomial_upper_bound(0, 100, 0.1) == pytest.approx(1 - 0.1 ** (1 / 100), rel=1e-9)
+    for k, n in [(1, 10), (3, 10), (12, 5000)]:
+        bound = binomial_upper_bound(k, n, 0.05)
+        assert bound > k / n
+        assert binomial_cdf(k, n, bound) == pytest.approx(0.05, rel=1e-6)
+    assert binomial_upper_bound(10, 10, 0.1) == 1.0
+
+
+def test_hoeffding_bentkus_by_hand():
+    n, mean, alpha = 100, 0.05, 0.1
+    kl = mean * math.log(mean / alpha) + (1 - mean) * math.log((1 - mean) / (1 - alpha))
+    hoeffding = math.exp(-n * kl)
+    bentkus = math.e * sum(
+        math.comb(n, i) * alpha**i * (1 - alpha) ** (n - i) for i in range(math.ceil(n * mean) + 1)
+    )
+    assert hoeffding_bentkus_p_value(mean, n, alpha) == pytest.approx(min(hoeffding, bentkus))
+    assert hoeffding_bentkus_p_value(0.2, n, alpha) == 1.0  # mean above alpha: no evidence
+
+
+def test_fixed_sequence_stops_at_the_first_failure():
+    assert fixed_sequence([0.01, 0.05, 0.2, 0.01], 0.1) == 2
+    assert fixed_sequence([0.2, 0.01], 0.1) == 0
+    assert fixed_sequence([], 0.1) == 0
+
+
+# ---- the search against brute force ----
+
+PROFILE = FlopProfile(backbone={"a": 10, "b": 20, "c": 30}, heads={"a": 3, "b": 4, "c": 5}, full=50)
+
+
+def _profile(n_exits: int) -> FlopProfile:
+    names = list(PROFILE.backbone)[:n_exits]
+    return FlopProfile(
+        {k: PROFILE.backbone[k] for k in names}, {k: PROFILE.heads[k] for k in names}, PROFILE.full
+    )
+
+
+def _brute(scores, correct, profile, allowed, objective):
+    """(cost, hits) of the best thresholds, every combination of {0, 1, each score} tried, in
+    plain Python, by the forward's rule: leave at the first exit whose score is above its
+    threshold (or whose threshold is 0), never at a threshold of 1."""
+    n, n_exits = scores.shape
+    per_exit = [sorted({0.0, 1.0, *scores[:, e].tolist()}) for e in range(n_exits)]
+    best = None
+    for combo in itertools.product(*per_exit):
+        costs = profile.exit_costs([t < 1 for t in combo])
+        total, hits, harms = 0.0, 0, 0
+        for i in range(n):
+            exit_ = next(
+                (e for e, t in enumerate(combo) if t < 1 and (scores[i, e].item() > t or t <= 0)),
+                n_exits,
+            )
+            total += costs[exit_]
+            right = bool(correct[i, exit_])
+            hits += right
+            harms += bool(correct[i, -1]) and not right
+        cost = total / n
+        if not allowed(cost, hits, harms):
+            continue
+        key = (round(cost, 9), -hits) if objective == "cost" else (-hits, round(cost, 9))
+        if best is None or key < best[0]:
+            best = (key, (cost, hits))
+    return None if best is None else best[1]
+
+
+def _evaluate(scores, correct, profile, thresholds):
+    thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+    from auxhead._calibrate import _Judge
+
+    stats = _Judge(scores, correct, profile)(thresholds[None])
+    return stats.cost.item(), int(stats.hits), int(stats.harms)
+
+
+def _random_case(seed: int, n: int, n_exits: int):
+    g = torch.Generator().manual_seed(seed)
+    levels = torch.tensor([0.3, 0.5, 0.6, 0.8, 0.9, 0.95], dtype=torch.float64)
+    scores = levels[torch.randint(len(levels), (n, n_exits), generator=g)]
+    correct = torch.rand(n, n_exits + 1, generator=g) < 0.7
+    return scores, correct
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_exits", [1, 2, 3])
+def test_drop_search_matches_brute_force(seed, n_exits):
+    scores, correct = _random_case(seed, 10, n_exits)
+    profile = _profile(n_exits)
+    for drop in (0.0, 0.1, 0.3):
+        need = int(correct[:, -1].sum()) - math.floor(drop * 10 + 1e-9)
+        found = _search(scores, correct, profile, drop)
+        cost, hits, _ = _evaluate(scores, correct, profile, found)
+        reference = _brute(scores, correct, profile, lambda c, h, _, n=need: h >= n, "cost")
+        assert (cost, hits) == pytest.approx(reference)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_budget_search_matches_brute_force(seed):
+    scores, correct = _random_case(seed, 10, 2)
+    profile = _profile(2)
+    budgets = [15.0, 25.0, 40.0, 60.0]
+    found_all = _budget_search(scores, correct, profile, budgets)
+    for budget, found in zip(budgets, found_all, strict=True):
+        reference = _brute(scores, correct, profile, lambda c, h, _, b=budget: c <= b, "hits")
+        if reference is None:
+            assert found is None
+            continue
+        cost, hits, _ = _evaluate(scores, correct, profile, found)
+        assert (hits, cost) == pytest.approx((reference[1], reference[0]))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_harm_path_points_are_optimal_for_their_budgets(seed):
+    scores, correct = _random_case(seed, 10, 2)
+    profile = _profile(2)
+    path = _harm_path(scores, correct, profile, max_harm=0.3)
+    costs = []
+    for thresholds in path:
+        cost, _, harms = _evaluate(scores, correct, profile, thresholds)
+        reference = _brute(scores, correct, profile, lambda c, h, k, b=harms: k <= b, "cost")
+        assert cost == pytest.approx(reference[0])
+        costs.append(cost)
+    assert costs == sorted(costs, reverse=True)  # safe (expensive) to aggressive (cheap)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_coordinate_search_is_feasible_and_no_worse_than_one_shared_threshold(seed):
+    scores, correct = _random_case(seed, 12, 3)
+    profile = _profile(3)
+    need = int(correct[:, -1].sum()) - 1
+    found = _search(scores, correct, profile, 1 / 12, limit=1)  # forces the coordinate search
+    cost, hits, _ = _evaluate(scores, correct, profile, found)
+    assert hits >= need
+    shared = [
+        _evaluate(scores, correct, profile, [t] * 3)
+        for t in sorted({0.0, 1.0, *scores.flatten().tolist()})
+    ]
+    assert cost <= min(c for c, h, _ in shared if h >= need) + 1e-9
+    exact = _brute(scores, correct, profile, lambda c, h, _: h >= need, "cost")
+    assert cost >= exact[0] - 1e-9
+
+
+# ---- Learn then Test ----
+
+
+def _population(n: int, g: torch.Generator):
+    """One exit, score s ~ U(0, 1), the exit right with probability s, the main head right with
+    probability 0.9, independently: at threshold t the harm rate is 0.9 * (1 - t)^2 / 2."""
+    s = torch.rand(n, 1, generator=g, dtype=torch.float64)
+    exit_right = torch.rand(n, generator=g, dtype=torch.float64) < s[:, 0]
+    main_right = torch.rand(n, generator=g) < 0.9
+    return s, torch.stack([exit_right, main_right], dim=1)
+
+
+def test_ltt_holds_the_harm_rate_with_the_confidence_asked():
+    eps, delta, draws = 0.05, 0.1, 150
+    profile = FlopProfile({"a": 10}, {"a": 1}, 40)
+    g = torch.Generator().manual_seed(0)
+    over = {"ltt": 0, "empirical": 0}
+    for draw in range(draws):
+        scores, correct = _population(400, g)
+        for method in over:
+            choice = choose_thresholds(
+                scores, correct, profile, max_accuracy_drop=eps, confidence=1 - delta,
+                method=method, seed=draw,
+            )  # fmt: skip
+            t = choice.thresholds[0]
+            true_harm = 0.0 if t >= 1 else 0.9 * (1 - t) ** 2 / 2
+            over[method] += true_harm > eps
+    # The guarantee: at most delta of the draws over eps (binomial noise: 0.1 * 150 + 3 sd).
+    assert over["ltt"] <= delta * draws + 3 * math.sqrt(draws * delta * (1 - delta))
+    # The empirical fit gets the harm (not its target, the drop) over eps in most draws.
+    assert over["empirical"] > draws / 2
+
+
+def test_ltt_picks_the_last_point_that_passes_and_reports_its_bound():
+    # 300 path / 700 test samples: 90% sure and right at exit 0; 10% unsure and wrong there,
+    # right at exit 1; the main head always right.
+    n = 1000
+    scores = torch.tensor([[0.9, 0.9]] * 900 + [[0.6, 0.8]] * 100, dtype=torch.float64)
+    correct = torch.tensor([[True, True, True]] * 900 + [[False, True, True]] * 100)
+    profile = _profile(2)
+    choice = choose_thresholds(scores, correct, profile, max_accuracy_drop=0.05, confidence=0.9)
+    assert choice.method == "ltt" and (choice.path_samples, choice.test_samples) == (300, 700)
+    assert 0.6 <= choice.thresholds[0] < 0.9 and choice.thresholds[1] < 0.8
+    # no harm on the 700 test samples: the Clopper-Pearson bound is 1 - 0.1^(1/700)
+    assert choice.bound == pytest.approx(1 - 0.1 ** (1 / 700), rel=1e-6)
+    assert 1 <= choice.passed < choice.path_length and not choice.fallback
+    assert n == choice.path_samples + choice.test_samples
+
+
+def test_ltt_falls_back_when_nothing_passes():
+    scores = torch.full((50, 1), 0.9, dtype=torch.float64)
+    correct = torch.tensor([[False, True]] * 50)  # the exit is always wrong
+    choice = choose_thresholds(
+        scores, correct, FlopProfile({"a": 10}, {"a": 1}, 40), max_accuracy_drop=0.1
+    )
+    assert choice.fallback and choice.thresholds == (1.0,)
+
+
+def test_budget_ltt_holds_the_mean_flops():
+    g = torch.Generator().manual_seed(1)
+    scores, correct = _population(2000, g)
+    profile = FlopProfile({"a": 10}, {"a": 2}, 40)  # exit: 12, main: 42 FLOPs per sample
+    choice = choose_thresholds(scores, correct, profile, max_flops=0.6, confidence=0.9)
+    t = choice.thresholds[0]
+    # P(s > t) = 1 - t leave at 12 FLOPs, the rest pay 42: mean 42 - 30 (1 - t)
+    assert (42 - 30 * (1 - t)) / 40 <= 0.6
+    assert choice.bound is not None and choice.bound <= 0.6
+    empirical = choose_thresholds(scores, correct, profile, max_flops=0.6, method="empirical")
+    assert empirical.thresholds[0] >= t  # the empirical fit spends the budget to the last FLOP
+
+
+# ---- temperature ----
+
+
+def test_fit_temperature_recovers_an_overconfident_scale():
+    g = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(6000, 5, generator=g) * 1.5
+    targets = torch.multinomial(true_logits.softmax(-1), 1, generator=g).squeeze(1)
+    assert fit_temperature(true_logits * 3.0, targets) == pytest.approx(3.0, rel=0.1)
+    assert fit_temperature(true_logits, targets) == pytest.approx(1.0, rel=0.1)
