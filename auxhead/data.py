@@ -236,7 +236,13 @@ def _load_idx_folder(folder: Path, name: str) -> ImageData:
     train_x, valid_x = _idx_images(files["train_x"]), _idx_images(files["valid_x"])
     train_y = _idx_labels(files["train_y"], len(train_x))
     valid_y = _idx_labels(files["valid_y"], len(valid_x))
-    n_classes = int(max(train_y.max(), valid_y.max())) + 1
+    labels = torch.unique(torch.cat([train_y, valid_y]))
+    if len(labels) < 2:
+        raise DataError(
+            f"{folder}: every label in its idx files is {int(labels[0])}; a classifier needs "
+            "at least two classes"
+        )
+    n_classes = int(labels.max()) + 1
     # The files do not name their classes; a folder called *fashion* is Fashion-MNIST.
     if "fashion" in str(folder).lower() and n_classes <= len(FASHION_MNIST_CLASSES):
         classes = list(FASHION_MNIST_CLASSES)

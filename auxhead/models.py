@@ -10,11 +10,20 @@ import difflib
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-__all__ = ["build_model", "default_taps", "small_cnn"]
+__all__ = [
+    "WeightsUnavailable",
+    "build_model",
+    "classifier_split",
+    "default_taps",
+    "load_matching",
+    "small_cnn",
+]
 
 # Widths of the stem and the three stages of `small_cnn`, and convolutions per stage; chosen
 # with benchmarks/fmnist_budget.py so the CLI's default run (3 epochs) fits in 5 CPU minutes.
@@ -107,6 +116,10 @@ def default_taps(model: nn.Module) -> list[str]:
         return ["stage1", "stage2"]
     if {"layer2", "layer3", "layer4"} <= children:
         return ["layer2", "layer3"]
+    blocks = _block_list(model)
+    if blocks is not None:  # transformers: blocks a third and two thirds deep
+        prefix, n = blocks
+        return [f"{prefix}.{names}" for names in _thirds(model, prefix, n)]
     feature_info = getattr(model, "feature_info", None)  # timm models
     modules = [info.get("module") for info in feature_info or [] if isinstance(info, dict)]
     if len(modules) >= 3 and all(modules):
@@ -115,6 +128,24 @@ def default_taps(model: nn.Module) -> list[str]:
         f"no default taps for {type(model).__name__}; choose layers from "
         "auxhead.list_layers(model, sample) (or --at on the command line)"
     )
+
+
+def _block_list(model: nn.Module) -> tuple[str, int] | None:
+    """(qualified name, length) of a ViT-style list of blocks: torchvision's `encoder.layers`,
+    timm's `blocks`; None for other models."""
+    for name in ("encoder.layers", "blocks"):
+        try:
+            blocks = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) >= 3:
+            return name, len(blocks)
+    return None
+
+
+def _thirds(model: nn.Module, prefix: str, n: int) -> list[str]:
+    children = [name for name, _ in model.get_submodule(prefix).named_children()]
+    return [children[n // 3 - 1], children[2 * n // 3 - 1]]
 
 
 def _torchvision_names() -> list[str]:
@@ -131,6 +162,11 @@ def _timm_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights that are neither in the cache nor downloadable; the message says
+    where the file is expected and how to provide it."""
 
 
 def _replace_first_conv(model: nn.Module, channels: int) -> None:
@@ -155,10 +191,79 @@ def _replace_first_conv(model: nn.Module, channels: int) -> None:
     raise ValueError(f"{type(model).__name__} has no Conv2d to adapt to {channels} channels")
 
 
+def _adapt_input(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first conv's pretrained (out, c, k, k) weight for `channels` inputs: summed over the
+    colour channels for grayscale (a gray image is then seen as the same gray in RGB), repeated
+    and rescaled otherwise, as timm's `adapt_input_conv` does."""
+    if weight.shape[1] == channels:
+        return weight
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-channels // weight.shape[1])
+    return weight.repeat(1, repeats, 1, 1)[:, :channels] * (weight.shape[1] / channels)
+
+
+def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Load the entries of `state_dict` whose names and shapes fit `model`; a first conv with
+    another number of input channels is adapted (`_adapt_input`), a classifier with another
+    number of classes is left as initialised.
+
+    Returns:
+        The names of the model's entries that were not loaded (e.g. the new classifier).
+
+    Raises:
+        ValueError: nothing in `state_dict` fits the model.
+    """
+    own = model.state_dict()
+    first_conv = next((n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    loaded = {}
+    for key, value in state_dict.items():
+        if key not in own or not isinstance(value, torch.Tensor):
+            continue
+        if first_conv is not None and key == f"{first_conv}.weight" and value.dim() == 4:
+            value = _adapt_input(value, own[key].shape[1])
+        if value.shape == own[key].shape:
+            loaded[key] = value
+    if not loaded:
+        raise ValueError(
+            f"none of the {len(state_dict)} entries fits {type(model).__name__}: is it a "
+            "state_dict of this architecture?"
+        )
+    model.load_state_dict(loaded, strict=False)
+    return [key for key in own if key not in loaded]
+
+
+def _torchvision_pretrained(name: str) -> dict[str, torch.Tensor]:
+    """The DEFAULT weights of a torchvision model, through torch.hub's cache
+    (`$TORCH_HOME/hub/checkpoints/<file>`): read from there, or downloaded there once."""
+    import torchvision
+    from torch.hub import get_dir
+
+    try:
+        weights = torchvision.models.get_model_weights(name).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        raise WeightsUnavailable(f"torchvision has no pretrained weights for {name!r}") from None
+    cached = Path(get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True)
+    except (OSError, RuntimeError) as error:  # URLError is an OSError
+        raise WeightsUnavailable(
+            f"the pretrained weights of {name} are not in the cache ({cached}) and could not "
+            f"be downloaded from {weights.url} ({type(error).__name__}: "
+            f"{' '.join(str(error).split())[:120]}); copy that file to {cached}, or pass a "
+            "state_dict file with --init PATH"
+        ) from None
+
+
 def build_model(
-    arch: str = "small_cnn", num_classes: int = 10, channels: int = 1, size: int = 28
+    arch: str = "small_cnn",
+    num_classes: int = 10,
+    channels: int = 1,
+    size: int = 28,
+    *,
+    pretrained: bool = False,
 ) -> nn.Module:
-    """A freshly initialised classifier by name.
+    """A classifier by name, freshly initialised or with pretrained weights.
 
     Args:
         arch: "small_cnn" (the default), a torchvision classification model ("resnet18",
@@ -168,12 +273,17 @@ def build_model(
         num_classes: logits out.
         channels: input channels; a torchvision model's first conv is rebuilt to take them.
         size: input height and width (used by `small_cnn`).
+        pretrained: load the library's default pretrained weights through its own cache
+            (torchvision: torch.hub's `$TORCH_HOME/hub/checkpoints/`; timm: its hub cache),
+            downloading them only if they are not there. The classifier is new (num_classes
+            outputs); a first conv for other than 3 channels is adapted from the RGB one.
 
     Returns:
-        The model, untrained (no pretrained weights are downloaded).
+        The model.
 
     Raises:
         ValueError: an unknown name; the message lists close names and where to see all.
+        WeightsUnavailable: `pretrained` weights neither cached nor downloadable.
 
     Example:
         >>> model = build_model("resnet18", num_classes=10, channels=1)
@@ -184,21 +294,39 @@ def build_model(
             f"unknown model source {source!r} in {arch!r}; use 'timm:' or 'torchvision:'"
         )
     if not source and name == "small_cnn":
+        if pretrained:
+            raise ValueError(
+                "small_cnn has no pretrained weights; choose a torchvision or timm model"
+            )
         return small_cnn(num_classes, channels, size)
     if source in ("", "torchvision") and name in _torchvision_names():
         import torchvision
 
         kwargs = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
+        if name == "inception_v3" and pretrained:
+            kwargs["init_weights"] = False
+        state = _torchvision_pretrained(name) if pretrained else None
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         _replace_first_conv(model, channels)
+        if state is not None:
+            load_matching(model, state)
         return model
     if source in ("", "timm") and _timm_available():
         import timm
 
         if timm.is_model(name):
-            return timm.create_model(
-                name, pretrained=False, num_classes=num_classes, in_chans=channels
-            )
+            try:
+                return timm.create_model(
+                    name, pretrained=pretrained, num_classes=num_classes, in_chans=channels
+                )
+            except (OSError, RuntimeError) as error:
+                if not pretrained:
+                    raise
+                raise WeightsUnavailable(
+                    f"the pretrained weights of timm's {name} are not in its cache and could "
+                    f"not be downloaded ({type(error).__name__}); put them in the Hugging Face "
+                    "cache (HF_HOME), or pass a state_dict file with --init PATH"
+                ) from None
     known = ["small_cnn", *_torchvision_names()]
     if _timm_available():
         import timm
@@ -211,3 +339,19 @@ def build_model(
         "(torchvision.models.list_models()) or a timm model (timm.list_models(); "
         "pip install timm)."
     )
+
+
+def classifier_split(model: nn.Module) -> list[list[nn.Parameter]]:
+    """Two parameter groups for fine-tuning: the body, and the final classifier (the last
+    `nn.Linear`, or timm's `get_classifier()`). fastai's `freeze()` trains only the last group
+    (and, with auxhead, the heads)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    classifier = get_classifier() if callable(get_classifier) else None
+    if not isinstance(classifier, nn.Module) or not list(classifier.parameters()):
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        classifier = linears[-1] if linears else None
+    if classifier is None:
+        return [list(model.parameters())]
+    head = {id(p) for p in classifier.parameters()}
+    body = [p for p in model.parameters() if id(p) not in head]
+    return [body, list(classifier.parameters())]

@@ -1,178 +1,180 @@
-"""The `auxhead` command line: `auxhead train` and `auxhead acgan`.
+"""The `auxhead` command line: `auxhead train`, `auxhead acgan` and `auxhead layers`.
 
-Errors in what the user gave (a missing path, an unknown architecture or layer, ...) print one
-line and exit with status 2; `--debug` shows the traceback instead.
+Each subcommand has the same shape: its options are parsed into a config dataclass, a run
+function returns a result object, and a report writer turns that into files
+(`auxhead.cli.report`) and the lines printed here. Exit codes: 0 done; 2 bad input (one line
+naming the option, `UsageError`); 130 interrupted; 1 a bug (its traceback, and a request to
+report it). `--debug` (before or after the subcommand) adds tracebacks to usage errors and
+turns on auxhead's logging.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 import warnings
-from pathlib import Path
 
-from auxhead.heads import HEAD_KINDS
-from auxhead.schedules import SCHEDULES
+from auxhead.cli._common import (
+    EXIT_BUG,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    OutputFolder,
+    UsageError,
+)
 
-__all__ = ["build_parser", "main"]
+__all__ = ["UsageError", "build_parser", "main"]
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+REPORT_BUGS = (
+    "auxhead: this is a bug in auxhead, not in your input; please report it with the command "
+    "line and the traceback above"
+)
+_FASTAI_PREFIX = "Exception occured in `"  # fastai rewrites errors raised in callbacks
 
 
-def _add_train(subparsers) -> None:
-    from auxhead.train import TrainConfig
+class Interrupted(Exception):
+    """Ctrl-C, with the line that says what the run kept."""
 
-    d = TrainConfig()
-    p = subparsers.add_parser(
-        "train",
-        help="train with auxiliary heads and report what each head achieves",
-        description="Train a classifier with auxiliary heads through fastai, then report each "
-        "exit's test accuracy, FLOPs and parameters, with plots, an exported model and a "
-        "checkpoint. Defaults: Fashion-MNIST, the built-in small CNN, two inception heads; "
-        "about 3-4 minutes on 2 CPU cores.",
+
+def _debug_option(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=default,
+        help="show the traceback of usage errors too, and auxhead's log",
     )
-    p.add_argument("--data", default=None, metavar="DATA",
-                   help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
-                   "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
-                   "works), or a folder of images with one subfolder per class")  # fmt: skip
-    p.add_argument("--arch", default=d.arch,
-                   help="'small_cnn' (default), a torchvision model name (resnet18, ...) or "
-                   "a timm model name")  # fmt: skip
-    p.add_argument("--at", nargs="+", default=None, metavar="LAYER",
-                   help="layers to attach heads to (default: two spread over the depth); "
-                   "`python -c \"import auxhead; ...list_layers\"` lists them")  # fmt: skip
-    p.add_argument("--head", default=d.head, choices=sorted(HEAD_KINDS),
-                   help=f"head kind (default {d.head})")  # fmt: skip
-    p.add_argument("--weights", type=float, default=d.weights,
-                   help=f"weight of every head's loss (default {d.weights})")  # fmt: skip
-    p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
-                   help=f"how the weights change over training (default {d.schedule})")  # fmt: skip
-    p.add_argument("--epochs", type=_positive_int, default=d.epochs,
-                   help=f"default {d.epochs}")  # fmt: skip
-    p.add_argument("--lr", type=_positive_float, default=d.lr,
-                   help=f"peak one-cycle learning rate (default {d.lr})")  # fmt: skip
-    p.add_argument("--bs", type=_positive_int, default=d.bs, help=f"batch size (default {d.bs})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
-    p.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
-    p.add_argument("--compare", action="store_true",
-                   help="also train the same model without heads (same seed and budget) and "
-                   "report both")  # fmt: skip
-    p.add_argument("--early-exit", action="store_true",
-                   help="calibrate early exits on held-out training images and report the "
-                   "accuracy-compute trade-off")  # fmt: skip
-    p.add_argument("--max-drop", type=float, default=d.max_drop,
-                   help=f"early exit: accuracy it may lose (default {d.max_drop})")  # fmt: skip
-    p.add_argument("--confidence", type=float, default=None,
-                   help="early exit: hold --max-drop with this one-sided confidence, e.g. 0.9 "
-                   "(default: on the held-out images themselves)")  # fmt: skip
-    p.add_argument("--distill", type=float, default=d.distill,
-                   help="weight of self-distillation from the main output (0-1)")  # fmt: skip
-    p.add_argument("--limit", type=_positive_int, default=None,
-                   help="use only this many training images (quick runs)")  # fmt: skip
-    p.add_argument("--threads", type=_positive_int, default=None,
-                   help="CPU threads for torch (default torch's choice); on a machine busy "
-                   "with other jobs 1 is often faster")  # fmt: skip
-    p.set_defaults(func=_run_train)
-
-
-def _run_train(args: argparse.Namespace) -> int:
-    from auxhead.report import terminal_summary, write_report
-    from auxhead.train import TrainConfig, run_train
-
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    config = TrainConfig(
-        data=args.data, arch=args.arch, at=args.at, head=args.head, weights=args.weights,
-        schedule=args.schedule, epochs=args.epochs, lr=args.lr, bs=args.bs, seed=args.seed,
-        out=args.out, compare=args.compare, early_exit=args.early_exit,
-        max_drop=args.max_drop, confidence=args.confidence, distill=args.distill,
-        limit=args.limit,
-    )  # fmt: skip
-    print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, "
-          f"{config.epochs} epochs, heads: {config.head}", flush=True)  # fmt: skip
-    result = run_train(config)
-    write_report(result, config.out)
-    print()
-    print(terminal_summary(result))
-    print(f"\nreport: {config.out / 'report.md'}  (json, plots, exported model and checkpoint "
-          f"beside it)")  # fmt: skip
-    return 0
-
-
-def _add_acgan(subparsers) -> None:
-    from auxhead.gan.cli import add_acgan_arguments
-
-    p = subparsers.add_parser(
-        "acgan",
-        help="train a class-conditional AC-GAN and evaluate its samples",
-        description="Train an Auxiliary Classifier GAN through fastai, sample every class and "
-        "evaluate the samples with an independently trained classifier (accuracy, Frechet "
-        "distance, diversity).",
-    )
-    add_acgan_arguments(p)
-    p.set_defaults(func=_run_acgan)
-
-
-def _run_acgan(args: argparse.Namespace) -> int:
-    from auxhead.gan.cli import run_acgan
-
-    run_acgan(args)
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from auxhead.cli import acgan, layers, train
+
     parser = argparse.ArgumentParser(
-        prog="auxhead", description="Auxiliary classifiers for PyTorch and fastai."
+        prog="auxhead",
+        description="Auxiliary classifiers for PyTorch and fastai. `auxhead COMMAND --help` "
+        "is each command's manual.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    _debug_option(parser, False)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train(subparsers)
-    _add_acgan(subparsers)
+    for module, run in ((train, _run_train), (acgan, _run_acgan), (layers, _run_layers)):
+        sub = module.add_parser(subparsers)
+        _debug_option(sub, argparse.SUPPRESS)  # after the subcommand too, without resetting it
+        sub.set_defaults(run=run)
     return parser
 
 
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def _kept(kept: list, what: str) -> str:
+    if not kept:
+        return "no epoch completed, so nothing was saved"
+    return f"{what} is in {kept[0]}"
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from auxhead.cli.report import terminal_summary, write_report
+    from auxhead.cli.train import OWNED_FILES, config_from_args, run_train
+
+    config = config_from_args(args)
+    _threads(args.threads)
+    print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, heads: "
+          f"{config.head} -> {config.out}", flush=True)  # fmt: skip
+    with OutputFolder(config.out, OWNED_FILES) as out:
+        try:
+            result = run_train(config, say=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            kept = out.existing(["checkpoint.pth"])
+            raise Interrupted(_kept(kept, "the last completed epoch")) from None
+        write_report(result, out.path)
+    print()
+    print(terminal_summary(result))
+    print(f"\nreport: {out.path / 'report.md'}  (json, plots, exported model and checkpoint "
+          f"beside it)")  # fmt: skip
+    return EXIT_OK
+
+
+def _run_acgan(args: argparse.Namespace) -> int:
+    from auxhead.cli.acgan import OWNED_FILES, config_from_args, run_acgan
+    from auxhead.cli.report import write_acgan_report
+
+    config = config_from_args(args)
+    with OutputFolder(config.out, OWNED_FILES) as out:
+        try:
+            result = run_acgan(config, say=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            kept = out.existing(["checkpoint.pth", "tac/checkpoint.pth"])
+            what = "the last completed epoch" + (" (both networks)" if kept else "")
+            raise Interrupted(_kept(kept, what)) from None
+        files = write_acgan_report(result, out.path)
+    for warning in result.warnings:
+        print(f"warning: {warning}")
+    print(f"wrote {files['report_md']} ({result.total_seconds:.0f} s)")
+    return EXIT_OK
+
+
+def _run_layers(args: argparse.Namespace) -> int:
+    from auxhead.cli.layers import config_from_args, run_layers
+
+    print(run_layers(config_from_args(args)).table())
+    return EXIT_OK
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith(_FASTAI_PREFIX):
+        lines = lines[1:]
+    return " ".join(lines) or repr(error)
+
+
+def _quiet_imports() -> None:
+    """Deprecation notices from the libraries auxhead imports are for their maintainers, not
+    for users; the warnings a run raises are collected and reported by the run itself."""
+    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv
-    if not debug:  # before fastai and torch are imported: their import-time warnings too
-        warnings.filterwarnings("ignore")
-    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(message)s")
+    """Run the command line on `argv` (default `sys.argv[1:]`); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _quiet_imports()
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return EXIT_USAGE
     try:
-        return args.func(args)
-    except KeyboardInterrupt:
-        out = getattr(args, "out", None)
-        where = f"; the last completed epoch is in {out}/checkpoint.pth" if out else ""
-        print(f"\nauxhead: interrupted{where}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, TypeError, OSError, KeyError) as error:
-        if args.debug:
-            raise
-        # One line, even for messages fastai wraps ("Exception occured in ...:\n\t<ours>").
-        message = " ".join(part.strip() for part in str(error).splitlines()) or repr(error)
-        print(f"auxhead: error: {message}", file=sys.stderr)
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or an option argparse refused (2)
+        return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
+    if args.command is None:
+        parser.print_help(sys.stderr)
         return EXIT_USAGE
+    logging.basicConfig(level=logging.INFO if args.debug else logging.WARNING, format="%(message)s")
+    try:
+        return args.run(args)
+    except Interrupted as interrupted:
+        print(f"\nauxhead: interrupted; {interrupted}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("\nauxhead: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `auxhead layers | head`: the reader has gone
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (nothing more to flush at exit)
+        return EXIT_OK
+    except Exception as error:
+        from auxhead.data import DataError
+
+        if isinstance(error, (UsageError, DataError)):
+            if args.debug:
+                traceback.print_exc()
+            print(f"auxhead: error: {_one_line(error)}", file=sys.stderr)
+            return EXIT_USAGE
+        traceback.print_exc()
+        print(REPORT_BUGS, file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

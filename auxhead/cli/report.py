@@ -1,4 +1,8 @@
-"""Reports of an `auxhead train` run: a terminal table, report.md, report.json and plots."""
+"""Reports of an `auxhead train` run: a terminal table, report.md, report.json and plots.
+
+Everything is written when the run has completed, each file through a temporary file and a
+rename, report.md last: a report in `--out` is always a whole run's.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from auxhead.train import TrainResult
+from auxhead.cli._common import write_text_atomic
+from auxhead.cli._format import percent
+from auxhead.cli._format import si as _human
+from auxhead.cli._format import table as _table
+from auxhead.cli.acgan import TARGETS, ACGANResult
+from auxhead.cli.train import TrainResult
 
-__all__ = ["exit_table", "write_report"]
-
-
-def _human(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> str:
-    if markdown:
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
-                              for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # fmt: skip
-    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+__all__ = ["exit_table", "terminal_summary", "write_acgan_report", "write_report"]
 
 
 def exit_table(result: TrainResult, markdown: bool = False) -> str:
@@ -46,8 +38,9 @@ def exit_table(result: TrainResult, markdown: bool = False) -> str:
 
 
 def _timing_lines(result: TrainResult) -> list[str]:
-    lines = [f"training time with heads: {result.train_seconds:.0f} s "
-             f"({result.config.epochs} epochs)"]  # fmt: skip
+    b = result.budget
+    lines = [f"training time with heads: {result.train_seconds:.0f} s ({len(result.history)} "
+             f"epochs, {b.steps} steps of {b.bs} images)"]  # fmt: skip
     if result.baseline_seconds is not None:
         lines.append(f"training time without heads: {result.baseline_seconds:.0f} s")
     return lines
@@ -79,8 +72,12 @@ def _early_exit_table(result: TrainResult, markdown: bool) -> str | None:
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=120)
     os.replace(tmp, path)
 
 
@@ -102,7 +99,7 @@ def _plot_history(result: TrainResult, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
 
 
@@ -126,7 +123,7 @@ def _plot_compute(result: TrainResult, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _savefig(fig, path)
     plt.close(fig)
 
 
@@ -136,10 +133,10 @@ def _markdown(result: TrainResult) -> str:
         f"# auxhead train: {result.arch} on {result.data}",
         "",
         f"{result.n_train} training and {result.n_test} test images, {len(result.classes)} "
-        f"classes. Heads ({c.head}, weight {c.weights}, schedule {c.schedule}) at "
-        f"{', '.join(f'`{t}`' for t in result.taps)}; {c.epochs} epochs of one-cycle at lr "
-        f"{c.lr}, batch size {c.bs}, seed {c.seed}.",
+        f"classes. Heads ({c.head}, weight {c.aux_weight}, schedule {c.schedule}) at "
+        f"{', '.join(f'`{t}`' for t in result.taps)}; {_training(result)}, seed {c.seed}.",
         "",
+        *_warning_lines(result),
         "## Exits",
         "",
         exit_table(result, markdown=True),
@@ -170,9 +167,29 @@ def _markdown(result: TrainResult) -> str:
                   f"training images for at most {100 * c.max_drop:.1f} points of accuracy "
                   f"lost{_at_confidence(c.confidence)}; routing mode: "
                   f"{result.early_exit['mode']}.", "", ee, ""]  # fmt: skip
+        if result.early_exit.get("fallback_to_main"):
+            lines += ["**No exit met the target on the held-out images: calibration fell back "
+                      "to the main head for every sample (no saving).** Train the heads longer, "
+                      "allow a larger --max-drop, or hold out more images.", ""]  # fmt: skip
     lines += ["## Training log", "", _history_table(result), "", "## Files", ""]
     lines += [f"- `{Path(p).name}`: {what}" for what, p in _describe_files(result)]
     return "\n".join(lines) + "\n"
+
+
+def _training(result: TrainResult) -> str:
+    b, c = result.budget, result.config
+    start = "pretrained weights" if c.pretrained else f"`{c.init}`" if c.init else None
+    how = f"fine-tuned from {start} with fastai's fine_tune (1 epoch frozen, then " if start else ""
+    return (
+        f"{how}{b.epochs} epochs of one-cycle{')' if start else ''} at lr {b.lr:g}, batch size "
+        f"{b.bs}, {b.steps_per_epoch} steps an epoch (budget: {b.why})"
+    )
+
+
+def _warning_lines(result: TrainResult) -> list[str]:
+    if not result.warnings:
+        return []
+    return ["**Warnings during the run:**", "", *[f"- {w}" for w in result.warnings], ""]
 
 
 def _describe_files(result: TrainResult) -> list[tuple[str, str]]:
@@ -209,7 +226,7 @@ def write_report(result: TrainResult, out: Path) -> dict[str, str]:
     _plot_compute(result, files["compute_png"])
     result.files.update({k: str(v) for k, v in files.items()})
     _write_json(files["report_json"], result.as_json())
-    files["report_md"].write_text(_markdown(result))
+    write_text_atomic(files["report_md"], _markdown(result))
     return {k: str(v) for k, v in files.items()}
 
 
@@ -219,4 +236,108 @@ def terminal_summary(result: TrainResult) -> str:
     ee = _early_exit_table(result, markdown=False)
     if ee is not None:
         parts += ["", ee]
+    parts += [f"warning: {w}" for w in result.warnings]
     return "\n".join(parts)
+
+
+# auxhead acgan -------------------------------------------------------------------------------
+
+
+def _gan_value(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return "-"
+    return percent(value, 1) if pct else f"{value:.3f}"
+
+
+def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
+    ref, runs, config = report["reference"], report["runs"], report["config"]
+    names = [run["variant"] for run in runs]
+    classes = report["data"]["classes"]
+    data = report["data"]
+    summary = [
+        ["generated classified as their class", f">= {percent(TARGETS['accuracy'], 0)}",
+         *[_gan_value(r["accuracy"]["overall"], True) for r in runs]],
+        [f"Frechet distance to real test (floor {ref['fid_floor']:.3f})", "near the floor",
+         *[_gan_value(r["fid"]) for r in runs]],
+        ["min per-class diversity, generated / real",
+         f">= {percent(TARGETS['diversity_ratio'], 0)}",
+         *[_gan_value(r["min_diversity_ratio"], True) for r in runs]],
+        ["train time (s)", "", *[f"{r['train_seconds']:.0f}" for r in runs]],
+    ]  # fmt: skip
+    grids = [
+        f"![{r['variant']} samples]({'tac/' if r['loss']['tac'] else ''}grid.png)" for r in runs
+    ]
+    per_class = []
+    for k, name in enumerate(classes):
+        cells = [name, _gan_value(ref["classifier_test_accuracy"]["per_class"][k], True)]
+        for run in runs:
+            cells += [_gan_value(run["accuracy"]["per_class"][k], True),
+                      _gan_value(run["diversity_ratio"][k], True)]  # fmt: skip
+        per_class.append(cells)
+    lines = [
+        "# AC-GAN report",
+        "",
+        f"Data: {data['name']}, {data['n_train']} train / {data['n_valid']} held-out images of "
+        f"{data['shape']}, {len(classes)} classes. Seed {config['seed']}, {config['epochs']} "
+        f"epochs ({report['epochs_why']}), width {config['width']}, class-loss weight "
+        f"{config['class_weight']}, mode-seeking weight {config['mode_seeking']}, "
+        "discriminator's class loss on "
+        f"{'real and generated' if config['fake_class_loss'] else 'real'} images.",
+        "",
+        *[f"**Warning:** {w}" for w in report["warnings"]],
+        "",
+        f"Independent classifier (trained on the real train split, "
+        f"{report['classifier_seconds']:.0f} s): real test accuracy "
+        f"{_gan_value(ref['classifier_test_accuracy']['overall'], True)}.",
+        f"Frechet distance floor (real train vs real test, {ref['floor_samples']} images, "
+        f"classifier features): {ref['fid_floor']:.3f}.",
+        "",
+        _table(["metric", "target", *names], summary, markdown=True),
+        "",
+        "## Samples",
+        "",
+        f"One row per class ({', '.join(classes)}), one column per fixed noise vector; the "
+        "grid of every epoch is in `grids/`" + (" and `tac/grids/`." if len(runs) > 1 else "."),
+        "",
+        _table(names, [grids], markdown=True),
+        "",
+        "## Per class",
+        "",
+        "Accuracy: share of generated samples classified as their conditioning class (the real "
+        "test images' accuracy beside it). Diversity: mean pairwise distance of classifier "
+        "features within the class, generated / real.",
+        "",
+        _table(
+            ["class", "real acc", *[f"{n} {what}" for n in names for what in ("acc", "diversity")]],
+            per_class,
+            markdown=True,
+        ),
+    ]
+    for run in runs:
+        columns = list(run["history"][0]) if run["history"] else []
+        rows = [[str(epoch), *[_gan_value(row[c]) for c in columns]]
+                for epoch, row in enumerate(run["history"], 1)]  # fmt: skip
+        lines += ["", f"## {run['variant']} training (validation columns per epoch)", "",
+                  _table(["epoch", *columns], rows, markdown=True)]  # fmt: skip
+    lines += [
+        "",
+        f"Samples: `samples.npz` ({config['n_per_class']} per class; `images` float32 "
+        "N x C x H x W in [0, 1], `labels` int64)"
+        + (", TAC-GAN's in `tac/samples.npz`." if len(runs) > 1 else "."),
+        f"Total time: {report['total_seconds']:.0f} s on {threads} CPU thread(s); timings "
+        "depend on what else runs on the machine.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_acgan_report(result: ACGANResult, out: Path) -> dict[str, str]:
+    """Write report.json and report.md (last) into `out`; returns them by kind."""
+    import torch
+
+    out = Path(out)
+    report = result.as_json()
+    files = {"report_json": out / "report.json", "report_md": out / "report.md"}
+    _write_json(files["report_json"], report)
+    write_text_atomic(files["report_md"], _acgan_markdown(report, torch.get_num_threads()))
+    return {k: str(v) for k, v in files.items()}

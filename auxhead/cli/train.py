@@ -1,14 +1,17 @@
-"""The `auxhead train` job: train a classifier with auxiliary heads through fastai, measure
-every exit, and (optionally) the same model without heads and calibrated early exits.
+"""`auxhead train`: train a classifier with auxiliary heads through fastai, measure every exit,
+and (optionally) the same model without heads and calibrated early exits.
 
-The job returns a `TrainResult`; `auxhead.report` writes it out and the CLI prints it. Nothing
-here prints, except fastai's own progress bars and table while training.
+`TrainConfig` (the options) -> `run_train` -> `TrainResult` -> `auxhead.cli.report`. Bad
+options and data raise `UsageError` naming the option, before any training; nothing here
+prints except fastai's progress bars and the `say` lines the caller passes in.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
+import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,36 +29,137 @@ from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
 from auxhead._probe import resolve
 from auxhead.attach import AuxModel
+from auxhead.cli._common import (
+    EXIT_CODES,
+    ManualFormatter,
+    UsageError,
+    collect_warnings,
+    fraction,
+    nonnegative_float,
+    positive_float,
+    positive_int,
+)
+from auxhead.cli._format import recorder_history
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.fastai import AuxHeads, export_learner
-from auxhead.models import build_model, default_taps
+from auxhead.heads import HEAD_KINDS
+from auxhead.models import (
+    WeightsUnavailable,
+    build_model,
+    classifier_split,
+    default_taps,
+    load_matching,
+)
+from auxhead.schedules import SCHEDULES
 
-__all__ = ["TrainConfig", "TrainResult", "run_train"]
+__all__ = ["Budget", "TrainConfig", "TrainResult", "add_parser", "plan_budget", "run_train"]
+
+# The budget when no --epochs/--steps is given: fitted to Fashion-MNIST's 60,000 images (3
+# epochs of 235 steps of 256 images: 92% in under 2 minutes on 2 cores), and scaled down for
+# small data sets so that they still get enough optimizer steps.
+DEFAULT_EPOCHS = 3
+DEFAULT_BS = 256
+DEFAULT_LR = 4e-3  # peak one-cycle lr at DEFAULT_BS; scaled by sqrt(bs / DEFAULT_BS) below it
+MIN_BS = 16
+MIN_STEPS_PER_EPOCH = 32  # the batch size halves (down to MIN_BS) until an epoch has this many
+MIN_STEPS = 300  # at least this many optimizer steps in all: more epochs on small data
+# Early exit: the thresholds are calibrated on held-out training images; fewer than
+# MIN_HOLDOUT cannot calibrate anything, fewer than SMALL_HOLDOUT give uncertain thresholds.
+MIN_HOLDOUT, SMALL_HOLDOUT = 50, 1000
+FINE_TUNE_FROZEN_EPOCHS = 1  # fastai's fine_tune: epochs with the body frozen, heads training
+
+OWNED_FILES = [  # what a run writes into --out: removed when the next run starts
+    "report.md",
+    "report.json",
+    "heads.png",
+    "compute.png",
+    "model.pkl",
+    "checkpoint.pth",
+]
 
 
 @dataclass
 class TrainConfig:
-    """Settings of one `auxhead train` run; the CLI's flags, one for one."""
+    """Settings of one `auxhead train` run; the CLI's options, one for one."""
 
     data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
     arch: str = "small_cnn"
     at: list[str] | None = None  # None: `default_taps` of the model
     head: str = "inception"
-    weights: float = 0.3
+    aux_weight: float = 0.3  # weight of every head's loss (AuxLoss(weights=...))
     schedule: str = "constant"
-    epochs: int = 3
-    lr: float = 4e-3
-    bs: int = 256
+    epochs: int | None = None  # None: `plan_budget` decides
+    steps: int | None = None  # optimizer steps (rounded up to whole epochs)
+    lr: float | None = None  # None: DEFAULT_LR scaled to the batch size
+    bs: int | None = None  # None: DEFAULT_BS, smaller on small data sets
+    size: int | None = None  # resize images to size x size
+    pretrained: bool = False  # the architecture's pretrained weights, fine-tuned
+    init: Path | None = None  # a state_dict file to start from, fine-tuned
     seed: int = 0
     out: Path = Path("runs/train")
     compare: bool = False
     early_exit: bool = False
     max_drop: float = 0.005  # early exit: allowed accuracy drop from the main head
     confidence: float | None = None  # early exit: hold the drop with this confidence
-    holdout: int = 5000  # early exit: training images held out for calibration
+    holdout: int = 5000  # early exit: at most this many training images held out (a fifth)
     distill: float = 0.0
     limit: int | None = None  # use only this many training (and a quarter as many test) images
+
+    @property
+    def fine_tune(self) -> bool:
+        return self.pretrained or self.init is not None
+
+
+@dataclass
+class Budget:
+    """How long and how a run trains, and why."""
+
+    bs: int
+    lr: float
+    epochs: int
+    steps_per_epoch: int
+    why: str
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def plan_budget(n_train: int, config: TrainConfig) -> Budget:
+    """Batch size, learning rate and epochs for `n_train` training images.
+
+    Unless given: the batch size is DEFAULT_BS, halved (not below MIN_BS) until an epoch has
+    MIN_STEPS_PER_EPOCH steps; the learning rate is DEFAULT_LR * sqrt(bs / DEFAULT_BS); the
+    epochs are DEFAULT_EPOCHS, or more to reach MIN_STEPS steps. `--steps` asks for a number of
+    steps (rounded up to whole epochs), `--epochs` for a number of epochs.
+    """
+    reasons = []
+    bs = config.bs
+    if bs is None:
+        bs = DEFAULT_BS
+        while bs > MIN_BS and n_train // bs < MIN_STEPS_PER_EPOCH:
+            bs //= 2
+        if bs != DEFAULT_BS:
+            reasons.append(f"batch size {bs} for {n_train} training images")
+    bs = min(bs, n_train)
+    steps_per_epoch = max(1, n_train // bs)  # the last partial batch is dropped
+    lr = config.lr
+    if lr is None:
+        lr = float(f"{DEFAULT_LR * math.sqrt(bs / DEFAULT_BS):.2g}")
+        if bs != DEFAULT_BS:
+            reasons.append(f"lr {lr:g} scaled to it")
+    if config.epochs is not None:
+        epochs = config.epochs
+        reasons.append("--epochs given")
+    elif config.steps is not None:
+        epochs = -(-config.steps // steps_per_epoch)
+        reasons.append(f"--steps {config.steps} at {steps_per_epoch} steps an epoch")
+    else:
+        epochs = max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
+        if epochs > DEFAULT_EPOCHS:
+            reasons.append(f"at least {MIN_STEPS} steps (--epochs or --steps to change)")
+    return Budget(bs, lr, epochs, steps_per_epoch, "; ".join(reasons) or "the defaults")
 
 
 @dataclass
@@ -71,6 +175,7 @@ class ExitReport:
 @dataclass
 class TrainResult:
     config: TrainConfig
+    budget: Budget
     data: str
     classes: list[str]
     n_train: int
@@ -84,6 +189,8 @@ class TrainResult:
     baseline_seconds: float | None = None
     baseline_history: list[dict[str, float | None]] = field(default_factory=list)
     early_exit: dict[str, Any] | None = None  # calibration and test summaries
+    early_exit_summary: ExitSummary | None = None  # the test set's, for the terminal
+    warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -95,6 +202,7 @@ class TrainResult:
         heads = {e.name: {"accuracy": e.accuracy, "flops": e.flops, "params": e.params}
                  for e in self.exits[:-1]}  # fmt: skip
         config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
+        budget = {**asdict(self.budget), "steps": self.budget.steps}
         return {
             "data": self.data,
             "arch": self.arch,
@@ -109,46 +217,194 @@ class TrainResult:
             "baseline_accuracy": self.baseline_accuracy,
             "baseline_seconds": self.baseline_seconds,
             "train_seconds": self.train_seconds,
+            "budget": budget,
             "history": self.history,
             "baseline_history": self.baseline_history,
             "early_exit": self.early_exit,
+            "warnings": self.warnings,
             "config": config,
             "files": self.files,
         }
 
 
-class EpochCheckpoint(Callback):
-    """Save the model with its heads after every epoch, atomically, so a run stopped with
-    Ctrl-C (or killed) leaves the last completed epoch's checkpoint whole."""
+# The command line --------------------------------------------------------------------------
+
+DESCRIPTION = """\
+Train a classifier with auxiliary heads through fastai, then report each exit's test
+accuracy, FLOPs and parameters, with plots, an exported model and a checkpoint.
+
+Defaults: Fashion-MNIST, the built-in small CNN, two inception heads, 3 epochs (about 2
+minutes on 2 CPU cores). On a smaller data set the batch size, learning rate and number of
+epochs adapt (at least 300 optimizer steps); the run prints what it chose and why, and
+--epochs, --steps, --bs and --lr override it."""
+
+EPILOG = f"""\
+examples:
+  auxhead train                                   # Fashion-MNIST, ~92% in under 2 minutes
+  auxhead train --data digits --compare           # also the model without heads
+  auxhead train --data photos/ --arch resnet18 --pretrained --size 64
+  auxhead layers --arch resnet18 --data photos/   # where heads can go (--at)
+
+output files (in --out; an earlier run's are deleted when a run starts, and the report is
+written only when the run completes):
+  report.md, report.json  every figure of the run
+  heads.png, compute.png  accuracy per epoch; accuracy against FLOPs
+  model.pkl               the model without heads (fastai's load_learner opens it)
+  checkpoint.pth          state_dict with heads, after every epoch (kept on Ctrl-C)
+
+{EXIT_CODES}"""
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train",
+        help="train with auxiliary heads and report what each head achieves",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=ManualFormatter,
+    )
+    p.add_argument("--data", default=None, metavar="DATA",
+                   help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
+                   "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
+                   "works), or a folder of images with one subfolder per class")  # fmt: skip
+    p.add_argument("--size", type=positive_int, default=None, metavar="N",
+                   help="resize every image to N x N (default: the data's own size)")  # fmt: skip
+    p.add_argument("--arch", default=d.arch,
+                   help="'small_cnn', a torchvision model name (resnet18, ...) or a timm "
+                   "model name")  # fmt: skip
+    p.add_argument("--pretrained", action="store_true",
+                   help="start from the architecture's pretrained weights (torchvision's or "
+                   "timm's cache; $TORCH_HOME/hub/checkpoints for torchvision) and fine-tune "
+                   "with fastai's fine_tune: one epoch with the body frozen, then all")  # fmt: skip
+    p.add_argument("--init", type=Path, default=None, metavar="PATH",
+                   help="start from this state_dict file instead (same fine-tuning)")  # fmt: skip
+    p.add_argument("--at", nargs="+", default=None, metavar="LAYER",
+                   help="layers to attach heads to (default: two spread over the depth); "
+                   "`auxhead layers --arch ARCH` lists them")  # fmt: skip
+    p.add_argument("--head", default=d.head, choices=sorted(HEAD_KINDS), help="head kind")
+    p.add_argument("--aux-weight", type=nonnegative_float, default=d.aux_weight,
+                   help="weight of every head's loss in the training loss")  # fmt: skip
+    p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
+                   help="how the head weight changes over training")  # fmt: skip
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs (default: 3, or more to make 300 steps)")  # fmt: skip
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="optimizer steps instead of --epochs (rounded up)")  # fmt: skip
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak one-cycle learning rate (default 4e-3 at bs 256)")  # fmt: skip
+    p.add_argument("--bs", type=positive_int, default=None,
+                   help="batch size, at least 2 (default 256, smaller on small data)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--out", default=str(d.out),
+                   help="output folder; the files this command writes are replaced")  # fmt: skip
+    p.add_argument("--compare", action="store_true",
+                   help="also train the same model without heads (same seed and budget) and "
+                   "report both")  # fmt: skip
+    p.add_argument("--early-exit", action="store_true",
+                   help="calibrate early exits on held-out training images (a fifth, at most "
+                   "5000) and report the accuracy-compute trade-off")  # fmt: skip
+    p.add_argument("--max-drop", type=fraction, default=d.max_drop,
+                   help="early exit: accuracy it may lose")  # fmt: skip
+    p.add_argument("--confidence", type=positive_float, default=None,
+                   help="early exit: hold --max-drop with this one-sided confidence, e.g. 0.9 "
+                   "(default: on the held-out images themselves)")  # fmt: skip
+    p.add_argument("--distill", type=fraction, default=d.distill,
+                   help="weight of self-distillation from the main output (0-1)")  # fmt: skip
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only this many training images (quick runs)")  # fmt: skip
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads for torch (default torch's choice); on a machine busy "
+                   "with other jobs 1 is often faster")  # fmt: skip
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    if args.out is not None and str(args.out).strip() == "":
+        raise UsageError("--out is empty; give a folder path (it is created if missing)")
+    return TrainConfig(
+        data=args.data, arch=args.arch, at=args.at, head=args.head, aux_weight=args.aux_weight,
+        schedule=args.schedule, epochs=args.epochs, steps=args.steps, lr=args.lr, bs=args.bs,
+        size=args.size, pretrained=args.pretrained, init=args.init, seed=args.seed,
+        out=Path(args.out), compare=args.compare, early_exit=args.early_exit,
+        max_drop=args.max_drop, confidence=args.confidence, distill=args.distill,
+        limit=args.limit,
+    )  # fmt: skip
+
+
+def check_config(config: TrainConfig) -> None:
+    """Refuse settings that cannot work, before any data is loaded."""
+    try:
+        check_targets(config.max_drop, config.confidence, names=("--max-drop", "--confidence"))
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if config.bs is not None and config.bs < 2:
+        raise UsageError(
+            f"--bs {config.bs}: training needs at least 2 images a batch (BatchNorm layers "
+            "normalise over the batch)"
+        )
+    if config.epochs is not None and config.steps is not None:
+        raise UsageError("--epochs and --steps both set the training length; give one")
+    if config.pretrained and config.init is not None:
+        raise UsageError("--pretrained and --init both choose the starting weights; give one")
+    if config.init is not None and not Path(config.init).is_file():
+        raise UsageError(f"--init {config.init}: no such file (a state_dict saved with torch.save)")
+
+
+# The run -------------------------------------------------------------------------------------
+
+
+class EpochLog(Callback):
+    """After every epoch (across fine_tune's frozen and unfrozen fits): keep the Recorder's
+    row and save the model with its heads atomically, so a run stopped with Ctrl-C (or killed)
+    leaves the last completed epoch's checkpoint whole."""
 
     order = 60  # after the Recorder has logged the epoch
 
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path, self.meta = path, meta
+        self.history: list[dict[str, float | None]] = []
 
     def after_epoch(self) -> None:
-        save_checkpoint(self.learn.model, self.path, {**self.meta, "epoch": self.learn.epoch + 1})
+        self.history.append(recorder_history(self.learn)[-1])
+        save_checkpoint(self.learn.model, self.path, {**self.meta, "epoch": len(self.history)})
+
+
+class StopOnNonFinite(Callback):
+    """Stop at the first non-finite training loss with one line naming the likely causes."""
+
+    order = 0  # after AuxHeads (-5) has added the head losses
+
+    def __init__(self, causes: str) -> None:
+        self.causes = causes
+
+    def after_loss(self) -> None:
+        if self.training and not bool(torch.isfinite(self.learn.loss).all()):
+            raise UsageError(
+                f"the training loss became {float(self.learn.loss)} at epoch {self.epoch + 1}, "
+                f"step {self.iter + 1}: training diverged; likely cause: {self.causes}"
+            )
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """`torch.save` to a temporary file, then rename: never a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f".{path.name}.tmp")
     torch.save({"state_dict": model.state_dict(), **meta}, tmp)
-    os.replace(tmp, path)
+    tmp.replace(path)
 
 
-def _learner(dls, model: nn.Module, cbs: list, out: Path) -> Learner:
+def _learner(dls, model: nn.Module, cbs: list, out: Path, fine_tune: bool) -> Learner:
+    extra = {"splitter": classifier_split} if fine_tune else {}
     return Learner(
-        dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, path=out
+        dls, model, loss_func=CrossEntropyLossFlat(), metrics=accuracy, cbs=cbs, path=out, **extra
     )
 
 
-def _history(learn: Learner) -> list[dict[str, float | None]]:
-    names = [n for n in learn.recorder.metric_names[1:] if n != "time"]
-    return [
-        {n: (None if v is None else float(v)) for n, v in zip(names, row, strict=False)}
-        for row in learn.recorder.values
-    ]
+def _fit(learn: Learner, budget: Budget, fine_tune: bool) -> None:
+    if fine_tune:
+        learn.fine_tune(budget.epochs, budget.lr, freeze_epochs=FINE_TUNE_FROZEN_EPOCHS)
+    else:
+        learn.fit_one_cycle(budget.epochs, budget.lr)
 
 
 @torch.no_grad()
@@ -174,7 +430,6 @@ def exit_accuracies(aux_model: AuxModel, x: torch.Tensor, y: torch.Tensor, bs: i
 
 def _split_holdout(data: ImageData, n: int, seed: int) -> tuple[ImageData, ImageData]:
     """Move `n` training images (a seeded random choice) into a calibration set."""
-    n = min(n, len(data.train_y) // 5)
     order = torch.randperm(len(data.train_y), generator=torch.Generator().manual_seed(seed))
     held, kept = order[:n], order[n:]
     train = ImageData(data.name, data.classes, data.train_x[kept], data.train_y[kept],
@@ -188,45 +443,152 @@ def _batches(x: torch.Tensor, y: torch.Tensor, bs: int):
     return list(zip(x.split(bs), y.split(bs), strict=True))
 
 
-def run_train(config: TrainConfig) -> TrainResult:
-    """Train, measure and export; see `auxhead train --help` for what each setting does.
-
-    Raises:
-        auxhead.data.DataError: the data cannot be loaded.
-        ValueError: an unknown architecture, layer name, head kind or schedule, or an early
-            exit setting out of range.
-    """
-    # the early exit's settings before training, not after it
-    check_targets(config.max_drop, config.confidence, names=("--max-drop", "--confidence"))
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    set_seed(config.seed, reproducible=True)
-    data = load_data(config.data, seed=config.seed)
+def _load(config: TrainConfig) -> ImageData:
+    data = load_data(config.data, seed=config.seed, size=config.size)
     if config.limit:
         data = data.subset(config.limit, max(config.limit // 4, data.c * 2), seed=config.seed)
+    seen = torch.unique(data.train_y)
+    if len(seen) < 2:
+        raise UsageError(
+            f"--data {data.name}: the training images hold {len(seen)} class(es); a classifier "
+            "needs at least two" + (" (raise --limit)" if config.limit else "")
+        )
+    return data
+
+
+def _model(config: TrainConfig, data: ImageData) -> nn.Module:
+    try:
+        model = build_model(
+            config.arch, data.c, data.channels, data.size, pretrained=config.pretrained
+        )
+    except WeightsUnavailable as error:
+        raise UsageError(f"--pretrained: {error}") from None
+    except ValueError as error:
+        raise UsageError(f"--arch: {error}") from None
+    if config.init is not None:
+        try:
+            state = torch.load(config.init, map_location="cpu", weights_only=True)
+        except Exception as error:  # any unpickling problem is the file's
+            raise UsageError(f"--init {config.init} is not a state_dict file: {error}") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # an auxhead checkpoint
+        try:
+            load_matching(model, state if isinstance(state, dict) else {})
+        except ValueError as error:
+            raise UsageError(f"--init {config.init}: {error}") from None
+    check_runs(model, data.train_x[:2], config.arch)
+    return model
+
+
+def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
+    """Run `model` once on `sample` (eval, no grad): an architecture that cannot take these
+    images is a usage error naming --arch and --size, before anything else happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(sample)
+    except Exception as error:  # the architecture cannot take these images
+        message = " ".join(str(error).split())[:200]
+        shape = "x".join(map(str, sample.shape[1:]))
+        raise UsageError(
+            f"--arch {arch} does not run on {shape} images ({type(error).__name__}: "
+            f"{message}); resize them with --size N (e.g. --size 224 for ImageNet models)"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def _taps(config: TrainConfig, model: nn.Module) -> list[str]:
+    try:
+        taps = list(config.at) if config.at else default_taps(model)
+        resolve(model, taps)  # unknown layer names fail here, before any training
+    except ValueError as error:
+        raise UsageError(
+            f"--at: {error}; `auxhead layers --arch {config.arch}` lists them"
+        ) from None
+    return taps
+
+
+def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: None) -> TrainResult:
+    """Train, measure and export into `config.out` (which the caller has prepared: see
+    `auxhead.cli._common.OutputFolder`); returns the result for the report writer.
+
+    Raises:
+        UsageError: bad options or data, naming the option; all raised before training, but
+            for a loss that becomes non-finite.
+    """
+    with collect_warnings() as caught:
+        result = _run(config, say)
+    result.warnings = caught
+    return result
+
+
+def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
+    check_config(config)
+    out = Path(config.out)
+    set_seed(config.seed, reproducible=True)
+    data = _load(config)
     holdout = None
     if config.early_exit:
-        data, holdout = _split_holdout(data, config.holdout, config.seed)
-    dls = dataloaders(data, bs=config.bs, seed=config.seed, device="cpu")
+        n = min(config.holdout, len(data.train_y) // 5)
+        if n < MIN_HOLDOUT:
+            raise UsageError(
+                f"--early-exit calibrates on a fifth of the training images; {len(data.train_y)} "
+                f"leave {n}, fewer than {MIN_HOLDOUT}: use more data (--limit "
+                f"{5 * MIN_HOLDOUT} or more) or drop --early-exit"
+            )
+        if n < SMALL_HOLDOUT:
+            import warnings
 
-    model = build_model(config.arch, data.c, data.channels, data.size)
-    taps = list(config.at) if config.at else default_taps(model)
-    resolve(model, taps)  # unknown layer names fail here, before any training
-    heads = AuxHeads(
-        taps,
-        head=config.head,
-        weights=config.weights,
-        schedule=config.schedule,
-        distill=config.distill,
+            warnings.warn(
+                f"early exit: calibrating on only {n} held-out images; the thresholds are "
+                f"uncertain (use --confidence 0.9, or {SMALL_HOLDOUT}+ held-out images)",
+                UserWarning,
+                stacklevel=1,
+            )
+        data, holdout = _split_holdout(data, n, config.seed)
+    budget = plan_budget(len(data.train_y), config)
+    say(
+        f"budget: {budget.epochs} epochs of {budget.steps_per_epoch} steps ({budget.steps} "
+        f"steps), batch size {budget.bs}, lr {budget.lr:g} ({budget.why})"
+        + (
+            f", after {FINE_TUNE_FROZEN_EPOCHS} epoch with the body frozen"
+            if config.fine_tune
+            else ""
+        )
     )
+    dls = dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu")
+    model = _model(config, data)
+    taps = _taps(config, model)
+    try:
+        heads = AuxHeads(
+            taps,
+            head=config.head,
+            weights=config.aux_weight,
+            schedule=config.schedule,
+            distill=config.distill,
+        )
+    except ValueError as error:
+        raise UsageError(f"--aux-weight/--distill: {error}") from None
     meta = {"arch": config.arch, "taps": taps, "head": config.head, "classes": data.classes,
             "channels": data.channels, "size": data.size}  # fmt: skip
     checkpoint = out / "checkpoint.pth"
-    learn = _learner(dls, model, [heads, EpochCheckpoint(checkpoint, meta)], out)
+    log = EpochLog(checkpoint, meta)
+    causes = f"--lr {budget.lr:g} too high, or --aux-weight {config.aux_weight:g} too large"
+    try:  # heads are attached (and sized) as the Learner is built
+        learn = _learner(dls, model, [heads, log, StopOnNonFinite(causes)], out, config.fine_tune)
+    except Exception as error:
+        message = " ".join(str(error).split()).replace(
+            "Exception occured in `AuxHeads` when calling event `after_create`: ", ""
+        )
+        raise UsageError(
+            f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
+            f"choose other layers (`auxhead layers --arch {config.arch}`) or --head linear"
+        ) from None
     start = time.perf_counter()
-    learn.fit_one_cycle(config.epochs, config.lr)
+    _fit(learn, budget, config.fine_tune)
     train_seconds = time.perf_counter() - start
-    history = _history(learn)
 
     aux_model = heads.aux_model
     sample = data.valid_x[:2]
@@ -240,6 +602,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     files["model"] = str(export_learner(learn, (out / "model.pkl").resolve()))
     result = TrainResult(
         config=config,
+        budget=budget,
         data=data.name,
         classes=data.classes,
         n_train=len(data.train_y),
@@ -247,18 +610,24 @@ def run_train(config: TrainConfig) -> TrainResult:
         arch=config.arch,
         taps=taps,
         exits=exits,
-        history=history,
+        history=log.history,
         train_seconds=train_seconds,
         files=files,
     )
     if holdout is not None:
-        result.early_exit = _early_exit(aux_model, holdout, data, config)
+        _early_exit(result, aux_model, holdout, data, config)
     if config.compare:
         _baseline(result, dls, data, config, out)
     return result
 
 
-def _early_exit(aux_model: AuxModel, holdout: ImageData, data: ImageData, config: TrainConfig):
+def _early_exit(
+    result: TrainResult,
+    aux_model: AuxModel,
+    holdout: ImageData,
+    data: ImageData,
+    config: TrainConfig,
+) -> None:
     exit_model = EarlyExit(aux_model)
     calibration: ExitSummary = exit_model.calibrate(
         _batches(holdout.valid_x, holdout.valid_y, 500),
@@ -266,9 +635,12 @@ def _early_exit(aux_model: AuxModel, holdout: ImageData, data: ImageData, config
         confidence=config.confidence,
     )
     test: ExitSummary = exit_model.evaluate(_batches(data.valid_x, data.valid_y, 500))
-    return {
+    fallback = all(t >= 1.0 for t in exit_model.thresholds)
+    result.early_exit_summary = test
+    result.early_exit = {
         "mode": exit_model.mode,
         "n_calibration": len(holdout.valid_y),
+        "fallback_to_main": fallback,
         "calibration": calibration.as_dict(),
         "test": test.as_dict(),
         "test_table": str(test),
@@ -276,13 +648,13 @@ def _early_exit(aux_model: AuxModel, holdout: ImageData, data: ImageData, config
 
 
 def _baseline(result: TrainResult, dls, data: ImageData, config: TrainConfig, out: Path) -> None:
-    """The same architecture, seed and budget without heads."""
+    """The same architecture, seed, starting weights and budget without heads."""
     set_seed(config.seed, reproducible=True)
-    model = build_model(config.arch, data.c, data.channels, data.size)
-    learn = _learner(dls, model, [], out)
+    model = _model(config, data)
+    learn = _learner(dls, model, [], out, config.fine_tune)
     start = time.perf_counter()
-    learn.fit_one_cycle(config.epochs, config.lr)
+    _fit(learn, result.budget, config.fine_tune)
     result.baseline_seconds = time.perf_counter() - start
-    result.baseline_history = _history(learn)  # before get_preds, which resets the Recorder
+    result.baseline_history = recorder_history(learn)  # before get_preds resets the Recorder
     preds, targets = learn.get_preds()
     result.baseline_accuracy = float((preds.argmax(1) == targets).float().mean())

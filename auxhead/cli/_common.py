@@ -1,0 +1,197 @@
+"""What every subcommand shares: the usage error, option types, the output folder (checked,
+locked and cleared before any work), atomic writes and the warnings a run reports.
+
+Nothing here imports fastai, so `auxhead --help` and the error paths stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOCK_NAME = ".auxhead.lock"  # in --out while a run writes there: the run's process id
+
+
+class UsageError(Exception):
+    """Bad input from the user: the CLI prints the one-line message and exits with status 2.
+
+    The message names the option (`--lr`, `--out`, ...) and says what to do instead.
+    """
+
+
+# Option types for argparse: a bad value is refused by the parser (exit 2), naming the option.
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _finite(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+class ManualFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written (examples keep their lines); an option's default
+    is added to its help unless the help speaks of it or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+EXIT_CODES = """\
+exit codes:
+  0    the run completed and wrote its report
+  2    bad input (an option, the data, --out); one line on stderr names the option
+  130  interrupted (Ctrl-C); the message names the files that were kept
+  1    a bug in auxhead: the traceback, and a line asking to report it
+"""
+
+
+# The output folder ---------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+class OutputFolder:
+    """`--out`, checked, locked and cleared of an earlier run's files before the run starts.
+
+    Use as a context manager: entering refuses an empty path, an existing file, an unwritable
+    folder, or a folder another live auxhead run holds (a lock from a dead process is taken
+    over), then deletes `owned` (the files and folders this command writes) so that a failed
+    or interrupted run never leaves an earlier report looking like its own. Leaving releases
+    the lock.
+    """
+
+    def __init__(self, path: str | os.PathLike, owned: Sequence[str]) -> None:
+        if str(path).strip() == "":
+            raise UsageError("--out is empty; give a folder path (it is created if missing)")
+        self.path = Path(path).expanduser()
+        self.owned = list(owned)
+        self.lock = self.path / LOCK_NAME
+
+    def __enter__(self) -> OutputFolder:
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; give a folder (it is created if missing)")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        except PermissionError as error:
+            raise UsageError(
+                f"--out {out} is not writable ({error.strerror}); choose another folder"
+            ) from None
+        except OSError as error:
+            raise UsageError(f"--out {out} cannot be used: {error}") from None
+        for name in self.owned:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif target.exists() or target.is_symlink():
+                target.unlink()
+        return self
+
+    def _acquire(self) -> None:
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.lock.read_text().strip() or 0)
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and pid != os.getpid() and _pid_alive(pid):
+                    raise UsageError(
+                        f"--out {self.path} is in use by another auxhead run (process {pid}); "
+                        "wait for it to finish or choose another --out"
+                    ) from None
+                self.lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(f"{os.getpid()}\n")
+            return
+        raise UsageError(f"--out {self.path}: cannot take the lock {self.lock}; remove it")
+
+    def __exit__(self, *exc: object) -> None:
+        with contextlib.suppress(OSError):
+            self.lock.unlink()
+
+    def existing(self, names: Sequence[str]) -> list[Path]:
+        """Those of `names` (relative to the folder) that exist now."""
+        return [self.path / name for name in names if (self.path / name).exists()]
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# Warnings that matter to the user --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def collect_warnings() -> Iterator[list[str]]:
+    """Record the `UserWarning`s raised inside (auxhead's own, torch's, fastai's), one message
+    each, deduplicated, in order; other categories (deprecations) are left to the filters."""
+    seen: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("ignore")
+        warnings.simplefilter("always", UserWarning)
+        try:
+            yield seen
+        finally:
+            for item in caught:
+                if not issubclass(item.category, UserWarning):
+                    continue
+                message = " ".join(str(item.message).split())
+                if message not in seen:
+                    seen.append(message)
