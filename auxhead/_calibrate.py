@@ -499,8 +499,8 @@ def choose_thresholds(
         )  # fmt: skip
     # Learn then Test: order on the path part, test harm <= eps on the test part.
     p_scores, p_correct = scores[path_rows], correct[path_rows]
-    # Beyond eps on the path part, a point could still pass on the test part: go to 2 eps.
-    path = _harm_path(p_scores, p_correct, profile, 2 * max_accuracy_drop, limit=limit)
+    # Beyond eps on the path part, a point could still pass on the test part: go to 3 eps.
+    path = _harm_path(p_scores, p_correct, profile, 3 * max_accuracy_drop, limit=limit)
     t_scores, t_main = scores[test_rows], main[test_rows]
     t_correct = correct[test_rows]
     m = len(test_rows)

@@ -1,0 +1,238 @@
+"""Does `EarlyExit.calibrate` keep the accuracy drop it promises on new data?
+
+A ResNet-style CNN with two "sdn" heads (the deep-supervision benchmark's model, trained with
+self-distillation on 55,000 Fashion-MNIST training images) is run once on 5,000 held-out
+training images and the 10,000 test images, and each image's head logits, main logits and
+label are cached (`benchmarks/_exit_cache.py`). Every calibration below is then replayed from
+the cache with the same code `calibrate` runs (`auxhead._calibrate.choose_thresholds`), so
+hundreds of calibrations take minutes:
+
+    exchangeable: the 15,000 cached images are pooled; each of --splits random splits
+        calibrates on --calib-size of them and measures on the rest. The guarantee says the
+        test drop exceeds eps in at most delta of the splits.
+    protocol: what users do, calibrate on the 5,000 held-out training images and serve the
+        test set: one calibration per mode (LTT's internal path/test split varies with its
+        seed, --splits seeds).
+
+Modes: empirical (the old default: the drop met on the calibration images), normal 90% (the
+old `confidence=0.9`: the drop's normal-approximation 90% upper bound met), ltt 90% (the new
+default), ltt 90% + temperature, and the compute budget max_flops=0.4 (empirical and ltt).
+
+Commands:
+
+    OMP_NUM_THREADS=1 python benchmarks/_exit_cache.py --out runs/exit-guarantee/cache.pt
+    OMP_NUM_THREADS=1 python benchmarks/exit_guarantee.py --cache runs/exit-guarantee/cache.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from auxhead._calibrate import (
+    _candidates,
+    _exit_indices,
+    _Judge,
+    _optimise,
+    _switch_off_unused,
+    choose_thresholds,
+)
+from auxhead._flops import FlopProfile
+from auxhead.exits import confidence as max_softmax
+
+
+def score_fn(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The forward's score: max softmax of logits / T."""
+    return max_softmax(logits if temperature == 1.0 else logits / temperature)
+
+
+class Pool:
+    """Cached logits of some images: scores at any temperature, correctness, FLOPs."""
+
+    def __init__(self, heads: torch.Tensor, main: torch.Tensor, y: torch.Tensor) -> None:
+        self.heads, self.y = heads, y  # (N, E, K), (N,)
+        right = [heads[:, e].argmax(-1) == y for e in range(heads.shape[1])]
+        self.correct = torch.stack([*right, main.argmax(-1) == y], dim=1)  # (N, E + 1)
+        self.scores = self.scored((1.0,) * heads.shape[1])
+
+    def scored(self, temperatures: tuple[float, ...]) -> torch.Tensor:
+        return torch.stack(
+            [score_fn(self.heads[:, e], t) for e, t in enumerate(temperatures)], dim=1
+        ).double()
+
+
+def normal_search(scores, correct, profile, drop: float, confidence: float = 0.9):
+    """The old `calibrate(confidence=0.9)`: least FLOPs whose drop's normal-approximation
+    upper bound (mean of the paired differences + z standard errors) is within `drop`."""
+    n = scores.shape[0]
+    main_hits = int(correct[:, -1].sum())
+    z = statistics.NormalDist().inv_cdf(confidence)
+    need = main_hits - math.floor(drop * n + 1e-9)
+
+    def allowed(stats):
+        diff_sum = main_hits - stats.hits  # sum of D = main right - exit right
+        helped = stats.hits - main_hits + stats.harms  # D = -1
+        squares = stats.harms + helped  # sum of D^2
+        mean = diff_sum.double() / n
+        var = (squares.double() - n * mean**2) / max(n - 1, 1)
+        bound = mean + z * var.clamp_min(0).sqrt() / math.sqrt(n)
+        return (stats.hits >= need) & (bound <= drop + 1e-12)
+
+    judge = _Judge(scores, correct, profile)
+    per_exit = [_candidates(scores[:, e]) for e in range(scores.shape[1])]
+    (best,) = _optimise(judge, per_exit, [allowed], "cost", 20_000)
+    return _switch_off_unused(scores, best)
+
+
+MODES = {
+    "empirical": {"method": "empirical"},
+    "normal 90% (old confidence=0.9)": None,
+    "ltt 90% (default)": {"method": "ltt"},
+    "ltt 90% + temperature": {"method": "ltt", "temperature": True},
+    "max_flops=0.4, empirical": {"method": "empirical", "max_flops": 0.4},
+    "max_flops=0.4, ltt 90%": {"method": "ltt", "max_flops": 0.4},
+}
+
+
+def calibrate(mode: dict | None, pool: Pool, profile: FlopProfile, eps: float, seed: int):
+    """(thresholds, temperatures) for one mode, from the calibration pool."""
+    n_exits = pool.heads.shape[1]
+    if mode is None:
+        return normal_search(pool.scores, pool.correct, profile, eps), (1.0,) * n_exits
+    options = dict(mode)
+    temperature = options.pop("temperature", False)
+    budget = options.pop("max_flops", None)
+    choice = choose_thresholds(
+        pool.scores,
+        pool.correct,
+        profile,
+        max_accuracy_drop=None if budget is not None else eps,
+        max_flops=budget,
+        confidence=0.9,
+        logits=pool.heads if temperature else None,
+        targets=pool.y if temperature else None,
+        score_fn=score_fn if temperature else None,
+        seed=seed,
+        **options,
+    )
+    return torch.tensor(choice.thresholds, dtype=torch.float64), choice.temperatures
+
+
+def measure(pool: Pool, profile: FlopProfile, thresholds, temperatures) -> dict[str, float]:
+    scores = pool.scores if set(temperatures) == {1.0} else pool.scored(temperatures)
+    exits = _exit_indices(scores, thresholds)
+    costs = torch.tensor(profile.exit_costs((thresholds < 1).tolist()), dtype=torch.float64)
+    right = pool.correct.gather(1, exits[:, None]).squeeze(1)
+    main = pool.correct[:, -1]
+    return {
+        "drop": (main.double().mean() - right.double().mean()).item(),
+        "harm": (main & ~right).double().mean().item(),
+        "flops": costs[exits].mean().item() / profile.full,
+    }
+
+
+def subset(pool: Pool, rows: torch.Tensor) -> Pool:
+    out = Pool.__new__(Pool)
+    out.heads, out.y = pool.heads[rows], pool.y[rows]
+    out.correct, out.scores = pool.correct[rows], pool.scores[rows]
+    return out
+
+
+def summarise(results: list[dict], eps: float, budget: float, is_budget: bool) -> dict:
+    drops = [r["drop"] for r in results]
+    flops = [r["flops"] for r in results]
+    return {
+        "over_eps": sum(d > eps for d in drops) / len(drops),
+        "harm_over_eps": sum(r["harm"] > eps for r in results) / len(results),
+        "over_budget": sum(f > budget for f in flops) / len(flops),
+        "drop_mean": statistics.fmean(drops),
+        "drop_p90": sorted(drops)[int(0.9 * (len(drops) - 1))],
+        "drop_max": max(drops),
+        "saved_mean": 1 - statistics.fmean(flops),
+        "saved_min": 1 - max(flops),
+        "is_budget": is_budget,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
+    parser.add_argument("--splits", type=int, default=200)
+    parser.add_argument("--calib-size", type=int, default=5000)
+    parser.add_argument("--eps", type=float, default=0.005)
+    parser.add_argument("--budget", type=float, default=0.4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    cache = torch.load(args.cache)
+    profile = FlopProfile(**cache["profile"])
+    held = Pool(cache["held"]["heads"], cache["held"]["main"], cache["held"]["y"])
+    test = Pool(cache["test"]["heads"], cache["test"]["main"], cache["test"]["y"])
+    everything = Pool(
+        torch.cat([held.heads, test.heads]),
+        torch.cat([cache["held"]["main"], cache["test"]["main"]]),
+        torch.cat([held.y, test.y]),
+    )
+    n = len(everything.y)
+    main_acc = test.correct[:, -1].double().mean().item()
+    print(
+        f"model: {cache['train']}; main head test accuracy {main_acc:.2%}; full model "
+        f"{profile.full / 1e6:.2f} MFLOPs; eps = {args.eps * 100:.1f} pt, delta = 0.1, "
+        f"budget {args.budget:.0%}; one torch thread",
+        flush=True,
+    )
+    exchangeable: dict[str, list[dict]] = {name: [] for name in MODES}
+    protocol: dict[str, list[dict]] = {name: [] for name in MODES}
+    for split in range(args.splits):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + split))
+        calib, rest = (
+            subset(everything, order[: args.calib_size]),
+            subset(everything, order[args.calib_size :]),
+        )
+        for name, mode in MODES.items():
+            thresholds, temperatures = calibrate(mode, calib, profile, args.eps, seed=split)
+            exchangeable[name].append(measure(rest, profile, thresholds, temperatures))
+            if (mode is not None and mode["method"] == "ltt") or split == 0:
+                thresholds, temperatures = calibrate(mode, held, profile, args.eps, seed=split)
+                protocol[name].append(measure(test, profile, thresholds, temperatures))
+        if split % 20 == 19:
+            print(f"  {split + 1} splits, {time.perf_counter() - start:.0f} s", flush=True)
+
+    print(
+        f"\n(exchangeable) {args.splits} random splits of the {n} held-out + test images: "
+        f"calibrate on {args.calib_size}, measure on the other {n - args.calib_size}\n"
+    )
+    print(
+        "| mode | test drop > 0.5 pt | harm > 0.5 pt | FLOPs > 40% | test drop: mean / 90th pct "
+        "/ max | FLOPs saved: mean / worst |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in MODES:
+        s = summarise(exchangeable[name], args.eps, args.budget, "max_flops" in name)
+        print(
+            f"| {name} | {s['over_eps']:.1%} | {s['harm_over_eps']:.1%} | "
+            f"{s['over_budget']:.1%} | {s['drop_mean'] * 100:.2f} / {s['drop_p90'] * 100:.2f} / "
+            f"{s['drop_max'] * 100:.2f} pt | {s['saved_mean']:.1%} / {s['saved_min']:.1%} |"
+        )
+    print(
+        "\n(protocol) calibrate on the 5,000 held-out training images, measure on the 10,000 "
+        f"test images (ltt: mean over {args.splits} seeds of its internal split)\n"
+    )
+    print("| mode | test drop | FLOPs saved | seeds with test drop > 0.5 pt |")
+    print("|---|---|---|---|")
+    for name in MODES:
+        rows = protocol[name]
+        drop = statistics.fmean(r["drop"] for r in rows)
+        saved = 1 - statistics.fmean(r["flops"] for r in rows)
+        over = sum(r["drop"] > args.eps for r in rows)
+        print(f"| {name} | {drop * 100:.2f} pt | {saved:.1%} | {over} of {len(rows)} |")
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
