@@ -101,7 +101,7 @@ class TrainConfig:
     compare: bool = False
     early_exit: bool = False
     max_drop: float = 0.005  # early exit: allowed accuracy drop from the main head
-    confidence: float | None = None  # early exit: hold the drop with this confidence
+    confidence: float = 0.9  # early exit: the drop holds on new data with this probability
     holdout: int = 5000  # early exit: at most this many training images held out (a fifth)
     distill: float = 0.0
     limit: int | None = None  # use only this many training (and a quarter as many test) images
@@ -306,9 +306,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "5000) and report the accuracy-compute trade-off")  # fmt: skip
     p.add_argument("--max-drop", type=fraction, default=d.max_drop,
                    help="early exit: accuracy it may lose")  # fmt: skip
-    p.add_argument("--confidence", type=positive_float, default=None,
-                   help="early exit: hold --max-drop with this one-sided confidence, e.g. 0.9 "
-                   "(default: on the held-out images themselves)")  # fmt: skip
+    p.add_argument("--confidence", type=positive_float, default=d.confidence,
+                   help="early exit: --max-drop holds on new images with this probability "
+                   "(Learn then Test; default %(default)s)")  # fmt: skip
     p.add_argument("--distill", type=fraction, default=d.distill,
                    help="weight of self-distillation from the main output (0-1)")  # fmt: skip
     p.add_argument("--limit", type=positive_int, default=None,
@@ -542,8 +542,8 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
             import warnings
 
             warnings.warn(
-                f"early exit: calibrating on only {n} held-out images; the thresholds are "
-                f"uncertain (use --confidence 0.9, or {SMALL_HOLDOUT}+ held-out images)",
+                f"early exit: calibrating on only {n} held-out images; with so few, little "
+                f"passes the guarantee (use {SMALL_HOLDOUT}+ held-out images)",
                 UserWarning,
                 stacklevel=1,
             )
@@ -632,7 +632,7 @@ def _early_exit(
     calibration: ExitSummary = exit_model.calibrate(
         _batches(holdout.valid_x, holdout.valid_y, 500),
         max_accuracy_drop=config.max_drop,
-        confidence=config.confidence,
+        confidence=config.confidence,  # guaranteed by Learn then Test (method="ltt")
     )
     test: ExitSummary = exit_model.evaluate(_batches(data.valid_x, data.valid_y, 500))
     fallback = all(t >= 1.0 for t in exit_model.thresholds)
