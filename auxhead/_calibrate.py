@@ -442,81 +442,100 @@ def choose_thresholds(
             [score_fn(logits[:, e], temperatures[e]) for e in range(n_exits)], dim=1
         )
     scores = scores.double()
-    main = correct[:, -1]
-    off = torch.ones(n_exits, dtype=torch.float64)
-
-    def result(thresholds: torch.Tensor, **fields) -> Calibration:
-        values = tuple(float(t) for t in thresholds.tolist())
-        fields.setdefault("fallback", all(t >= 1.0 for t in values))
-        return Calibration(
-            thresholds=values,
-            temperatures=temperatures,
-            method=method,
-            target="flops" if max_flops is not None else "drop",
-            confidence=confidence if guaranteed else None,
-            path_samples=len(path_rows),
-            test_samples=len(test_rows) if guaranteed else 0,
-            **fields,
-        )
-
-    if max_flops is not None:
-        budget = max_flops * profile.full
-        if not guaranteed:
-            (pick,) = _budget_search(scores, correct, profile, [budget], limit=limit)
-            picked = off if pick is None else pick
-            return result(picked, bound=None, path_length=1, passed=int(pick is not None),
-                          fallback=pick is None)  # fmt: skip
-        # Path from cheap (safe for the budget) to accurate: the most accurate thresholds for
-        # growing budgets on the path part; the test part holds the mean FLOPs share to the
-        # budget with Hoeffding-Bentkus on the per-sample cost rescaled to [0, 1].
-        p_scores, p_correct = scores[path_rows], correct[path_rows]
-        budgets = [budget * (0.5 + i / 40) for i in range(41)]  # 50% to 150% of the budget
-        path = [p for p in _budget_search(p_scores, p_correct, profile, budgets, limit=limit)
-                if p is not None]  # fmt: skip
-        path = [p for i, p in enumerate(path) if i == 0 or not torch.equal(p, path[i - 1])]
-        judge = _Judge(scores[test_rows], correct[test_rows], profile)
-        low = float(judge.pattern_costs.min())
-        high = float(judge.pattern_costs.max())
-        span = max(high - low, 1e-12)
-        alpha = (budget - low) / span
-        p_values = []
-        for thresholds in path:
-            mean = (float(judge(thresholds[None]).cost[0]) - low) / span
-            p_values.append(hoeffding_bentkus_p_value(mean, len(test_rows), alpha))
-        passed = fixed_sequence(p_values, 1 - confidence)
-        if passed == 0:
-            return result(off, bound=None, path_length=len(path), passed=0, fallback=True)
-        chosen = path[passed - 1]
-        mean = (float(judge(chosen[None]).cost[0]) - low) / span
-        bound = _hb_upper_bound(mean, len(test_rows), 1 - confidence) * span + low
-        return result(chosen, bound=bound / profile.full, path_length=len(path), passed=passed)
-
-    assert max_accuracy_drop is not None
+    delta = 1 - confidence
     if not guaranteed:
-        return result(
-            torch.tensor(_search(scores, correct, profile, max_accuracy_drop, limit=limit)),
-            bound=None, path_length=1, passed=1,
-        )  # fmt: skip
-    # Learn then Test: order on the path part, test harm <= eps on the test part.
-    p_scores, p_correct = scores[path_rows], correct[path_rows]
+        if max_flops is not None:
+            (pick,) = _budget_search(scores, correct, profile, [max_flops * profile.full],
+                                     limit=limit)  # fmt: skip
+            found = _Found([] if pick is None else [pick], 1 if pick is not None else 0, None)
+        else:
+            found = _Found([torch.tensor(_search(scores, correct, profile, max_accuracy_drop,
+                                                 limit=limit))], 1, None)  # fmt: skip
+    else:
+        path_part = (scores[path_rows], correct[path_rows])
+        test_part = (scores[test_rows], correct[test_rows])
+        if max_flops is not None:
+            found = _test_flops(path_part, test_part, profile, max_flops, delta, limit)
+        else:
+            assert max_accuracy_drop is not None
+            found = _test_harm(path_part, test_part, profile, max_accuracy_drop, delta, limit)
+    chosen = found.path[found.passed - 1] if found.passed else torch.ones(n_exits)
+    values = tuple(float(t) for t in chosen.tolist())
+    return Calibration(
+        thresholds=values,
+        temperatures=temperatures,
+        method=method,
+        target="flops" if max_flops is not None else "drop",
+        # An exit that takes no one saves nothing: every sample to the main head.
+        fallback=all(t >= 1.0 for t in values),
+        confidence=confidence if guaranteed else None,
+        bound=found.bound,
+        path_samples=len(path_rows),
+        test_samples=len(test_rows) if guaranteed else 0,
+        path_length=len(found.path),
+        passed=found.passed,
+    )
+
+
+@dataclass
+class _Found:
+    path: list[torch.Tensor]  # threshold vectors, safe to aggressive
+    passed: int  # how many of them passed, in sequence; the last of them is chosen
+    bound: float | None  # its (1 - delta) upper bound on the tested risk
+
+
+def _test_harm(
+    path_part: tuple[torch.Tensor, torch.Tensor],
+    test_part: tuple[torch.Tensor, torch.Tensor],
+    profile: FlopProfile,
+    eps: float,
+    delta: float,
+    limit: int,
+) -> _Found:
+    """Learn then Test of the harm rate: the path from the path part, each point tested on the
+    test part with the exact binomial p-value of H0: harm rate > eps."""
     # Beyond eps on the path part, a point could still pass on the test part: go to 3 eps.
-    path = _harm_path(p_scores, p_correct, profile, 3 * max_accuracy_drop, limit=limit)
-    t_scores, t_main = scores[test_rows], main[test_rows]
-    t_correct = correct[test_rows]
-    m = len(test_rows)
+    path = _harm_path(*path_part, profile, 3 * eps, limit=limit)
+    scores, correct = test_part
+    n, main = len(scores), correct[:, -1]
     harms = []
     for thresholds in path:
-        exits = _exit_indices(t_scores, thresholds)
-        right = t_correct.gather(1, exits[:, None]).squeeze(1)
-        harms.append(int((t_main & ~right).sum()))
-    p_values = [binomial_p_value(k, m, max_accuracy_drop) for k in harms]
-    passed = fixed_sequence(p_values, 1 - confidence)
-    # A path point that routes everyone to the main head has no harm and saves nothing.
-    if passed == 0 or bool((path[passed - 1] >= 1).all()):
-        return result(off, bound=0.0 if passed else None, path_length=len(path), passed=passed,
-                      fallback=True)  # fmt: skip
-    bound = binomial_upper_bound(harms[passed - 1], m, 1 - confidence)
-    return result(path[passed - 1], bound=bound, path_length=len(path), passed=passed)
+        right = correct.gather(1, _exit_indices(scores, thresholds)[:, None]).squeeze(1)
+        harms.append(int((main & ~right).sum()))
+    passed = fixed_sequence([binomial_p_value(k, n, eps) for k in harms], delta)
+    bound = binomial_upper_bound(harms[passed - 1], n, delta) if passed else None
+    return _Found(path, passed, bound)
+
+
+def _test_flops(
+    path_part: tuple[torch.Tensor, torch.Tensor],
+    test_part: tuple[torch.Tensor, torch.Tensor],
+    profile: FlopProfile,
+    max_flops: float,
+    delta: float,
+    limit: int,
+) -> _Found:
+    """Learn then Test of the mean FLOPs: the path runs from cheap (safe for the budget) to
+    accurate, the most accurate thresholds on the path part for budgets of 50% to 150% of
+    `max_flops`; each point is tested on the test part with the Hoeffding-Bentkus p-value of
+    H0: mean FLOPs > max_flops, the per-sample cost rescaled to [0, 1]."""
+    budget = max_flops * profile.full
+    budgets = [budget * (0.5 + i / 40) for i in range(41)]
+    path: list[torch.Tensor] = []
+    for pick in _budget_search(*path_part, profile, budgets, limit=limit):
+        if pick is not None and not (path and torch.equal(pick, path[-1])):
+            path.append(pick)
+    judge = _Judge(*test_part, profile)
+    low, high = float(judge.pattern_costs.min()), float(judge.pattern_costs.max())
+    span = max(high - low, 1e-12)
+    n = len(test_part[0])
+    means = [(float(judge(t[None]).cost[0]) - low) / span for t in path]
+    p_values = [hoeffding_bentkus_p_value(m, n, (budget - low) / span) for m in means]
+    passed = fixed_sequence(p_values, delta)
+    bound = None
+    if passed:
+        bound = (_hb_upper_bound(means[passed - 1], n, delta) * span + low) / profile.full
+    return _Found(path, passed, bound)
 
 
 def _hb_upper_bound(mean: float, n: int, delta: float) -> float:

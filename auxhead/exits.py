@@ -1,5 +1,7 @@
 """`EarlyExit`: answer from the first auxiliary head that is confident enough, and skip the rest
-of the network for that sample; `calibrate` picks the thresholds on held-out data.
+of the network for that sample; `calibrate` picks the thresholds on held-out data, with a
+guaranteed accuracy drop (the search and the guarantee: `auxhead._calibrate`; the summary,
+data collection and timing: `auxhead._exit_summary`).
 
 How compute is saved depends on the model (`EarlyExit.mode`):
 - "staged": the model is cut into stages at the taps (nn.Sequential, fastai vision learners,
@@ -114,11 +116,12 @@ class EarlyExit(nn.Module):
         mode: "staged" or "generic" (see the module docstring).
         last_exits: each sample's exit index in the last forward; `len(taps)` is the main head.
         summary: the last `calibrate` (or `evaluate`) result, or None.
+        temperatures: one per tap; a head's score is the criterion of its logits / T.
 
     Example:
         >>> aux = auxhead.attach(resnet, ["layer2", "layer3"], sample=x[:2])  # then train it
         >>> early = auxhead.EarlyExit(aux)
-        >>> print(early.calibrate(valid_dl, max_accuracy_drop=0.01))
+        >>> print(early.calibrate(valid_dl, max_accuracy_drop=0.01, confidence=0.9))
         >>> logits = early(x); early.last_exits  # tensor([0, 2, 1, ...])
     """
 
