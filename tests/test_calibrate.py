@@ -14,11 +14,13 @@ from auxhead._calibrate import (
     _budget_search,
     _harm_path,
     _search,
+    choose_thresholds,
+    fit_temperature,
+)
+from auxhead._exit_bounds import (
     binomial_cdf,
     binomial_p_value,
     binomial_upper_bound,
-    choose_thresholds,
-    fit_temperature,
     fixed_sequence,
     hoeffding_bentkus_p_value,
 )
