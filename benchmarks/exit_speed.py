@@ -1,0 +1,124 @@
+"""Does the wall-clock of `EarlyExit` track the FLOPs it saves?
+
+For a model with two heads, the thresholds are set so that a given share of the images leave
+at the first head (the second off), then batch-size-1 latency and batch-64/256 throughput of
+the `EarlyExit` are measured against the bare model (heads stripped) side by side, with
+interleaved repeats, next to the speed-up the FLOPs predict (full FLOPs / mean FLOPs with
+exits). Routing does not depend on accuracy, so the weights are random (seeded): only the
+share of images leaving matters.
+
+Also: the fixed overhead of one exit, the `EarlyExit` with thresholds 1 (every image to the
+main head, no head runs) and with the first head running but nobody leaving (threshold 0.999
+above every score), against the bare model.
+
+    OMP_NUM_THREADS=1 python benchmarks/exit_speed.py                      # Fashion-MNIST CNN
+    OMP_NUM_THREADS=1 python benchmarks/exit_speed.py --model resnet50 --size 128
+
+CPU timings on a shared machine are noisy: each figure is the median of --repeats interleaved
+runs, one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import deep_supervision as ds
+
+import auxhead
+
+
+def build(name: str, size: int) -> tuple[auxhead.AuxModel, torch.Tensor]:
+    """(AuxModel with 2 sdn heads, 256 random input images)."""
+    torch.manual_seed(0)
+    if name == "fmnist_cnn":
+        model: nn.Module = ds.resnet_cnn()
+        images = torch.randn(256, 1, 28, 28)
+        taps = ["stage1", "stage2"]
+    else:
+        import torchvision
+
+        model = getattr(torchvision.models, name)(num_classes=10)
+        images = torch.randn(256, 3, size, size)
+        taps = ["layer2", "layer3"] if name.startswith("resnet") else ["features.3", "features.5"]
+    aux_model = auxhead.attach(model, taps, head="sdn", sample=images[:2])
+    return aux_model.eval(), images
+
+
+def timed(fn, batches: list[torch.Tensor]) -> float:
+    """Seconds per image over `batches`."""
+    start = time.perf_counter()
+    for batch in batches:
+        fn(batch)
+    return (time.perf_counter() - start) / sum(len(b) for b in batches)
+
+
+def measure(early, bare, images, batch_sizes, repeats) -> dict[int, tuple[float, float]]:
+    """Per batch size: (median s/image of the EarlyExit, of the bare model), interleaved."""
+    out = {}
+    with torch.no_grad():
+        for bs in batch_sizes:
+            count = 64 if bs == 1 else len(images)
+            batches = [images[i : i + bs] for i in range(0, count, bs)]
+            timed(early, batches[:2])
+            timed(bare, batches[:2])
+            pairs = [(timed(early, batches), timed(bare, batches)) for _ in range(repeats)]
+            out[bs] = (
+                statistics.median(p[0] for p in pairs),
+                statistics.median(p[1] for p in pairs),
+            )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="fmnist_cnn")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.95])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    aux_model, images = build(args.model, args.size)
+    bare = copy.deepcopy(aux_model).strip().eval()
+    early = auxhead.EarlyExit(aux_model)
+    labels = torch.zeros(len(images), dtype=torch.long)
+    with torch.no_grad(), aux_model.heads_enabled():
+        aux_model(images)
+        first = aux_model.aux_outputs[aux_model.taps[0]].softmax(-1).amax(-1)
+    aux_model.clear_aux()
+    print(
+        f"{args.model}{'' if args.model == 'fmnist_cnn' else f' at {args.size} px'}, mode "
+        f"{early.mode}, one torch thread, median of {args.repeats} interleaved repeats\n"
+    )
+    header = " | ".join(f"bs {bs}: measured / FLOPs-predicted" for bs in args.batch_sizes)
+    print(f"| setting | FLOPs saved | {header} |")
+    print("|---|---|" + "---|" * len(args.batch_sizes))
+    settings = [("thresholds 1 (no head runs)", [1.0, 1.0])]
+    settings.append(("head 1 runs, nobody leaves", [min(0.9999, first.max().item() + 1e-4), 1.0]))
+    for share in args.shares:
+        threshold = 0.0 if share >= 1 else torch.quantile(first, 1 - share).item()
+        settings.append((f"{share:.0%} leave at head 1", [max(threshold, 0.0), 1.0]))
+    for name, thresholds in settings:
+        early.thresholds = thresholds
+        summary = early.evaluate([(images, labels)], timing_batches=0)
+        predicted = summary.full_flops / summary.mean_flops
+        times = measure(early, bare, images, args.batch_sizes, args.repeats)
+        cells = []
+        for bs in args.batch_sizes:
+            measured = times[bs][1] / times[bs][0]
+            cells.append(f"{measured:.2f}x / {predicted:.2f}x ({measured / predicted:.2f})")
+        print(f"| {name} | {summary.saving:.1%} | {' | '.join(cells)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
