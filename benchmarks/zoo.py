@@ -7,9 +7,10 @@ of timm families, untouched models, random init, small inputs?
 
 For each model (batch of 2, 7 classes, the smallest input it takes from 64 px up, no weights
 downloaded; timm models with drop_rate and drop_path_rate 0.1 where they take them, so that
-they draw random numbers in training), two taps are picked at about 1/3 and 2/3 of the rows of `auxhead.list_layers`
-that a head can use (run once, not train-only, a 2-4 dim output whose first dim is the
-batch). Then, for each head kind ("inception", "linear", "sdn"), on a deep copy of the model:
+they draw random numbers in training), two taps are picked at about 1/3 and 2/3 of the rows
+of `auxhead.list_layers` that a head can use (run once, not train-only, a 2-4 dim output
+whose first dim is the batch). Then, for each head kind ("inception", "linear", "sdn"), on
+a deep copy of the model:
 
     eval    `aux.eval()(x)` equals the bare twin's eval output, bit for bit.
     train   at one seed, `aux.train()(x)` equals the bare twin's `train()(x)`, bit for bit
