@@ -1,6 +1,11 @@
-"""`auxhead train` driven as a user drives it: a subprocess, tiny budgets."""
+"""`auxhead train` and `auxhead layers` as a user drives them: `main(argv)` in process for the
+error paths (seconds each), one tiny real run shared by several tests, and subprocesses (Ctrl-C,
+an export loaded without auxhead, determinism) marked slow."""
 
+import contextlib
+import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -8,45 +13,104 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-QUICK = ["--data", "digits", "--limit", "240", "--epochs", "1", "--bs", "32"]
+from auxhead.cli import main
+from auxhead.cli._common import LOCK_NAME
+from auxhead.cli.train import (
+    DEFAULT_BS,
+    DEFAULT_EPOCHS,
+    DEFAULT_LR,
+    MIN_STEPS,
+    TrainConfig,
+    plan_budget,
+)
+
+QUICK = ["--data", "digits", "--limit", "300", "--epochs", "1", "--bs", "32", "--threads", "1"]
 # The fixture's run, repeated by the determinism test.
-FULL = [*QUICK, "--compare", "--early-exit", "--confidence", "0.9", "--threads", "1"]
+FULL = [*QUICK, "--compare", "--early-exit", "--confidence", "0.9"]
 
 
 def auxhead(*args, cwd=None, timeout=240):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
         [sys.executable, "-m", "auxhead", *map(str, args)],
         capture_output=True,
         text=True,
         cwd=cwd,
         timeout=timeout,
-        env=env,
     )
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()  # --threads 1 sets torch's global
+    yield
+    torch.set_num_threads(threads)
+
+
+def error_line(capsys, argv) -> str:
+    """Run `auxhead argv` in process: it must exit 2 with exactly one error line."""
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("auxhead: error:") or "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    result = auxhead("train", *FULL, "--out", out)
-    return result, out
+    threads = torch.get_num_threads()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        code = main(["train", *FULL, "--out", str(out)])
+    torch.set_num_threads(threads)
+    return code, stdout.getvalue(), out
+
+
+# Budgets -------------------------------------------------------------------------------------
+
+
+def test_budget_keeps_fashion_mnist_defaults():
+    budget = plan_budget(60_000, TrainConfig())
+    assert (budget.bs, budget.lr, budget.epochs) == (DEFAULT_BS, DEFAULT_LR, DEFAULT_EPOCHS)
+    assert budget.steps_per_epoch == 60_000 // 256 and budget.why == "the defaults"
+
+
+def test_budget_on_small_data_gets_smaller_batches_and_more_epochs():
+    budget = plan_budget(1438, TrainConfig())  # digits' training split
+    assert budget.bs == 32  # 64 would give 22 steps an epoch, fewer than 32
+    assert budget.steps_per_epoch == 1438 // 32
+    assert budget.epochs == math.ceil(MIN_STEPS / 44) and budget.steps >= MIN_STEPS
+    assert budget.lr == pytest.approx(float(f"{DEFAULT_LR * math.sqrt(32 / 256):.2g}"))
+    assert "batch size 32" in budget.why and "300 steps" in budget.why
+    tiny = plan_budget(480, TrainConfig())  # 10 classes x 60 images, a fifth held out
+    assert tiny.bs == 16 and tiny.steps_per_epoch == 30 and tiny.epochs == 10
+
+
+def test_budget_options_override():
+    assert plan_budget(1438, TrainConfig(epochs=3)).epochs == 3
+    steps = plan_budget(1438, TrainConfig(steps=100, bs=64))
+    assert (steps.bs, steps.steps_per_epoch, steps.epochs) == (64, 22, 5)
+    assert plan_budget(1438, TrainConfig(lr=0.1)).lr == 0.1
+    assert plan_budget(10, TrainConfig(bs=256)).bs == 10  # never more than the data
+
+
+# One real run --------------------------------------------------------------------------------
 
 
 def test_train_writes_the_report(quick_run):
-    result, out = quick_run
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in (
-        "report.md",
-        "report.json",
-        "heads.png",
-        "compute.png",
-        "model.pkl",
-        "checkpoint.pth",
-    ):
+    code, stdout, out = quick_run
+    assert code == 0, stdout[-3000:]
+    for name in ("report.md", "report.json", "heads.png", "compute.png", "model.pkl",
+                 "checkpoint.pth"):  # fmt: skip
         assert (out / name).is_file(), name
+    assert not (out / LOCK_NAME).exists() and not list(out.glob(".*tmp*"))
     report = json.loads((out / "report.json").read_text())
     assert report["data"] == "digits" and report["arch"] == "small_cnn"
     assert set(report["heads"]) == {"stage1", "stage2"}
@@ -54,22 +118,31 @@ def test_train_writes_the_report(quick_run):
         assert 0.0 <= head["accuracy"] <= 1.0 and head["flops"] > 0
     assert report["heads"]["stage1"]["flops"] < report["main_flops"]
     assert isinstance(report["baseline_accuracy"], float)
-    assert report["train_seconds"] > 0
+    assert report["budget"]["bs"] == 32 and report["budget"]["epochs"] == 1
     assert report["early_exit"]["test"]["exits"] == ["stage1", "stage2", "main"]
-    assert report["early_exit"]["calibration"]["confidence"] == 0.9
-    # the terminal table names every exit
+    # --limit 300: a fifth (60) of the training images are held out for calibration
+    assert report["early_exit"]["n_calibration"] == 60
+    # a held-out set that small is worth a warning, printed and in the report
+    assert any("only 60 held-out images" in w for w in report["warnings"])
+    assert "warning: early exit: calibrating on only 60" in stdout
+    assert "budget: 1 epochs of" in stdout and "--epochs given" in stdout
     for name in ("stage1", "stage2", "main (final layer)", "baseline (no heads)"):
-        assert name in result.stdout
+        assert name in stdout
     md = (out / "report.md").read_text()
     assert "## Exits" in md and "## Early exit" in md and "![accuracy per epoch](heads.png)" in md
-    assert "accuracy lost (with 90% confidence)" in md
+    assert "only 60 held-out images" in md
 
 
-def test_checkpoint_has_heads_and_export_needs_no_auxhead(quick_run):
-    _, out = quick_run
+def test_checkpoint_has_heads(quick_run):
+    _, _, out = quick_run
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["taps"] == ["stage1", "stage2"]
     assert any(k.startswith("heads.") for k in checkpoint["state_dict"])
+
+
+@pytest.mark.slow
+def test_export_loads_without_auxhead(quick_run):
+    _, _, out = quick_run
     script = (
         "import sys; sys.modules['auxhead'] = None\n"
         "from fastai.learner import load_learner\n"
@@ -81,8 +154,9 @@ def test_checkpoint_has_heads_and_export_needs_no_auxhead(quick_run):
     assert loaded.stdout.strip() == "Sequential"
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers(quick_run, tmp_path):
-    _, first = quick_run
+    _, _, first = quick_run
     again = auxhead("train", *FULL, "--out", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     a = json.loads((first / "report.json").read_text())
@@ -91,12 +165,7 @@ def test_same_seed_same_numbers(quick_run, tmp_path):
         assert a[key] == b[key], key
 
 
-def _error_line(result):
-    assert result.returncode == 2, (result.stdout[-1000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("auxhead: error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
+# Bad input: one line, exit 2 -------------------------------------------------------------------
 
 
 def _png(path: Path, value: int = 128, mode: str = "L") -> None:
@@ -106,50 +175,295 @@ def _png(path: Path, value: int = 128, mode: str = "L") -> None:
     Image.new(mode, (8, 8), value).save(path)
 
 
-def test_bad_input_one_clear_line(tmp_path):
-    missing = _error_line(auxhead("train", "--data", tmp_path / "nope", "--out", tmp_path / "o"))
-    assert "nope" in missing
+def test_bad_data_one_clear_line(tmp_path, capsys):
+    out = ["--out", tmp_path / "o"]
+    assert "nope" in error_line(capsys, ["train", "--data", tmp_path / "nope", *out])
     (tmp_path / "empty").mkdir()
-    assert "empty" in _error_line(auxhead("train", "--data", tmp_path / "empty"))
+    assert "empty" in error_line(capsys, ["train", "--data", tmp_path / "empty", *out])
     _png(tmp_path / "one" / "cat" / "a.png")
     _png(tmp_path / "one" / "cat" / "b.png")
-    assert "class" in _error_line(auxhead("train", "--data", tmp_path / "one"))
+    assert "class" in error_line(capsys, ["train", "--data", tmp_path / "one", *out])
     _png(tmp_path / "bad" / "cat" / "a.png")
     (tmp_path / "bad" / "dog").mkdir()
     (tmp_path / "bad" / "dog" / "b.png").write_bytes(b"not an image")
-    assert "b.png" in _error_line(auxhead("train", "--data", tmp_path / "bad"))
-    arch = _error_line(auxhead("train", *QUICK, "--arch", "resnet9000"))
-    assert "resnet9000" in arch
-    layer = _error_line(auxhead("train", *QUICK, "--at", "stage7"))
-    assert "stage7" in layer and "list_layers" in layer
-    out = tmp_path / "exits"
-    drop = _error_line(auxhead("train", *QUICK, "--early-exit", "--max-drop", "5", "--out", out))
-    assert "--max-drop is a fraction in [0, 1]" in drop and "got 5.0" in drop
-    confidence = _error_line(auxhead("train", *QUICK, "--confidence", "1.5", "--out", out))
+    assert "b.png" in error_line(capsys, ["train", "--data", tmp_path / "bad", *out])
+
+
+def _idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_one_class_idx_folder_is_refused(tmp_path, capsys):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    images = np.zeros((20, 8, 8))
+    _idx(folder / "train-images-idx3-ubyte", images)
+    _idx(folder / "t10k-images-idx3-ubyte", images[:5])
+    _idx(folder / "train-labels-idx1-ubyte", np.zeros(20))
+    _idx(folder / "t10k-labels-idx1-ubyte", np.zeros(5))
+    line = error_line(capsys, ["train", "--data", folder, "--out", tmp_path / "o"])
+    assert "every label in its idx files is 0" in line and "two classes" in line
+
+
+def test_bad_model_or_layer(tmp_path, capsys):
+    out = ["--out", tmp_path / "o"]
+    arch = error_line(capsys, ["train", *QUICK, "--arch", "resnet9000", *out])
+    assert "--arch" in arch and "resnet9000" in arch and "resnet50" in arch
+    layer = error_line(capsys, ["train", *QUICK, "--at", "stage7", *out])
+    assert "--at" in layer and "stage7" in layer and "auxhead layers --arch small_cnn" in layer
+    vit = error_line(capsys, ["train", *QUICK, "--arch", "vit_b_16", *out])
+    assert "--arch vit_b_16 does not run on 1x8x8 images" in vit and "--size" in vit
+    inception = error_line(
+        capsys, ["train", *QUICK, "--arch", "inception_v3", "--at", "Mixed_5b", *out]
+    )
+    assert "--arch inception_v3 does not run on 1x8x8 images" in inception
+    assert "--size N" in inception
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--lr", "inf"], "--lr: must be a finite number, got inf"),
+        (["--lr", "nan"], "--lr: must be a finite number, got nan"),
+        (["--lr", "0"], "--lr: must be > 0, got 0"),
+        (["--aux-weight", "nan"], "--aux-weight: must be a finite number, got nan"),
+        (["--aux-weight", "-1"], "--aux-weight: must be >= 0, got -1"),
+        (["--threads", "0"], "--threads: must be at least 1, got 0"),
+        (["--max-drop", "5"], "--max-drop: must be in [0, 1], got 5"),
+        (["--distill", "2"], "--distill: must be in [0, 1], got 2"),
+        (["--weights", "0.3"], "unrecognized arguments: --weights"),
+    ],
+)
+def test_bad_option_values_are_refused_by_the_parser(tmp_path, capsys, argv, expected):
+    assert main(["train", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_that_cannot_work_are_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "o"
+    bs = error_line(capsys, ["train", *QUICK, "--bs", "1", "--out", out])
+    assert "--bs 1" in bs and "at least 2" in bs
+    confidence = error_line(capsys, ["train", *QUICK, "--confidence", "1.5", "--out", out])
     assert "--confidence is a probability in (0, 1)" in confidence and "1.5" in confidence
-    assert not out.exists()  # refused before anything was written
+    both = error_line(capsys, ["train", *QUICK, "--steps", "10", "--out", out])
+    assert "--epochs and --steps" in both
+    assert not out.exists()
 
 
-def test_bad_option_values_are_refused_by_the_parser(tmp_path):
-    result = auxhead("train", "--threads", "0", "--out", tmp_path)
-    assert result.returncode == 2 and "--threads: must be at least 1, got 0" in result.stderr
-    assert not any(tmp_path.iterdir())
+def test_early_exit_needs_held_out_images(tmp_path, capsys):
+    line = error_line(capsys, ["train", *QUICK, "--limit", "3", "--early-exit", "--out", tmp_path])
+    assert "--early-exit" in line and "--limit 250" in line
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    result = auxhead("--debug", "train", "--data", tmp_path / "nope")
-    assert result.returncode != 0 and "Traceback" in result.stderr
+def test_non_finite_loss_stops_with_one_line(tmp_path, capsys):
+    line = error_line(capsys, ["train", *QUICK, "--limit", "64", "--aux-weight", "1e38",
+                               "--out", tmp_path])  # fmt: skip
+    assert "training loss became inf at epoch 1, step 1" in line and "--aux-weight" in line
+    assert not (tmp_path / "report.md").exists()
 
 
+# --out -----------------------------------------------------------------------------------------
+
+
+def test_bad_out_is_refused(tmp_path, capsys):
+    assert "--out is empty" in error_line(capsys, ["train", *QUICK, "--out", ""])
+    file = tmp_path / "file.txt"
+    file.write_text("mine")
+    assert "is a file" in error_line(capsys, ["train", *QUICK, "--out", file])
+    below_a_file = error_line(capsys, ["train", *QUICK, "--out", file / "run"])
+    assert "--out" in below_a_file and "cannot be used" in below_a_file
+    assert file.read_text() == "mine"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_unwritable_out_is_refused_before_training(tmp_path, capsys):
+    tmp_path.chmod(0o500)
+    try:
+        line = error_line(capsys, ["train", *QUICK, "--out", tmp_path / "run"])
+    finally:
+        tmp_path.chmod(0o700)
+    assert "--out" in line and "not writable" in line
+
+
+def test_an_earlier_runs_report_is_removed_when_a_run_starts(tmp_path, capsys):
+    for name in ("report.md", "report.json", "checkpoint.pth", "notes.txt"):
+        (tmp_path / name).write_text("earlier run")
+    error_line(capsys, ["train", "--data", tmp_path / "nope", "--out", tmp_path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # not ours: kept
+
+
+def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
+    (tmp_path / LOCK_NAME).write_text(f"{os.getppid()}\n")  # a live process holds it
+    (tmp_path / "report.md").write_text("the other run's")
+    line = error_line(capsys, ["train", *QUICK, "--out", tmp_path])
+    assert f"in use by another auxhead run (process {os.getppid()})" in line
+    assert (tmp_path / "report.md").read_text() == "the other run's"
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, capsys):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / LOCK_NAME).write_text(f"{dead.pid}\n")
+    line = error_line(capsys, ["train", "--data", tmp_path / "nope", "--out", tmp_path])
+    assert "nope" in line  # got past the lock
+    assert not (tmp_path / LOCK_NAME).exists()  # and released it
+
+
+# Interrupts, bugs, --debug, help -----------------------------------------------------------------
+
+
+def test_ctrl_c_names_only_files_that_exist(tmp_path, capsys, monkeypatch):
+    import auxhead.cli.train as train
+
+    (tmp_path / "checkpoint.pth").write_text("an earlier run's")
+
+    def interrupted(config, say):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_train", interrupted)
+    assert main(["train", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; no epoch completed, so nothing was saved" in err
+    assert not (tmp_path / "checkpoint.pth").exists()
+
+    def after_one_epoch(config, say):
+        (config.out / "checkpoint.pth").write_text("epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "run_train", after_one_epoch)
+    assert main(["train", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert f"the last completed epoch is in {tmp_path / 'checkpoint.pth'}" in err
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, capsys, monkeypatch):
+    import auxhead.cli.train as train
+
+    def broken(config, say):
+        raise KeyError("an internal key")  # not the user's fault: no 'usage error'
+
+    monkeypatch.setattr(train, "run_train", broken)
+    assert main(["train", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'an internal key'" in err
+    assert "please report it" in err and "auxhead: error:" not in err
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_before_or_after_the_subcommand(tmp_path, capsys, where):
+    argv = ["train", "--data", str(tmp_path / "nope")]
+    argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "auxhead: error: no data set" in err
+
+
+def test_help_is_a_manual(capsys):
+    assert main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("examples:", "auxhead train --data digits", "report.md", "checkpoint.pth",
+                     "exit codes:", "130", "are deleted when a run starts", "--aux-weight",
+                     "--pretrained"):  # fmt: skip
+        assert expected in text, expected
+    assert main(["layers", "--help"]) == 0
+    assert "examples:" in capsys.readouterr().out
+    assert main([]) == 2
+
+
+def test_layers_lists_the_layers_and_marks_the_default_taps(capsys):
+    assert main(["layers"]) == 0
+    out = capsys.readouterr().out
+    assert "small_cnn on 1x28x28 inputs (* default taps: stage1, stage2)" in out
+    rows = {line.split()[-3] if line.startswith("*") else line.split()[0]: line
+            for line in out.splitlines()[4:]}  # fmt: skip
+    assert rows["stage1"].startswith("* ") and rows["stage1"].endswith("32x14x14")
+    assert rows["stage3"].startswith("  ") and rows["stage3"].endswith("128x4x4")
+    assert rows["head.fc"].endswith(" 10")
+    assert main(["layers", "--arch", "resnet18", "--data", "digits"]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18 on 1x8x8 inputs (* default taps: layer2, layer3)" in out
+    assert "* layer2" in out
+    assert "--size" in error_line(capsys, ["layers", "--arch", "vit_b_16", "--size", "32"])
+
+
+# Pretrained fine-tuning, offline --------------------------------------------------------------
+
+
+def _cached_resnet18(torch_home: Path) -> dict:
+    import torchvision
+
+    state = torchvision.models.resnet18().state_dict()
+    checkpoints = torch_home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(state, checkpoints / "resnet18-f37072fd.pth")  # the file torchvision expects
+    return state
+
+
+def test_pretrained_fine_tunes_from_the_cache(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _cached_resnet18(tmp_path / "torch")
+    out = tmp_path / "run"
+    argv = ["train", *QUICK, "--limit", "64", "--arch", "resnet18", "--pretrained", "--head",
+            "linear", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    stdout = capsys.readouterr().out
+    assert "after 1 epoch with the body frozen" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["history"]) == 2  # fastai's fine_tune: 1 frozen epoch, then 1
+    assert "fine-tuned from pretrained weights" in (out / "report.md").read_text()
+
+
+def test_pretrained_without_network_says_how_to_provide_the_weights(tmp_path, capsys, monkeypatch):
+    import urllib.error
+
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    line = error_line(capsys, ["train", *QUICK, "--arch", "resnet18", "--pretrained",
+                               "--out", tmp_path / "run"])  # fmt: skip
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert line.startswith("auxhead: error: --pretrained:") and str(cached) in line
+    assert "--init PATH" in line and "no network" in line
+
+
+def test_init_starts_from_a_state_dict(tmp_path, capsys):
+    from auxhead.models import build_model
+
+    start = build_model("small_cnn", 10, 1, 8).state_dict()
+    torch.save(start, tmp_path / "start.pth")
+    out = tmp_path / "run"
+    argv = ["train", *QUICK, "--limit", "64", "--init", tmp_path / "start.pth", "--out", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-3000:]
+    assert "fine-tuned from" in (out / "report.md").read_text()
+    (tmp_path / "junk.pth").write_text("not a state_dict")
+    line = error_line(capsys, ["train", *QUICK, "--init", tmp_path / "junk.pth", "--out", out])
+    assert "--init" in line and "junk.pth" in line
+
+
+# Subprocesses ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
 def test_ctrl_c_leaves_the_last_epoch_checkpoint(tmp_path):
     args = ["train", "--data", "digits", "--limit", "120", "--bs", "8", "--epochs", "200"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen(
         [sys.executable, "-m", "auxhead", *args, "--out", str(tmp_path)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env,
         # A shell's background job inherits SIGINT ignored, and Python then never raises
         # KeyboardInterrupt: give the child the default handler, as a terminal would.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -162,10 +476,10 @@ def test_ctrl_c_leaves_the_last_epoch_checkpoint(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr[-2000:]
-    assert "interrupted" in stderr and "checkpoint.pth" in stderr
+    assert f"the last completed epoch is in {checkpoint}" in stderr
     saved = torch.load(checkpoint, weights_only=False)
     assert saved["epoch"] >= 1
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "report.md").exists()
 
     # the checkpoint restores into a freshly attached model
     import auxhead
@@ -178,7 +492,11 @@ def test_ctrl_c_leaves_the_last_epoch_checkpoint(tmp_path):
     aux.load_state_dict(saved["state_dict"])
 
 
-def test_help_and_no_command():
-    assert "train" in auxhead("--help").stdout
-    assert "--early-exit" in auxhead("train", "--help").stdout
+@pytest.mark.slow
+def test_the_command_and_python_m_work(tmp_path):
+    result = auxhead("train", "--help")
+    assert result.returncode == 0 and "--early-exit" in result.stdout
     assert auxhead().returncode == 2
+    command = Path(sys.executable).with_name("auxhead")
+    result = subprocess.run([command, "layers"], capture_output=True, text=True)
+    assert result.returncode == 0 and "* stage1" in result.stdout

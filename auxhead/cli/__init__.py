@@ -80,9 +80,10 @@ def _kept(kept: list, what: str) -> str:
 
 def _run_train(args: argparse.Namespace) -> int:
     from auxhead.cli.report import terminal_summary, write_report
-    from auxhead.cli.train import OWNED_FILES, config_from_args, run_train
+    from auxhead.cli.train import OWNED_FILES, check_config, config_from_args, run_train
 
     config = config_from_args(args)
+    check_config(config)  # before --out is touched
     _threads(args.threads)
     print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, heads: "
           f"{config.head} -> {config.out}", flush=True)  # fmt: skip
@@ -101,10 +102,11 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_acgan(args: argparse.Namespace) -> int:
-    from auxhead.cli.acgan import OWNED_FILES, config_from_args, run_acgan
+    from auxhead.cli.acgan import OWNED_FILES, check_config, config_from_args, run_acgan
     from auxhead.cli.report import write_acgan_report
 
     config = config_from_args(args)
+    check_config(config)  # before --out is touched
     with OutputFolder(config.out, OWNED_FILES) as out:
         try:
             result = run_acgan(config, say=lambda line: print(line, flush=True))

@@ -98,6 +98,18 @@ def _check_images(images: torch.Tensor, labels: torch.Tensor | None, what: str) 
         )
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"{what}: {len(images)} images but {len(labels)} labels")
+    _check_finite(images, what)
+
+
+def _check_finite(values: torch.Tensor, what: str) -> None:
+    """Refuse NaN or infinite values before any linear algebra sees them (a matrix square
+    root of a NaN covariance can crash the process rather than raise)."""
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(
+            f"{what} hold {bad} NaN or infinite value(s); a generator whose training diverged "
+            "produces them (lower the learning rate or the loss weights)"
+        )
 
 
 def train_classifier(
@@ -225,6 +237,7 @@ def frechet_distance(
 
 def mean_pairwise_distance(features: torch.Tensor) -> float:
     """Mean Euclidean distance over all pairs i < j of the rows of `features` (flattened)."""
+    _check_finite(features, "features")
     x = features.reshape(len(features), -1).double()
     n = len(x)
     if n < 2:
@@ -255,6 +268,7 @@ def intra_class_diversity(
     """
     if len(features) != len(labels):
         raise ValueError(f"{len(features)} feature vectors but {len(labels)} labels")
+    _check_finite(features, "features")
     rng = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     out: list[float | None] = []
@@ -345,6 +359,7 @@ class GANEvaluator:
         )
 
     def _distance_to_test(self, images: torch.Tensor) -> float:
+        _check_finite(images, "images")
         self._fid.reset()  # keeps the real test features
         for i in range(0, len(images), 1000):
             self._fid.update(images[i : i + 1000], real=False)
