@@ -1,4 +1,6 @@
-import argparse
+"""`auxhead acgan` in process: a tiny real run, the options it refuses, the output folder, and
+the GAN metrics' refusal of non-finite samples."""
+
 import json
 import re
 
@@ -6,12 +8,27 @@ import numpy as np
 import pytest
 import torch
 
-from auxhead.data import DataError
-from auxhead.gan.cli import add_acgan_arguments, classifier_epochs, run_acgan
+from auxhead.cli import main
+from auxhead.cli._common import LOCK_NAME
+from auxhead.cli.acgan import DEFAULT_EPOCHS, MIN_STEPS, classifier_epochs, gan_epochs
+from auxhead.gan.metrics import (
+    SmallCNN,
+    class_accuracy,
+    frechet_distance,
+    intra_class_diversity,
+    mean_pairwise_distance,
+)
 from auxhead.gan.models import Generator
 
-TINY = ["--epochs", "1", "--width", "4", "--latent-dim", "8", "--bs", "16"]
+TINY = ["--epochs", "1", "--width", "4", "--latent-dim", "8", "--bs", "16", "--threads", "1"]
 TINY += ["--n-per-class", "100", "--classifier-epochs", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def _image_folder(root, classes=("a", "b", "c"), n=12, size=(28, 28)):
@@ -27,15 +44,14 @@ def _image_folder(root, classes=("a", "b", "c"), n=12, size=(28, 28)):
     return root
 
 
-def _args(*argv):
-    return add_acgan_arguments(argparse.ArgumentParser()).parse_args(list(argv))
-
-
-def test_defaults():
-    args = _args()
-    assert args.data is None and args.out == "acgan-out" and not args.tac
-    assert args.n_per_class >= 100 and not args.fake_class_loss and args.mode_seeking > 0
-    assert args.classifier_epochs is None
+def error_line(capsys, argv) -> str:
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 def test_classifier_epochs_scale_with_the_data():
@@ -45,13 +61,24 @@ def test_classifier_epochs_scale_with_the_data():
     assert classifier_epochs(1_438, requested=3) == 3
 
 
+def test_gan_epochs_fit_the_data():
+    assert gan_epochs(60_000, 128)[0] == DEFAULT_EPOCHS  # 468 steps an epoch
+    epochs, why = gan_epochs(1_438, 128)  # digits: 11 steps an epoch
+    assert epochs == -(-MIN_STEPS // 11) == 300 and "11 steps an epoch" in why
+    assert gan_epochs(1_438, 128, requested=4) == (4, "--epochs given")
+
+
 def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     data = _image_folder(tmp_path / "data")
-    report = run_acgan(_args(*TINY, "--data", str(data), "--tac", "--out", str(tmp_path / "out")))
-    tmp_path = tmp_path / "out"
-    assert [run["variant"] for run in report["runs"]] == ["AC-GAN", "TAC-GAN"]
-    for folder in (tmp_path, tmp_path / "tac"):
-        for name in ("grid.png", "generator.pth", "learner.pth", "samples.npz"):
+    out = tmp_path / "out"
+    (out / "grids").mkdir(parents=True)
+    (out / "grids" / "grid_epoch_099.png").write_text("an earlier run's")
+    assert main(["acgan", *TINY, "--data", str(data), "--tac", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "wrote" in stdout
+    assert not (out / "grids" / "grid_epoch_099.png").exists()  # the earlier run's: removed
+    for folder in (out, out / "tac"):
+        for name in ("grid.png", "generator.pth", "learner.pth", "samples.npz", "checkpoint.pth"):
             assert (folder / name).is_file(), folder / name
         assert (folder / "grids" / "grid_epoch_001.png").is_file()
         with np.load(folder / "samples.npz") as samples:
@@ -59,44 +86,123 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
         assert images.dtype == np.float32 and images.shape == (300, 1, 28, 28)
         assert images.min() >= 0 and images.max() <= 1
         assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [100] * 3
-    saved = json.loads((tmp_path / "report.json").read_text())
+    assert not (out / LOCK_NAME).exists()
+    saved = json.loads((out / "report.json").read_text())
+    assert [run["variant"] for run in saved["runs"]] == ["AC-GAN", "TAC-GAN"]
     assert [run["loss"]["class_on_fake"] for run in saved["runs"]] == [False, False]
     assert [run["loss"]["tac"] for run in saved["runs"]] == [False, True]
+    assert saved["config"]["epochs"] == 1 and saved["epochs_why"] == "--epochs given"
     assert 0 <= saved["reference"]["classifier_test_accuracy"]["overall"] <= 1
     for run in saved["runs"]:
         assert len(run["accuracy"]["per_class"]) == 3 and run["fid"] >= 0
         assert len(run["diversity_ratio"]) == 3 and run["history"][0]["d_loss"] > 0
-    markdown = (tmp_path / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
     assert "| AC-GAN | TAC-GAN |" in markdown and "Frechet" in markdown
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert images == ["grid.png", "tac/grid.png"]
-    assert all((tmp_path / image).is_file() for image in images)
-    # the checkpoint rebuilds the generator
-    ckpt = torch.load(tmp_path / "generator.pth")
+    assert all((out / image).is_file() for image in images)
+    # the generator file rebuilds the generator; the checkpoint holds both networks
+    ckpt = torch.load(out / "generator.pth")
     g = Generator(**ckpt["config"])
     g.load_state_dict(ckpt["state_dict"])
     assert g.generate([2]).shape == (1, 1, 28, 28)
-    assert "wrote" in capsys.readouterr().out
+    checkpoint = torch.load(out / "checkpoint.pth")
+    assert checkpoint["epoch"] == 1 and set(checkpoint) >= {"generator", "discriminator"}
+    torch.testing.assert_close(checkpoint["generator"], ckpt["state_dict"])
 
 
 @pytest.mark.parametrize(
-    ("argv", "error", "match"),
+    ("argv", "expected"),
     [
-        (["--size", "30"], ValueError, r"--size must be one of \[28, 32, 64\], got 30"),
-        (["--n-per-class", "10"], ValueError, "--n-per-class must be >= 100"),
-        (["--epochs", "0"], ValueError, "--epochs must be >= 1"),
-        (["--data", "/no/such/folder"], DataError, "no data set"),
-        (["--data", "odd"], DataError, r"images are 28x40.*pass --size"),
+        (["--class-weight", "nan"], "--class-weight: must be a finite number, got nan"),
+        (["--mode-seeking", "inf"], "--mode-seeking: must be a finite number, got inf"),
+        (["--lr", "inf"], "--lr: must be a finite number, got inf"),
+        (["--size", "30"], "--size: invalid choice: 30"),
+        (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
     ],
 )
-def test_bad_options(tmp_path, argv, error, match):
-    if argv[:2] == ["--data", "odd"]:  # images that are not square
-        argv = ["--data", str(_image_folder(tmp_path / "odd", size=(28, 40))), *argv[2:]]
-    with pytest.raises(error, match=match):
-        run_acgan(_args(*argv, "--out", str(tmp_path)))
+def test_bad_options_are_refused_by_the_parser(tmp_path, capsys, argv, expected):
+    assert main(["acgan", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
-def test_one_class_folder_is_refused(tmp_path):
-    _image_folder(tmp_path / "data", classes=("only",), n=4)
-    with pytest.raises(DataError, match="single class"):
-        run_acgan(_args("--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")))
+def test_bad_input_one_clear_line(tmp_path, capsys):
+    out = ["--out", tmp_path / "o"]
+    assert "--n-per-class must be >= 100" in error_line(
+        capsys, ["acgan", "--n-per-class", "10", *out]
+    )
+    assert "--bs 1" in error_line(capsys, ["acgan", "--bs", "1", *out])
+    assert "no data set" in error_line(capsys, ["acgan", "--data", "/no/such/folder", *out])
+    odd = _image_folder(tmp_path / "odd", size=(28, 40))
+    assert re.search(
+        r"images are 28x40.*--size N", error_line(capsys, ["acgan", "--data", odd, *out])
+    )
+    _image_folder(tmp_path / "one", classes=("only",), n=4)
+    assert "single class" in error_line(capsys, ["acgan", "--data", tmp_path / "one", *out])
+    assert "--out is empty" in error_line(capsys, ["acgan", "--out", ""])
+
+
+def test_a_diverging_gan_stops_with_one_line(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data")
+    line = error_line(capsys, ["acgan", *TINY, "--data", data, "--class-weight", "1e38",
+                               "--out", tmp_path / "o"])  # fmt: skip
+    assert "the GAN's loss became nan at epoch 1" in line and "--class-weight" in line
+    assert not (tmp_path / "o" / "report.md").exists()
+    assert not (tmp_path / "o" / "samples.npz").exists()
+
+
+def test_ctrl_c_names_only_files_that_exist(tmp_path, capsys, monkeypatch):
+    import auxhead.cli.acgan as acgan
+
+    (tmp_path / "checkpoint.pth").write_text("an earlier run's")
+    (tmp_path / "report.json").write_text("an earlier run's")
+
+    def interrupted(config, say):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acgan, "run_acgan", interrupted)
+    assert main(["acgan", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert "no epoch completed, so nothing was saved" in err
+    assert not any(tmp_path.iterdir())
+
+    def after_one_epoch(config, say):
+        torch.save({"epoch": 1}, config.out / "checkpoint.pth")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(acgan, "run_acgan", after_one_epoch)
+    assert main(["acgan", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err
+    assert f"(both networks) is in {tmp_path / 'checkpoint.pth'}" in err
+
+
+def test_help_is_a_manual(capsys):
+    assert main(["acgan", "--help"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("examples:", "auxhead acgan --data digits", "samples.npz", "checkpoint.pth",
+                     "exit codes:", "130", "are deleted when a run starts"):  # fmt: skip
+        assert expected in text, expected
+
+
+# The metrics refuse non-finite samples (a NaN covariance used to crash the process) ----------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_metrics_refuse_non_finite_samples(bad):
+    classifier = SmallCNN(3, 1, width=4, feature_dim=8)
+    images = torch.rand(6, 1, 28, 28)
+    images[2, 0, 5, 5] = bad
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    match = "hold 1 NaN or infinite value"
+    with pytest.raises(ValueError, match=match):
+        class_accuracy(classifier, images, labels, 3)
+    with pytest.raises(ValueError, match=match):
+        frechet_distance(classifier.features, torch.rand(6, 1, 28, 28), images)
+    features = torch.rand(6, 8)
+    features[0, 0] = bad
+    with pytest.raises(ValueError, match=match):
+        mean_pairwise_distance(features)
+    with pytest.raises(ValueError, match=match):
+        intra_class_diversity(features, labels, 3)

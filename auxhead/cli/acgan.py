@@ -385,10 +385,11 @@ class GANCheckpoint(Callback):
     def __init__(self, path: Path, meta: dict[str, Any]) -> None:
         self.path, self.meta = path, meta
 
-    def after_loss(self) -> None:
-        if self.training and not bool(torch.isfinite(self.learn.loss).all()):
+    def after_batch(self) -> None:  # the trainer steps both networks itself, in before_batch
+        loss = getattr(self.learn, "loss", None)
+        if self.training and loss is not None and not bool(torch.isfinite(loss).all()):
             raise UsageError(
-                f"the GAN's loss became {float(self.learn.loss)} at epoch {self.epoch + 1}: "
+                f"the GAN's loss became {float(loss)} at epoch {self.epoch + 1}: "
                 "training diverged; likely cause: --lr too high, or --class-weight / "
                 "--mode-seeking too large"
             )
