@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import auxhead
-from auxhead.models import build_model, default_taps, small_cnn
+from auxhead.models import build_model, classifier_split, default_taps, load_matching, small_cnn
 
 needs_torchvision = pytest.mark.skipif(
     importlib.util.find_spec("torchvision") is None, reason="torchvision is not installed"
@@ -114,3 +114,60 @@ def test_build_model_unknown_name():
         build_model("no_such_net_at_all")
     with pytest.raises(ValueError, match="unknown model source 'keras'"):
         build_model("keras:resnet18")
+
+
+@needs_torchvision
+def test_default_taps_of_a_vision_transformer():
+    import torchvision
+
+    model = torchvision.models.vit_b_16(num_classes=10)  # 12 encoder blocks
+    assert default_taps(model) == [
+        "encoder.layers.encoder_layer_3",
+        "encoder.layers.encoder_layer_7",
+    ]
+
+
+@needs_torchvision
+def test_pretrained_weights_come_from_torch_hubs_cache(tmp_path, monkeypatch):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cached = torchvision.models.resnet18().state_dict()  # random "pretrained" weights
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    torch.save(cached, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    model = build_model("resnet18", num_classes=7, channels=1, pretrained=True)
+    state = model.state_dict()
+    torch.testing.assert_close(state["layer3.1.conv2.weight"], cached["layer3.1.conv2.weight"])
+    torch.testing.assert_close(state["bn1.running_var"], cached["bn1.running_var"])
+    # grayscale: the RGB filters summed, so a gray image gives what RGB gray would
+    torch.testing.assert_close(state["conv1.weight"], cached["conv1.weight"].sum(1, keepdim=True))
+    gray = torch.rand(1, 1, 32, 32)
+    conv = model.conv1
+    torch.testing.assert_close(
+        conv(gray), nn.functional.conv2d(gray.expand(1, 3, 32, 32), cached["conv1.weight"],
+                                         stride=2, padding=3),
+    )  # fmt: skip
+    assert state["fc.weight"].shape == (7, 512)  # a new classifier for 7 classes
+
+
+def test_pretrained_small_cnn_is_refused():
+    with pytest.raises(ValueError, match="small_cnn has no pretrained weights"):
+        build_model("small_cnn", pretrained=True)
+
+
+def test_load_matching_skips_what_does_not_fit():
+    source = small_cnn(10, channels=3, size=28).state_dict()
+    target = small_cnn(4, channels=1, size=28)
+    missing = load_matching(target, source)
+    assert missing == ["head.fc.weight", "head.fc.bias"]  # 4 classes, not 10
+    torch.testing.assert_close(target.state_dict()["stage2.0.conv.weight"],
+                               source["stage2.0.conv.weight"])  # fmt: skip
+    with pytest.raises(ValueError, match="none of the 1 entries fits"):
+        load_matching(target, {"nothing.weight": torch.zeros(3)})
+
+
+def test_classifier_split_puts_the_last_linear_last():
+    model = small_cnn(10)
+    body, classifier = classifier_split(model)
+    assert [p.shape for p in classifier] == [(10, 128), (10,)]
+    assert len(body) + len(classifier) == len(list(model.parameters()))
