@@ -4,12 +4,14 @@ guaranteed accuracy drop (the search and the guarantee: `auxhead._calibrate`; th
 data collection and timing: `auxhead._exit_summary`).
 
 How compute is saved depends on the model (`EarlyExit.mode`):
-- "staged": the model is cut into stages at the taps (nn.Sequential, fastai vision learners,
-  torchvision and timm ResNets). A sample that exits leaves the batch; later stages run on the
-  samples still undecided only.
-- "generic": any other model runs whole, with hooks at the taps, and the forward stops as soon
-  as every sample in the batch has exited. That saves compute for batch size 1 (latency) and
-  for batches that all exit together.
+- "staged": the model is cut into stages at the taps: nn.Sequential, fastai vision learners,
+  torchvision and timm ResNets by their known forward, any other model that torch.fx can trace
+  by splitting its graph at the taps (`auxhead._exit_fx`). A sample that exits leaves the
+  batch; later stages run on the samples still undecided only.
+- "generic": any other model (untraceable, or a value other than the tap's output crossing a
+  cut) runs whole, with hooks at the taps, and the forward stops as soon as every sample in
+  the batch has exited (`EarlyExit.mode_reason` says why). That saves compute for batch size
+  1 (latency) and for batches that all exit together.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 from auxhead._calibrate import METHODS, _leaves, check_targets, choose_thresholds
+from auxhead._exit_fx import fx_cut
 from auxhead._exit_summary import ExitSummary, collect, summarise
 from auxhead._flops import MAIN
 from auxhead._probe import eval_mode, resolve
@@ -86,12 +89,37 @@ def _check_thresholds(value: Any, taps: list[str]) -> tuple[float, ...]:
 def _take(output: Any, keep: torch.Tensor) -> Any:
     """The samples `keep` (a bool mask over the batch) of a stage's output."""
     if isinstance(output, torch.Tensor):
+        if output.dim() == 0 or output.shape[0] != keep.shape[0]:
+            raise ValueError(
+                f"a stage outputs shape {tuple(output.shape)}, whose first dimension is not the "
+                f"batch ({keep.shape[0]}); use EarlyExit(..., mode='generic')"
+            )
         return output[keep]
     if isinstance(output, (tuple, list)):
         return type(output)(_take(item, keep) for item in output)
     raise TypeError(
         f"a stage outputs {type(output).__name__}, which cannot be split by sample; "
         "use EarlyExit(..., mode='generic')"
+    )
+
+
+def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
+    """Stages for per-sample routing, and why (not): the known forwards first (nn.Sequential,
+    ResNets: the modules themselves run), then any model torch.fx can trace and split."""
+    model, taps = aux_model.model, aux_model.taps
+    try:
+        plan = cut(model, taps)
+        return plan, f"{len(plan.stages)} stages, samples leave the batch as they exit"
+    except NotStageable as error:
+        known = str(error)
+    try:
+        with eval_mode(model):  # the forward served, not training's (aux branches, dropout)
+            plan = fx_cut(model, taps)
+    except NotStageable as error:
+        return None, (f"it stops only once the whole batch has exited ({known}; and {error})")
+    return plan, (
+        f"{len(plan.stages)} stages split from the torch.fx graph, samples leave the batch as "
+        "they exit"
     )
 
 
@@ -114,6 +142,7 @@ class EarlyExit(nn.Module):
 
     Attributes:
         mode: "staged" or "generic" (see the module docstring).
+        mode_reason: why: the stages found, or why the model cannot be cut.
         last_exits: each sample's exit index in the last forward; `len(taps)` is the main head.
         summary: the last `calibrate` (or `evaluate`) result, or None.
         temperatures: one per tap; a head's score is the criterion of its logits / T.
@@ -161,24 +190,20 @@ class EarlyExit(nn.Module):
         self.last_exits: torch.Tensor | None = None
         self.summary: ExitSummary | None = None
         self._plan: Plan | None = None
-        reason = "mode='generic' was asked for"
+        self.mode_reason = "mode='generic' was asked for"
         if mode != "generic":
-            try:
-                self._plan = cut(aux_model.model, aux_model.taps)
-            except NotStageable as error:
-                if mode == "staged":
-                    raise ValueError(
-                        f"cannot route samples through {type(aux_model.model).__name__} stage "
-                        f"by stage: {error}. Use mode='generic' (or 'auto')."
-                    ) from None
-                reason = str(error)
+            self._plan, self.mode_reason = _plan(aux_model)
+            if self._plan is None and mode == "staged":
+                raise ValueError(
+                    f"cannot route samples through {type(aux_model.model).__name__} stage "
+                    f"by stage: {self.mode_reason}. Use mode='generic' (or 'auto')."
+                )
         self.mode = "staged" if self._plan is not None else "generic"
-        if self._plan is not None:
-            reason = f"{len(self._plan.stages)} stages, samples leave the batch as they exit"
-        else:
-            reason = f"it stops only once the whole batch has exited ({reason})"
         logger.info(
-            "EarlyExit runs %s in %s mode: %s", type(aux_model.model).__name__, self.mode, reason
+            "EarlyExit runs %s in %s mode: %s",
+            type(aux_model.model).__name__,
+            self.mode,
+            self.mode_reason,
         )
 
     @property

@@ -50,7 +50,7 @@ def pass_through(depth: int = 2) -> auxhead.AuxModel:
 
 
 class PassThroughNet(nn.Module):
-    """The same network as `pass_through(2)` with its own forward: only generic mode fits."""
+    """The same network as `pass_through(2)` with its own forward: staged by torch.fx."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -58,6 +58,16 @@ class PassThroughNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out(self.b(self.a(x)))
+
+
+class UntraceableNet(PassThroughNet):
+    """The same again, with control flow on the data: torch.fx cannot trace it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        if bool(h.isnan().any()):
+            raise ValueError("NaN input")
+        return self.out(self.b(h))
 
 
 def row(head0, head1, main=(LN9, 0.0)) -> list[float]:
@@ -151,18 +161,25 @@ def test_modes_are_chosen_and_reported():
     assert EarlyExit(pass_through()).mode == "staged"
     net = PassThroughNet()
     aux = auxhead.attach(net, {"a": _columns(0), "b": _columns(2)}, sample=torch.zeros(1, 6))
-    assert EarlyExit(aux).mode == "generic"
-    with pytest.raises(ValueError, match="cannot route samples through PassThroughNet"):
+    assert EarlyExit(aux).mode == "staged"
+    assert "3 stages split from the torch.fx graph" in EarlyExit(aux).mode_reason
+    net = UntraceableNet()
+    aux = auxhead.attach(net, {"a": _columns(0), "b": _columns(2)}, sample=torch.zeros(1, 6))
+    early = EarlyExit(aux)
+    assert early.mode == "generic"
+    assert "torch.fx cannot trace UntraceableNet (TraceError" in early.mode_reason
+    with pytest.raises(ValueError, match="cannot route samples through UntraceableNet"):
         EarlyExit(aux, mode="staged")
 
 
-def test_generic_model_routes_like_the_staged_one():
-    net = PassThroughNet()
-    aux = auxhead.attach(net, {"a": _columns(0), "b": _columns(2)}, sample=torch.zeros(1, 6))
-    early = EarlyExit(aux, thresholds={"a": 0.8, "b": 0.5})
-    logits = early(MIXED)
-    assert early.last_exits.tolist() == MIXED_EXITS
-    torch.testing.assert_close(logits, EarlyExit(pass_through(), [0.8, 0.5])(MIXED))
+@pytest.mark.parametrize("net", [PassThroughNet, UntraceableNet])
+def test_own_forward_routes_like_the_sequential(net):
+    aux = auxhead.attach(net(), {"a": _columns(0), "b": _columns(2)}, sample=torch.zeros(1, 6))
+    for mode in ("auto", "generic"):
+        early = EarlyExit(aux, thresholds={"a": 0.8, "b": 0.5}, mode=mode)
+        logits = early(MIXED)
+        assert early.last_exits.tolist() == MIXED_EXITS
+        torch.testing.assert_close(logits, EarlyExit(pass_through(), [0.8, 0.5])(MIXED))
 
 
 def test_runs_in_eval_without_grad_and_restores_modes():
@@ -310,6 +327,8 @@ def test_tap_inside_a_block_falls_back_to_generic():
     aux = auxhead.attach(model, ["layer1.0.conv1"], head="linear", sample=sample)
     early = EarlyExit(aux)
     assert early.mode == "generic"
+    # the block's input (maxpool's output) goes around conv1 to the residual add
+    assert "needs 'maxpool', computed before the previous tap" in early.mode_reason
     assert torch.equal(early(sample), model.eval()(sample))
 
 

@@ -1,0 +1,177 @@
+"""Per-sample routing through torch.fx stages (`auxhead._exit_fx`): on torchvision and timm
+families that the known-forward cutter cannot cut, thresholds 1 give exactly the model's
+logits, thresholds 0 exactly the first head's, and mixed thresholds give each sample the logits
+a full reference computation (every head on the whole batch) picks for it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import auxhead
+from auxhead._exit_fx import fx_cut
+from auxhead._stages import NotStageable
+
+
+def _tv(name: str, **kwargs):
+    return lambda: getattr(torchvision.models, name)(num_classes=10, **kwargs)
+
+
+def _tiny_vit():
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=4, num_heads=2, hidden_dim=32, mlp_dim=64,
+        num_classes=10,
+    )  # fmt: skip
+
+
+def _tiny_swin():
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+        window_size=[4, 4], num_classes=10,
+    )  # fmt: skip
+
+
+def _timm(name: str, **kwargs):
+    def build():
+        import timm
+
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+    return build
+
+
+# (builder, input size, two taps in run order)
+FAMILIES = {
+    "mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, ["features.3", "features.8"]),
+    "mobilenet_v2": (_tv("mobilenet_v2"), 64, ["features.4", "features.10"]),
+    "efficientnet_b0": (_tv("efficientnet_b0"), 64, ["features.3", "features.5"]),
+    "regnet_x_400mf": (_tv("regnet_x_400mf"), 64, ["trunk_output.block2", "trunk_output.block3"]),
+    "convnext_tiny": (_tv("convnext_tiny"), 64, ["features.3", "features.5"]),
+    "densenet121": (_tv("densenet121"), 64, ["features.denseblock2", "features.denseblock3"]),
+    "vgg11": (_tv("vgg11"), 32, ["features.5", "features.10"]),
+    "squeezenet1_0": (_tv("squeezenet1_0"), 64, ["features.4", "features.8"]),
+    "shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), 64, ["stage2", "stage3"]),
+    "mnasnet0_5": (_tv("mnasnet0_5"), 64, ["layers.8", "layers.10"]),
+    "googlenet": (
+        _tv("googlenet", aux_logits=False, init_weights=True),
+        64,
+        ["inception4a", "inception4d"],
+    ),
+    "vit": (_tiny_vit, 32, ["encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2"]),
+    "swin": (_tiny_swin, 64, ["features.3", "features.5"]),
+    "timm efficientnet_b0": (_timm("efficientnet_b0"), 64, ["blocks.2", "blocks.4"]),
+    "timm mobilenetv3_small_100": (_timm("mobilenetv3_small_100"), 64, ["blocks.2", "blocks.4"]),
+    "timm convnext_atto": (_timm("convnext_atto"), 64, ["stages.1", "stages.2"]),
+    "timm regnetx_002": (_timm("regnetx_002"), 64, ["s2", "s3"]),
+    "timm vit_tiny": (
+        _timm("vit_tiny_patch16_224", img_size=32, patch_size=8),
+        32,
+        ["blocks.3", "blocks.8"],
+    ),
+}
+
+
+def _reference(aux: auxhead.AuxModel, x: torch.Tensor):
+    """Every head and the main output on the whole batch: (E + 1, B, K) logits."""
+    with torch.no_grad(), aux.heads_enabled():
+        main = aux(x)
+        heads = [aux.aux_outputs[tap] for tap in aux.taps]
+    aux.clear_aux()
+    return torch.stack([*heads, main])
+
+
+SLOW = {"vgg11"}  # 130M parameters to initialise
+
+
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, marks=pytest.mark.slow) if f in SLOW else f for f in FAMILIES],
+)
+def test_fx_stages_are_exact(family, one_thread):
+    build, size, taps = FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(6, 3, size, size)
+    aux = auxhead.attach(model, taps, head="linear", sample=x[:2]).eval()
+    early = auxhead.EarlyExit(aux)
+    assert early.mode == "staged", early.mode_reason
+    assert "torch.fx" in early.mode_reason
+    outputs = _reference(aux, x)  # (3, B, K)
+    with torch.no_grad():
+        expected_main = model(x)
+    torch.testing.assert_close(outputs[-1], expected_main, rtol=0, atol=0)
+
+    early.thresholds = 1.0  # nobody leaves, no head runs: the model's own logits
+    torch.testing.assert_close(early(x), expected_main, rtol=0, atol=0)
+    assert early.last_exits.tolist() == [2] * 6
+
+    early.thresholds = 0.0  # everybody leaves at the first head
+    torch.testing.assert_close(early(x), outputs[0], rtol=0, atol=0)
+    assert early.last_exits.tolist() == [0] * 6
+
+    # Mixed: the surer half leaves at head 0; of the rest, those above the lowest at head 1.
+    scores = outputs[:2].softmax(-1).amax(-1)  # (2, B)
+    first = scores[0].median().item()
+    rest = scores[1][scores[0] <= first]
+    early.thresholds = [first, rest.min().item()]
+    logits = early(x)
+    exits = early.last_exits
+    assert 0 in exits and 2 in exits
+    picked = outputs[exits, torch.arange(6)]  # each sample's logits from its exit
+    # Later stages run on fewer samples: the same arithmetic, batched differently.
+    torch.testing.assert_close(logits, picked, rtol=1e-4, atol=1e-5)
+
+
+def test_a_value_crossing_a_cut_is_refused():
+    class Skip(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.out(self.b(h) + x)  # x goes around the tap "a"... and "b"
+
+    with pytest.raises(NotStageable, match="needs 'x', computed before the previous tap"):
+        fx_cut(Skip(), ["a", "b"])
+    with pytest.raises(ValueError, match=r"attach with at=\['a', 'b'\]"):
+        fx_cut(Skip(), ["b", "a"])
+
+
+def test_a_batch_size_read_before_a_cut_is_refused():
+    class Reshape(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            n = x.shape[0]
+            return self.out(self.a(x).reshape(n, -1))
+
+    with pytest.raises(NotStageable, match="needs 'getitem', computed before the previous tap"):
+        fx_cut(Reshape(), ["a"])
+
+
+def test_a_copy_runs_its_own_layers():
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.out = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    net = Net()
+    aux = auxhead.attach(net, ["a", "b"], head="linear", sample=torch.zeros(2, 4))
+    early = auxhead.EarlyExit(aux, thresholds=[0.6, 0.5])
+    x = torch.randn(8, 4)
+    expected = early(x)
+    clone = copy.deepcopy(early)
+    with torch.no_grad():
+        net.a.weight.zero_()  # the copy's stages must use the copy's layers
+    torch.testing.assert_close(clone(x), expected)
+    assert not torch.equal(early(x), expected)
