@@ -133,6 +133,22 @@ def test_train_writes_the_report(quick_run):
     assert "only 60 held-out images" in md
 
 
+def test_warnings_that_matter_are_printed_and_reported(tmp_path, capsys):
+    # heads with weight 0 get no gradient; no exit can be used within a drop of 0
+    argv = ["train", *QUICK, "--aux-weight", "0", "--early-exit", "--max-drop", "0",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err[-3000:]
+    stdout = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    for tap in ("stage1", "stage2"):
+        message = f"the head at '{tap}' did not train"
+        assert f"warning: {message}" in stdout
+        assert any(w.startswith(message) for w in report["warnings"])
+    assert report["early_exit"]["fallback_to_main"] is True
+    assert any("main head" in w for w in report["warnings"] if "did not train" not in w)
+    assert "fell back to the main head for every sample" in (tmp_path / "report.md").read_text()
+
+
 def test_checkpoint_has_heads(quick_run):
     _, _, out = quick_run
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -386,6 +387,42 @@ class StopOnNonFinite(Callback):
             )
 
 
+class CheckHeadsTrain(Callback):
+    """Warn about every head that got no gradient in a whole fit: its tap's output does not
+    reach the loss through it (a detached or constant tap), or its weight was 0 throughout.
+    Its figures then mean nothing. Checks stop once every head has had a gradient."""
+
+    order = 70
+
+    def __init__(self) -> None:
+        self.trained: set[str] = set()
+        self.warned: set[str] = set()
+
+    def after_backward(self) -> None:
+        aux_model = _unwrap(self.learn.model)
+        for tap in aux_model.taps:
+            if tap not in self.trained and any(
+                p.grad is not None and bool(p.grad.any()) for p in aux_model.head(tap).parameters()
+            ):
+                self.trained.add(tap)
+
+    def after_fit(self) -> None:
+        for tap in _unwrap(self.learn.model).taps:
+            if tap not in self.trained and tap not in self.warned:
+                self.warned.add(tap)
+                warnings.warn(
+                    f"the head at {tap!r} did not train (no gradient reached it): its tap's "
+                    "output does not reach the loss through it, or its weight was 0; choose "
+                    "another --at layer or a weight above 0",
+                    UserWarning,
+                    stacklevel=1,
+                )
+
+
+def _unwrap(model: nn.Module) -> AuxModel:
+    return getattr(model, "module", model)
+
+
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
     """`torch.save` to a temporary file, then rename: never a half-written checkpoint."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -539,8 +576,6 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
                 f"{5 * MIN_HOLDOUT} or more) or drop --early-exit"
             )
         if n < SMALL_HOLDOUT:
-            import warnings
-
             warnings.warn(
                 f"early exit: calibrating on only {n} held-out images; with so few, little "
                 f"passes the guarantee (use {SMALL_HOLDOUT}+ held-out images)",
@@ -577,7 +612,8 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     log = EpochLog(checkpoint, meta)
     causes = f"--lr {budget.lr:g} too high, or --aux-weight {config.aux_weight:g} too large"
     try:  # heads are attached (and sized) as the Learner is built
-        learn = _learner(dls, model, [heads, log, StopOnNonFinite(causes)], out, config.fine_tune)
+        cbs = [heads, log, StopOnNonFinite(causes), CheckHeadsTrain()]
+        learn = _learner(dls, model, cbs, out, config.fine_tune)
     except Exception as error:
         message = " ".join(str(error).split()).replace(
             "Exception occured in `AuxHeads` when calling event `after_create`: ", ""
