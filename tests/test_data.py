@@ -353,6 +353,7 @@ def test_interpretation_and_show_results(learner):
         learner.dls.show_batch(max_n=2)
 
 
+@pytest.mark.slow  # a subprocess
 @needs_fastai
 def test_export_loads_with_plain_fastai(learner, tmp_path):
     learner.export(tmp_path / "export.pkl")
