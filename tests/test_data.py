@@ -390,3 +390,11 @@ def test_dataloaders_pickle_without_items_has_no_auxhead_class(learner):
     empty = learner.dls.new_empty()
     assert type(empty.valid).__name__ == "TfmdDL"
     assert b"auxhead" not in pickle.dumps(empty)
+
+
+def test_an_idx_folder_with_one_class_is_refused(tmp_path):
+    folder = write_idx_folder(tmp_path / "one", gz=False)
+    write_idx(folder / "train-labels-idx1-ubyte", np.array([3, 3, 3]))
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.array([3, 3]))
+    with pytest.raises(DataError, match="every label in its idx files is 3; .* at least two"):
+        load_data(folder)
