@@ -283,6 +283,21 @@ def test_non_finite_loss_stops_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "report.md").exists()
 
 
+def test_a_non_finite_head_loss_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    import auxhead.cli.train as train
+
+    def diverge(learn, budget, fine_tune):  # what AuxLoss raises, as fastai rewrites it
+        raise FloatingPointError(
+            "Exception occured in `AuxHeads` when calling event `after_loss`:\n"
+            "\tthe aux loss of head 'stage1' is not finite (tensor([nan]))"
+        )
+
+    monkeypatch.setattr(train, "_fit", diverge)
+    line = error_line(capsys, ["train", *QUICK, "--limit", "64", "--out", tmp_path])
+    assert "the aux loss of head 'stage1' is not finite" in line
+    assert "training diverged; likely cause: --lr 0.0014 too high" in line  # bs 32
+
+
 # --out -----------------------------------------------------------------------------------------
 
 

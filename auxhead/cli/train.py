@@ -623,7 +623,11 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
             f"choose other layers (`auxhead layers --arch {config.arch}`) or --head linear"
         ) from None
     start = time.perf_counter()
-    _fit(learn, budget, config.fine_tune)
+    try:
+        _fit(learn, budget, config.fine_tune)
+    except FloatingPointError as error:  # AuxLoss found a non-finite head loss
+        message = str(error).splitlines()[-1].strip()
+        raise UsageError(f"{message}: training diverged; likely cause: {causes}") from None
     train_seconds = time.perf_counter() - start
 
     aux_model = heads.aux_model
