@@ -35,7 +35,8 @@ error), every refusal, and the models left out with the reason. Progress goes to
 
 Options: --only torchvision|timm, --models a,b,c (torchvision names, or timm names with or
 without a "timm/" prefix), --kinds inception,linear,sdn, --threads N (torch threads, default
-1), --timeout S (per model, default 900), --list (print the models and their input sizes).
+1), --timeout S (per model, default 900), --fractions 0.1,0.5,0.9 (tap positions, default
+0.333,0.667; more positions stress more layers), --list (print the models and their sizes).
 
 The functions (`torchvision_specs`, `timm_specs`, `check_model`) are imported by
 tests/test_zoo.py, which runs a one-per-family subset.
@@ -72,6 +73,7 @@ BATCH = 2
 NUM_CLASSES = 7
 SEED = 1234  # the seed both twins see before their training-mode forward
 MAX_FALLBACKS = 3  # other rows tried for a tap that attach refuses
+FRACTIONS = (1 / 3, 2 / 3)  # where the taps are, as fractions of the usable rows
 
 PASS, FAIL, REFUSED, SKIPPED = "✓", "✗", "R", "-"
 
@@ -469,13 +471,17 @@ def usable_rows(table: Sequence[auxhead.LayerInfo], batch: int = BATCH) -> list[
     ]
 
 
-def pick_taps(rows: Sequence[str]) -> list[int]:
-    """Indices of two distinct rows at about 1/3 and 2/3 of `rows`."""
-    if len(rows) < 2:
-        raise ValueError(f"{len(rows)} usable row(s) for a head, need 2")
-    first = min(round(len(rows) / 3), len(rows) - 2)
-    second = max(round(2 * len(rows) / 3), first + 1)
-    return [first, min(second, len(rows) - 1)]
+def pick_taps(rows: Sequence[str], fractions: Sequence[float] = FRACTIONS) -> list[int]:
+    """Indices of distinct rows at about these fractions of `rows` (1/3 and 2/3 by default),
+    moved apart where two would fall on one row."""
+    if len(rows) < len(fractions):
+        raise ValueError(f"{len(rows)} usable row(s) for a head, need {len(fractions)}")
+    picks: list[int] = []
+    for f in sorted(fractions):
+        lowest = picks[-1] + 1 if picks else 0
+        highest = len(rows) - (len(fractions) - len(picks))  # room for the ones after it
+        picks.append(min(max(round(f * len(rows)), lowest), highest))
+    return picks
 
 
 def _names_tap(message: str, tap: str) -> bool:
@@ -561,12 +567,13 @@ def check_kind(
     y: torch.Tensor,
     kind: str,
     rows: Sequence[str],
+    fractions: Sequence[float] = FRACTIONS,
 ) -> KindResult:
     """The five checks for one head kind. `twin` is a fresh copy of the model, which gets the
     heads; `reference` is what the bare model did with the same passes."""
     result = KindResult(kind)
     try:
-        aux = attach_taps(twin, rows, pick_taps(rows), kind, x, result)
+        aux = attach_taps(twin, rows, pick_taps(rows, fractions), kind, x, result)
     except Exception as error:
         result.errors["attach"] = first_line(error)
         return result
@@ -644,10 +651,15 @@ def _on_alarm(_signum: int, _frame: Any) -> None:
     raise _Timeout()
 
 
-def check_model(spec: ModelSpec, kinds: Sequence[str] = KINDS, timeout: int = 0) -> ZooResult:
-    """Build `spec`'s model (seed 0) and run every check for each head kind; never raises for
-    a model's own failure (it is recorded), with `timeout` seconds at most (0: no limit, and
-    the limit needs the main thread)."""
+def check_model(
+    spec: ModelSpec,
+    kinds: Sequence[str] = KINDS,
+    timeout: int = 0,
+    fractions: Sequence[float] = FRACTIONS,
+) -> ZooResult:
+    """Build `spec`'s model (seed 0) and run every check for each head kind, with taps at
+    `fractions` of the usable rows; never raises for a model's own failure (it is recorded),
+    with `timeout` seconds at most (0: no limit, and the limit needs the main thread)."""
     result = ZooResult(spec)
     start = time.perf_counter()
     stage = "build"
@@ -665,7 +677,7 @@ def check_model(spec: ModelSpec, kinds: Sequence[str] = KINDS, timeout: int = 0)
             stage = "list_layers"
             rows = usable_rows(auxhead.list_layers(model, x))
             stage = "taps"
-            pick_taps(rows)
+            pick_taps(rows, fractions)
             stage = "bare model"
             reference = Reference.of(model, x)
             big = sum(p.numel() for p in model.parameters()) > 100e6
@@ -673,7 +685,7 @@ def check_model(spec: ModelSpec, kinds: Sequence[str] = KINDS, timeout: int = 0)
                 stage = kind
                 # The last kind gets the model itself: one deep copy fewer.
                 twin = model if i == len(kinds) - 1 else copy.deepcopy(model)
-                result.kinds[kind] = check_kind(twin, reference, x, y, kind, rows)
+                result.kinds[kind] = check_kind(twin, reference, x, y, kind, rows, fractions)
                 del twin
                 if big:  # an AuxModel and its hooks form a cycle: free big models now
                     gc.collect()
@@ -799,12 +811,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
+    parser.add_argument(
+        "--fractions",
+        default="0.333,0.667",
+        help="where the taps are, as fractions of the usable rows (one head per fraction)",
+    )
     parser.add_argument("--list", action="store_true", help="list the models and exit")
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     bad = sorted(set(kinds) - set(KINDS))
     if bad:
         parser.error(f"unknown kinds {bad}; choose from {list(KINDS)}")
+    fractions = [float(f) for f in args.fractions.split(",") if f]
+    if not fractions or not all(0 <= f <= 1 for f in fractions):
+        parser.error(f"--fractions must be numbers in [0, 1], got {args.fractions!r}")
     torch.set_num_threads(args.threads)
 
     specs = _select(args.only, args.models)
@@ -816,20 +836,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     start = time.perf_counter()
     for i, spec in enumerate(specs, 1):
-        result = check_model(spec, kinds, timeout=args.timeout)
+        result = check_model(spec, kinds, timeout=args.timeout, fractions=fractions)
         results.append(result)
         marks = " ".join(f"{k}:{result.kinds[k].status}" for k in result.kinds)
-        note = f" ERROR [{result.stage}] {result.error}" if result.error else ""
-        print(
-            f"[{i}/{len(specs)}] {spec.label} {result.seconds:.1f}s {marks}{note}",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(f"[{i}/{len(specs)}] {spec.label} {result.seconds:.1f}s {marks}", file=sys.stderr)
+        if result.failed:  # the details now, in case the sweep dies before its report
+            print(failure_report([result]), file=sys.stderr)
+        sys.stderr.flush()
     minutes = (time.perf_counter() - start) / 60
 
     print(
         f"auxhead zoo sweep: {len(results)} models, batch {BATCH}, {NUM_CLASSES} classes, "
-        f"kinds {kinds}, {args.threads} thread(s), torch {torch.__version__}, {minutes:.1f} min"
+        f"kinds {kinds}, taps at {fractions} of the usable rows, {args.threads} thread(s), "
+        f"torch {torch.__version__}, {minutes:.1f} min"
     )
     print()
     print(format_table(results, kinds))
