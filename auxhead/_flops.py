@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from auxhead._probe import call_model, eval_mode, first_tensor, resolve
+from auxhead._hooks import HookSet
+from auxhead._probe import batch_size, call_model, eval_mode, resolve
 from auxhead.attach import AuxModel
 
 __all__ = ["MAIN", "FlopProfile", "count_flops", "exit_flops", "exit_params", "flop_profile"]
@@ -54,13 +55,6 @@ class FlopProfile:
         return [*(self.backbone[name] + self.heads[name] for name in self.backbone), self.full]
 
 
-def _batch_size(sample: Any) -> int:
-    tensor = first_tensor(sample)
-    if tensor is None or tensor.dim() == 0:
-        raise TypeError(f"cannot tell the batch size of a sample of type {type(sample).__name__}")
-    return int(tensor.shape[0])
-
-
 def flop_profile(aux_model: AuxModel, sample: Any) -> FlopProfile:
     """Count the backbone up to each tap, each head, and the whole model on `sample`.
 
@@ -69,7 +63,7 @@ def flop_profile(aux_model: AuxModel, sample: Any) -> FlopProfile:
     and each head is counted on its own afterwards.
     """
     taps = list(aux_model.taps)
-    batch = _batch_size(sample)
+    batch = batch_size(sample)
     marks: dict[str, int] = {}
     features: dict[str, torch.Tensor] = {}
     heads: dict[str, int] = {}
@@ -84,13 +78,10 @@ def flop_profile(aux_model: AuxModel, sample: Any) -> FlopProfile:
 
             return hook
 
-        modules = resolve(aux_model.model, taps)
-        handles = [modules[name].register_forward_hook(mark(name)) for name in taps]
-        try:
+        with HookSet() as hooks:
+            for name, module in resolve(aux_model.model, taps).items():
+                hooks.forward(module, mark(name))
             call_model(aux_model.model, sample)
-        finally:
-            for handle in handles:
-                handle.remove()
         full = counter.get_total_flops()
         missing = [name for name in taps if name not in marks]
         if missing:
@@ -170,17 +161,12 @@ def exit_params(aux_model: AuxModel, sample: Any) -> dict[str, int]:
 
         return hook
 
-    handles = [m.register_forward_pre_hook(start) for m in model.modules()]
-    handles += [
-        module.register_forward_hook(finish(name))
-        for name, module in resolve(model, aux_model.taps).items()
-    ]
-    try:
-        with eval_mode(model), torch.no_grad():
-            call_model(model, sample)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with HookSet() as hooks, eval_mode(model), torch.no_grad():
+        for module in model.modules():
+            hooks.forward(module, start, pre=True)
+        for name, module in resolve(model, aux_model.taps).items():
+            hooks.forward(module, finish(name))
+        call_model(model, sample)
     seen = {id(m): m for m in started}
     return {**{name: counts[name] for name in aux_model.taps},
             MAIN: sum(own(m) for m in seen.values())}  # fmt: skip

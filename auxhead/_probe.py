@@ -1,20 +1,33 @@
 """Layer discovery: a dry run that records which named modules run, in what order, with what
-output shape. `list_layers` is public; the rest is machinery shared by `attach` and `EarlyExit`."""
+output shape and layout. `list_layers` is public; the rest is machinery shared by `attach`,
+FLOPs counting and `EarlyExit`.
+
+Where the channels are in a tap's output is read from the layers around it, never guessed
+from the sizes alone: the last layer with a channel count that ran up to the tap (a conv's
+`out_channels`, a Linear's `out_features`, a norm's features) and the first one that reads
+the tap's output afterwards (a conv's `in_channels`, ...). The size they agree on is the
+channel count, and its place in the shape gives the layout: (B, C, H, W) or (B, H, W, C) for
+maps, (B, C, L) or (B, N, C) for sequences.
+"""
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["LayerInfo", "LayerTable", "list_layers"]
+from auxhead._hooks import HookSet, dry_run_state, training_mode
+
+__all__ = ["LAYOUTS", "LayerInfo", "LayerTable", "list_layers"]
 
 Select = Callable[[Any], torch.Tensor]
+
+# Where the channels are: (B, C, H, W) / (B, C, L), or (B, H, W, C) / (B, N, C).
+LAYOUTS = ("channels_first", "channels_last")
 
 
 @dataclass(frozen=True)
@@ -25,6 +38,8 @@ class LayerInfo:
     type: str  # class name of the module
     shape: tuple[int, ...] | None  # shape of the (first tensor of the) output; None if no tensor
     calls: int  # how many times the module ran in one forward
+    layout: str | None = None  # "channels_first"/"channels_last" for 3-D and 4-D outputs, if known
+    train_only: bool = False  # runs in training mode only (e.g. GoogLeNet's aux1)
 
 
 class LayerTable(list[LayerInfo]):
@@ -35,12 +50,39 @@ class LayerTable(list[LayerInfo]):
         return [info.name for info in self]
 
     def __str__(self) -> str:
-        rows = [("name", "type", "output shape")]
-        rows += [(i.name, i.type, "x".join(map(str, i.shape)) if i.shape else "-") for i in self]
-        widths = [max(len(r[c]) for r in rows) for c in range(3)]
+        rows = [("name", "type", "output shape", "channels")]
+        rows += [
+            (
+                info.name,
+                info.type + (" (train only)" if info.train_only else ""),
+                "x".join(map(str, info.shape)) if info.shape else "-",
+                _LAYOUT_LABELS[info.layout] if info.shape and len(info.shape) > 2 else "",
+            )
+            for info in self
+        ]
+        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(line.rstrip() for line in lines)
+
+
+_LAYOUT_LABELS = {"channels_first": "dim 1", "channels_last": "last dim", None: "?"}
+
+
+@dataclass
+class TapCheck:
+    """What the training-mode dry run saw at one watched layer."""
+
+    features: torch.Tensor  # what its head classifies, detached (a copy)
+    grad: bool  # gradients were enabled when the layer ran
+    modified: bool  # the model changed these features in place after the layer ran
+
+
+@dataclass
+class Probe:
+    table: LayerTable
+    output: Any  # the model's output on the sample
+    checks: dict[str, TapCheck] = field(default_factory=dict)
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -68,68 +110,173 @@ def call_model(model: nn.Module, sample: Any) -> Any:
     return model(sample)
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for a dry run, restoring each module's own mode afterwards (a frozen
-    sub-module in eval inside a training model stays so)."""
-    modes = [(m, m.training) for m in model.modules() if m.training]
-    if not modes:  # already all in eval (the early-exit hot path): nothing to switch
-        yield
-        return
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
+def batch_size(sample: Any) -> int:
+    """The batch size of a sample: the first dimension of its first tensor."""
+    tensor = first_tensor(list(sample.values()) if isinstance(sample, dict) else sample)
+    if tensor is None or tensor.dim() == 0:
+        raise TypeError(f"cannot tell the batch size of a sample of type {type(sample).__name__}")
+    return int(tensor.shape[0])
+
+
+def eval_mode(model: nn.Module):
+    """Eval mode for a dry run, restoring each module's own mode afterwards."""
+    return training_mode(model, False)
+
+
+# Channel counts of the layers that have one: (channels read, channels written, where the
+# channels are in the output: 1, -1, or None when the module may permute).
+def _channels(module: nn.Module) -> tuple[int, int, int | None] | None:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels, 1
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, -1
+    if isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm)):
+        n = module.num_features if hasattr(module, "num_features") else module.num_channels
+        return n, n, 1
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        shape = module.normalized_shape
+        n = shape[-1] if isinstance(shape, Sequence) else int(shape)
+        # Subclasses (timm's LayerNorm2d) normalise dim 1 by permuting: their place is unknown.
+        return n, n, -1 if type(module) in (nn.LayerNorm, nn.RMSNorm) else None
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim, -1
+    return None
+
+
+@dataclass
+class _Evidence:
+    """Channel counts seen around one module's output."""
+
+    # (C, where the layer puts/reads its channels: 1, -1 or None, the shape it wrote/read)
+    produced: tuple[int, int | None, tuple[int, ...]] | None = None  # last layer that wrote
+    consumed: tuple[int, int | None, tuple[int, ...]] | None = None  # first layer that read
+
+
+def infer_layout(shape: tuple[int, ...], evidence: _Evidence | None) -> str | None:
+    """ "channels_first" or "channels_last" for a 3-D or 4-D output of `shape`, from the channel
+    counts around it; None if they do not tell (or `shape` has another rank)."""
+    if evidence is None or len(shape) not in (3, 4):
+        return None
+    counts = [e[0] for e in (evidence.produced, evidence.consumed) if e is not None]
+    first = any(shape[1] == c for c in counts)
+    last = any(shape[-1] == c for c in counts)
+    if first != last:
+        return "channels_first" if first else "channels_last"
+    # Both ends fit (C == H, say) or neither does: a layer that reads (or else writes) exactly
+    # this shape, with its channels at a known place, decides.
+    for seen in (evidence.consumed, evidence.produced):
+        if seen is not None and seen[2] == shape and seen[1] is not None:
+            c, dim, _ = seen
+            if shape[dim] == c:
+                return "channels_first" if dim == 1 else "channels_last"
+    return None
 
 
 def probe(
-    model: nn.Module, sample: Any, selects: Mapping[str, Select | None] | None = None
-) -> tuple[LayerTable, Any]:
-    """Dry-run `model` on `sample` (eval mode, no grad, modes restored) and record every named
-    module that runs. `selects` picks the tensor whose shape is recorded for some layers
-    (default: the first tensor of the output). Returns the table and the model's output."""
-    seen: dict[str, list[Any]] = {}
+    model: nn.Module,
+    sample: Any,
+    selects: Mapping[str, Select | None] | None = None,
+    *,
+    train: bool = False,
+    watch: Sequence[str] = (),
+) -> Probe:
+    """Dry-run `model` on `sample` and record every named module that runs.
+
+    In eval mode (the default) the run is under no grad. With `train=True` it is in training
+    mode with gradients on, as a training step would run; buffers (BatchNorm statistics) and
+    the random generators are put back afterwards. Every module's mode is restored either way.
+
+    `selects` picks, for some layers, the tensor whose shape is recorded (default: the first
+    tensor of the output). For each name in `watch`, the result's `checks` say whether
+    gradients were on when it ran and whether the model changed its output in place later.
+    """
     names = {module: name for name, module in model.named_modules() if name}
     selects = selects or {}
+    watch = set(watch)
+    rows: dict[str, list[Any]] = {}  # name -> [type, shape, calls]
+    evidence: dict[str, _Evidence] = {}
+    seen_output: dict[str, torch.Tensor] = {}
+    last_channels: list[Any] = [None]  # (C, dim, shape) of the last channel layer that finished
+    awaiting: dict[int, list[tuple[str, torch.Tensor]]] = {}  # storage -> outputs with no reader
+    watched: dict[str, tuple[torch.Tensor, int, bool]] = {}
 
-    def start(module: nn.Module, _args: Any) -> None:
+    def storage(tensor: torch.Tensor) -> int:
+        return tensor.untyped_storage().data_ptr()
+
+    def start(module: nn.Module, args: Any) -> None:
         # Rows are ordered by when a module starts, so a block comes before its children.
         name = names[module]
-        if name in seen:
-            seen[name][1] += 1
+        if name in rows:
+            rows[name][2] += 1
         else:
-            seen[name] = [LayerInfo(name, type(module).__name__, None, 1), 1]
+            rows[name] = [type(module).__name__, None, 1]
+        channels = _channels(module)
+        if channels is not None:
+            tensor = first_tensor(args)
+            if tensor is not None and tensor.numel():
+                for reader_of, _output in awaiting.pop(storage(tensor), []):
+                    # Kept alive until read, so its memory cannot be reused by another tensor.
+                    evidence[reader_of].consumed = (channels[0], channels[2], tuple(tensor.shape))
 
-    def record(module: nn.Module, _args: Any, output: Any) -> None:
+    def finish(module: nn.Module, _args: Any, output: Any) -> None:
         name = names[module]
-        info = seen[name][0]
-        if info.shape is None:
-            select = selects.get(name)
-            tensor = select(output) if select is not None else first_tensor(output)
-            if isinstance(tensor, torch.Tensor):
-                seen[name][0] = LayerInfo(name, info.type, tuple(tensor.shape), 1)
+        channels = _channels(module)
+        tensor = first_tensor(output)
+        if channels is not None and isinstance(tensor, torch.Tensor):
+            last_channels[0] = (channels[1], channels[2], tuple(tensor.shape))
+        select = selects.get(name)
+        if select is not None:
+            tensor = select(output)
+        if not isinstance(tensor, torch.Tensor) or rows[name][1] is not None:
+            return
+        rows[name][1] = tuple(tensor.shape)
+        evidence[name] = _Evidence(produced=last_channels[0])
+        if tensor.dim() in (3, 4) and tensor.numel():
+            awaiting.setdefault(storage(tensor), []).append((name, tensor))
+        if name in watch:
+            watched[name] = (tensor, tensor._version, torch.is_grad_enabled())
+            seen_output[name] = tensor.detach().clone()
 
-    handles = [module.register_forward_pre_hook(start) for module in names]
-    handles += [module.register_forward_hook(record) for module in names]
-    try:
-        with eval_mode(model), torch.no_grad():
-            output = call_model(model, sample)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with HookSet() as hooks:
+        for module in names:
+            hooks.forward(module, start, pre=True)
+            hooks.forward(module, finish)
+        if train:
+            with dry_run_state(model), training_mode(model, True), torch.enable_grad():
+                output = call_model(model, sample)
+        else:
+            with training_mode(model, False), torch.no_grad():
+                output = call_model(model, sample)
+    awaiting.clear()
+
     table = LayerTable(
-        LayerInfo(info.name, info.type, info.shape, calls) for info, calls in seen.values()
+        LayerInfo(
+            name,
+            type_name,
+            shape,
+            calls,
+            layout=infer_layout(shape, evidence.get(name)) if shape else None,
+        )
+        for name, (type_name, shape, calls) in rows.items()
     )
-    return table, output
+    checks = {
+        name: TapCheck(
+            features=seen_output[name],
+            grad=grad,
+            modified=tensor._version != version,
+        )
+        for name, (tensor, version, grad) in watched.items()
+    }
+    return Probe(table, output, checks)
 
 
 def list_layers(model: nn.Module, sample: Any) -> LayerTable:
-    """Every named module that runs when `model` sees `sample`, in execution order.
+    """Every named module that runs when `model` sees `sample`, in execution order, with its
+    output shape and where the channels are in it.
 
-    These are the names `auxhead.attach` accepts. The dry run uses eval mode and no grad and puts
-    every module back in the mode it found it in.
+    These are the names `auxhead.attach` accepts. The dry run is in eval mode with no grad,
+    then (to find layers that run only in training, like GoogLeNet's `aux1`) in training mode;
+    every module's mode, the BatchNorm statistics and the random generators are put back.
 
     Args:
         model: any `nn.Module`.
@@ -137,12 +284,24 @@ def list_layers(model: nn.Module, sample: Any) -> LayerTable:
             arguments.
 
     Returns:
-        A list of `LayerInfo(name, type, shape, calls)`; `print()` shows it as a table.
+        A list of `LayerInfo(name, type, shape, calls, layout, train_only)`; `print()` shows it
+        as a table.
 
     Example:
-        >>> print(auxhead.list_layers(torchvision.models.resnet18(), torch.randn(1, 3, 64, 64)))
+        >>> print(auxhead.list_layers(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)))
     """
-    return probe(model, sample)[0]
+    table = probe(model, sample).table
+    try:
+        trained = probe(model, sample, train=True).table
+    except Exception:  # e.g. BatchNorm on a batch of one: the eval rows are still right
+        return table
+    known = set(table.names)
+    table.extend(
+        LayerInfo(i.name, i.type, i.shape, i.calls, i.layout, train_only=True)
+        for i in trained
+        if i.name not in known
+    )
+    return table
 
 
 def resolve(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:

@@ -7,15 +7,18 @@ model's own output is exactly what it would have been without heads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import io
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from auxhead._probe import Select, first_tensor, probe, resolve
-from auxhead.heads import HeadFactory, build_head
+from auxhead._hooks import HookSet, dry_run_state
+from auxhead._probe import LAYOUTS, Probe, Select, batch_size, first_tensor, probe, resolve
+from auxhead._rng import RngStream, stream_seed
+from auxhead.heads import HeadFactory, build_head, check_num_classes
 
 __all__ = ["AuxModel", "attach"]
 
@@ -30,7 +33,9 @@ def _key(name: str) -> str:
 class AuxModel(nn.Module):
     """A model with auxiliary heads at named layers. Build it with `auxhead.attach`.
 
-    `AuxModel(x)` returns exactly what the wrapped model returns, in train and eval mode. The
+    `AuxModel(x)` returns exactly what the wrapped model returns, in train and eval mode, bit
+    for bit at the same seed: each head draws its random numbers (dropout) from a stream of its
+    own, and a tap whose output the model later changes in place is copied for its head. The
     heads run in training mode (or inside `heads_enabled()`) and leave their logits in
     `aux_outputs`, a dict keyed by tap name in `at` order.
 
@@ -46,16 +51,30 @@ class AuxModel(nn.Module):
         model: nn.Module,
         heads: Mapping[str, nn.Module],
         select: Mapping[str, Select | None] | None = None,
+        *,
+        permute: Mapping[str, tuple[int, ...] | None] | None = None,
+        copy: Collection[str] | None = None,
+        random: Collection[str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.heads = nn.ModuleDict({_key(name): head for name, head in heads.items()})
         self.taps: list[str] = list(heads)
         self._select = dict(select or {})
+        # Per tap: the permutation that puts its output in the head's layout (channels-last
+        # maps to (B, C, H, W), channels-first sequences to (B, N, C)), or None.
+        self._permute = {name: dims for name, dims in (permute or {}).items() if dims}
+        # Taps whose output the model changes in place after the head has read it: autograd
+        # needs the head's input as it was, so the head gets a copy. None: all of them.
+        self._copy = set(self.taps if copy is None else copy)
+        # Heads that draw random numbers (dropout) draw them from a stream of their own; the
+        # others leave the generators alone, and pay nothing. None: all of them may.
+        random = self.taps if random is None else random
+        self._streams = {name: RngStream(stream_seed(name)) for name in random}
         self.aux_outputs: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] | None = None  # filled by the hooks in forward
         self._heads_on: bool | None = None  # None: heads follow self.training
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = HookSet()
         self._hooked = False  # a plain bool torch.compile can read (the handles it cannot)
         self._register_hooks()
 
@@ -65,7 +84,7 @@ class AuxModel(nn.Module):
         self._tapped = modules  # to tell a tap that did not run from one that was replaced
         try:
             for name, module in modules.items():
-                self._handles.append(module.register_forward_hook(_RunHead(self, name)))
+                self._hooks.forward(module, _RunHead(self, name))
         except BaseException:
             self._remove_hooks()
             raise
@@ -80,11 +99,21 @@ class AuxModel(nn.Module):
             raise TypeError(
                 f"layer {name!r} outputs no tensor for its head; pass `select=` to attach"
             )
-        return features
+        dims = self._permute.get(name)
+        return features if dims is None else features.permute(*dims)
 
     def _run_head(self, name: str, output: Any) -> None:
         if self._active:
-            self._pending[name] = self.heads[_key(name)](self.head_input(name, output))
+            features = self.head_input(name, output)
+            if name in self._copy:
+                features = features.clone()
+            head = self.heads[_key(name)]
+            stream = self._streams.get(name)
+            if stream is None:
+                self._pending[name] = head(features)
+            else:
+                with stream.on(features.device):
+                    self._pending[name] = head(features)
 
     @property
     def _active(self) -> bool:
@@ -164,19 +193,62 @@ class AuxModel(nn.Module):
         self.aux_outputs = {}
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._hooks.remove()
         self._hooked = False
+
+    @contextmanager
+    def hooks_removed(self) -> Iterator[nn.Module]:
+        """The bare model inside the block: no hooks on it (to export or pickle it), put back
+        afterwards. Yields `self.model`.
+
+        Example:
+            >>> with aux_model.hooks_removed() as bare:
+            ...     torch.save(bare, "model.pt")  # loads without auxhead
+        """
+        hooked = self._hooked
+        self._remove_hooks()
+        try:
+            yield self.model
+        finally:
+            if hooked:
+                self.reattach()
+
+    def get_extra_state(self) -> torch.Tensor:
+        # The heads' random streams, so that a resumed run draws the masks it would have drawn.
+        # Serialised into one uint8 tensor: code that treats every state_dict entry as a tensor
+        # (cloning, averaging, moving it) keeps working.
+        buffer = io.BytesIO()
+        torch.save({name: stream.state_dict() for name, stream in self._streams.items()}, buffer)
+        return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        data = bytes(state.detach().cpu().tolist())
+        streams = torch.load(io.BytesIO(data), weights_only=True)
+        for name, stream_state in streams.items():
+            if name in self._streams:
+                self._streams[name].load_state_dict(stream_state)
 
     def strip(self) -> nn.Module:
         """Remove every hook and return the original model, as it was before `attach`.
 
-        The `AuxModel` cannot run afterwards; its heads are still reachable as `.heads`.
+        The `AuxModel` cannot run afterwards (until `reattach()`); its heads are still
+        reachable as `.heads`.
         """
         self._remove_hooks()
         self.aux_outputs = {}
         return self.model
+
+    def reattach(self) -> AuxModel:
+        """Put the hooks back after `strip()`: the same heads, at the same taps, run again.
+        Does nothing if the hooks are on. Returns self."""
+        if not self._hooked:
+            self._register_hooks()
+        return self
+
+    @property
+    def hooked(self) -> bool:
+        """Whether the heads' hooks are on the model (False after `strip()`)."""
+        return self._hooked
 
     def extra_repr(self) -> str:
         return f"taps={self.taps}"
@@ -230,6 +302,110 @@ def _infer_num_classes(output: Any) -> int | None:
     return None
 
 
+def _check_keys(names: Sequence[str]) -> None:
+    by_key: dict[str, str] = {}
+    for name in names:
+        other = by_key.setdefault(_key(name), name)
+        if other != name:
+            raise ValueError(
+                f"layers {other!r} and {name!r} would share one head: heads are stored under "
+                f"the name with '.' written '__' ({_key(name)!r}). Attach at one of them, or "
+                "at the block around them."
+            )
+
+
+def _per_tap(value: Any, names: Sequence[str], what: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ValueError(f"`{what}` names {unknown}, which are not in `at`")
+        return {name: value.get(name) for name in names}
+    return dict.fromkeys(names, value)
+
+
+# The permutation that puts an output of this rank and layout into the heads' layout.
+_PERMUTE = {(4, "channels_last"): (0, 3, 1, 2), (3, "channels_first"): (0, 2, 1)}
+
+
+def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module) -> None:
+    """Refuse, naming the tap and the way out, a tap whose head could not train."""
+    rows = {info.name: info for info in run.table}
+    if name not in rows:
+        eval_only = name in {info.name for info in probe(model, sample).table}
+        where = "runs in eval mode only" if eval_only else "exists but did not run on the sample"
+        raise ValueError(
+            f"layer {name!r} {where}, so a head there would never train. See "
+            "auxhead.list_layers(model, sample) for the layers that run."
+        )
+    info = rows[name]
+    if info.calls > 1:
+        raise ValueError(
+            f"layer {name!r} runs {info.calls} times per forward (a shared module); "
+            "a head needs a layer that runs once. Pick a distinct layer."
+        )
+    if info.shape is None:
+        raise TypeError(f"layer {name!r} outputs no tensor to classify; pass `select=` to pick one")
+    if not info.shape or info.shape[0] != batch:
+        per_sample = [
+            other.name
+            for other in run.table
+            if name.startswith(other.name + ".") and other.shape and other.shape[0] == batch
+        ]
+        hint = f" (the innermost is {per_sample[-1]!r})" if per_sample else ""
+        raise ValueError(
+            f"layer {name!r} outputs shape {info.shape}, whose first dimension is not the "
+            f"batch ({batch}): it folds something else into the batch (window attention, "
+            f"say), so its rows are not samples. Tap a block around it whose output is one "
+            f"row per sample{hint}."
+        )
+    if not run.checks[name].grad:
+        raise ValueError(
+            f"layer {name!r} runs with gradients off (under torch.no_grad() in the model), so "
+            "a head there would never train. Tap a layer that runs with gradients."
+        )
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _dry_run_head(
+    name: str, head: nn.Module, features: torch.Tensor, num_classes: int | None
+) -> tuple[bool, bool]:
+    """Run a new head once in training mode on its tap's features (nothing it changes stays).
+    Returns whether it changed its input in place and whether it drew random numbers; refuses
+    an output that is not one row of logits per sample."""
+    version = features._version
+    with dry_run_state(head), torch.enable_grad():
+        training = head.training
+        head.train()
+        try:
+            rng = _rng_state(features.device)
+            logits = head(features)
+            random = not torch.equal(rng, _rng_state(features.device))
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:
+            raise ValueError(
+                f"the head at {name!r} failed on its tap's output {tuple(features.shape)}: "
+                f"{error}. Give a head that takes this shape (or a kind name, sized for it)."
+            ) from error
+        finally:
+            head.train(training)
+    batch = features.shape[0]
+    if num_classes is None:  # the user's own module: one output row per sample, any shape
+        fits = isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[0] == batch
+        expected = f"one row per sample ({batch}, ...)"
+    else:
+        fits = isinstance(logits, torch.Tensor) and tuple(logits.shape) == (batch, num_classes)
+        expected = f"({batch}, {num_classes}) logits"
+    if not fits:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(
+            f"the head at {name!r} outputs {got} on its tap's output, not {expected}. "
+            "Check num_classes, or give a head that fits the tap."
+        )
+    return features._version != version, random
+
+
 def attach(
     model: nn.Module,
     at: Sequence[str] | Mapping[str, HeadSpec],
@@ -238,11 +414,21 @@ def attach(
     head: HeadSpec = "inception",
     sample: Any = None,
     select: Select | Mapping[str, Select] | None = None,
+    layout: str | Mapping[str, str] | None = None,
 ) -> AuxModel:
     """Attach auxiliary classifier heads to `model` at the named layers.
 
-    Built-in heads are sized by a dry run on `sample`, so every head parameter exists before an
-    optimizer is built. On any error nothing is left attached.
+    A dry run on `sample`, in training mode as a training step would run (BatchNorm
+    statistics and random generators are put back afterwards), sizes the built-in heads, so
+    every head parameter exists before an optimizer is built, and checks every tap: it must run
+    once per forward, with gradients, with one row per sample; where the channels are in its
+    output is read from the layers around it; a tap whose output the model later changes in
+    place (`ReLU(inplace=True)`, `out += identity`) is copied for its head, the others are not.
+    On any error nothing is left attached.
+
+    Each head draws its random numbers (init and dropout) from its own stream, seeded from
+    `torch.initial_seed()` and the tap's name, so the model's own random numbers (its dropout
+    masks, the data order) are the same with heads as without.
 
     Args:
         model: any `nn.Module`; its code is not touched.
@@ -252,18 +438,24 @@ def attach(
         num_classes: logits per head. If omitted, taken from the model's output on `sample`
             when that is a (B, K) tensor.
         head: the head for names given as a list.
-        sample: an input batch (tensor, tuple of args or dict of kwargs) for the dry run. Needed
-            by built-in heads and factories; with only `nn.Module` heads it still checks that
-            every tap runs.
+        sample: an input batch (tensor, tuple of args or dict of kwargs; at least 2 samples
+            for models with BatchNorm) for the dry run. Needed by built-in heads and factories;
+            without it (`nn.Module` heads only) nothing is checked and every tap is copied.
         select: for taps whose output is a tuple, list or dict, a function picking the tensor to
             classify (one for all taps, or a dict by name). Default: the first tensor.
+        layout: where the channels are in a tap's 3-D or 4-D output, when the dry run cannot
+            tell: "channels_first" ((B, C, H, W), (B, C, L)) or "channels_last" ((B, H, W, C),
+            (B, N, C)); one for all taps or a dict by name. Built-in heads and factories get
+            maps as (B, C, H, W) and sequences as (B, N, C); an `nn.Module` head gets the
+            output as the layer gives it.
 
     Returns:
         An `AuxModel` wrapping `model`.
 
     Raises:
-        ValueError: unknown or repeated layer names, a tap that does not run on `sample`, or a
-            built-in head without `num_classes`/`sample`.
+        ValueError: unknown or repeated layer names; a tap that does not run in training, runs
+            twice, runs without gradients or folds other things into the batch; a layout that
+            cannot be told; a head whose output is not (B, num_classes); a bad `num_classes`.
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)
@@ -275,54 +467,78 @@ def attach(
     if isinstance(model, AuxModel):
         raise TypeError("this model already has heads; pass aux_model.model or strip() it first")
     pairs = _normalise_at(at, head)
-    resolve(model, [name for name, _ in pairs])  # unknown names fail before any dry run
-    selects = select if isinstance(select, Mapping) else {name: select for name, _ in pairs}
-    unknown = sorted(set(selects) - {name for name, _ in pairs})
-    if unknown:
-        raise ValueError(f"`select` names {unknown}, which are not in `at`")
+    names = [name for name, _ in pairs]
+    resolve(model, names)  # unknown names fail before any dry run
+    _check_keys(names)
+    if num_classes is not None:
+        num_classes = check_num_classes(num_classes)
+    selects = _per_tap(select, names, "select")
+    layouts = _per_tap(layout, names, "layout")
+    bad = {name: value for name, value in layouts.items() if value not in (None, *LAYOUTS)}
+    if bad:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {bad}")
 
     needs_sizing = [name for name, spec in pairs if not isinstance(spec, nn.Module)]
-    shapes: dict[str, tuple[int, ...]] = {}
-    if sample is None and needs_sizing:
+    if sample is None:
+        if needs_sizing:
+            raise ValueError(
+                f"heads at {needs_sizing} are sized from the tap's output: pass `sample=` (an "
+                "input batch) so auxhead can do a dry run, or give an nn.Module for each layer."
+            )
+        return AuxModel(model, dict(pairs), select=selects)
+
+    batch = batch_size(sample)
+    try:
+        run = probe(model, sample, selects, train=True, watch=names)
+    except Exception as error:
         raise ValueError(
-            f"heads at {needs_sizing} are sized from the tap's output: pass `sample=` (an input "
-            "batch) so auxhead can do a dry run, or give an nn.Module for each layer."
-        )
-    if sample is not None:
-        table, output = probe(model, sample, selects)
-        ran = {info.name: info for info in table}
-        for name, _ in pairs:
-            if name not in ran:
-                raise ValueError(
-                    f"layer {name!r} exists but did not run on the sample, so it has no output "
-                    "to classify. See auxhead.list_layers(model, sample) for the layers that run."
-                )
-            if ran[name].calls > 1:
-                raise ValueError(
-                    f"layer {name!r} runs {ran[name].calls} times per forward (a shared module); "
-                    "a head needs a layer that runs once. Pick a distinct layer."
-                )
-            if ran[name].shape is None and name in needs_sizing:
-                raise TypeError(
-                    f"layer {name!r} outputs no tensor to classify; pass `select=` to pick one"
-                )
-            shapes[name] = ran[name].shape
-        if num_classes is None and needs_sizing:
-            num_classes = _infer_num_classes(output)
-    if needs_sizing and num_classes is None:
-        raise ValueError(
-            "pass `num_classes=`: the built-in heads need it, and the model's output on the "
-            "sample is not a (batch, classes) tensor to read it from."
-        )
+            f"the dry run of {type(model).__name__} in training mode failed on the sample: "
+            f"{error} (a model with BatchNorm needs a sample of at least 2)"
+        ) from error
+    rows = {info.name: info for info in run.table}
+    for name in names:
+        _check_tap(name, run, batch, sample, model)
+    if num_classes is None and needs_sizing:
+        num_classes = _infer_num_classes(run.output)
+        if num_classes is None:
+            raise ValueError(
+                "pass `num_classes=`: the built-in heads need it, and the model's output on "
+                "the sample is not a (batch, classes) tensor to read it from."
+            )
 
     reference = next(iter(model.parameters()), None)
     heads: dict[str, nn.Module] = {}
+    permute: dict[str, tuple[int, ...] | None] = {}
+    copy, random = set(), set()
     for name, spec in pairs:
+        shape = rows[name].shape
         if isinstance(spec, nn.Module):
-            heads[name] = spec
-            continue
-        built = build_head(spec, shapes[name], num_classes)
-        if reference is not None:
-            built = built.to(device=reference.device, dtype=reference.dtype)
+            built = spec
+            dims = _PERMUTE.get((len(shape), layouts[name])) if layouts[name] else None
+        else:
+            found = layouts[name] or rows[name].layout
+            if len(shape) in (3, 4) and found is None:
+                raise ValueError(
+                    f"cannot tell where the channels are in layer {name!r}'s output {shape}: "
+                    "pass layout='channels_first' ((B, C, H, W) or (B, C, L)) or "
+                    "'channels_last' ((B, H, W, C) or (B, N, C)) for it."
+                )
+            dims = _PERMUTE.get((len(shape), found))
+            if dims is not None:
+                shape = tuple(shape[d] for d in dims)
+            with RngStream(stream_seed(f"init:{name}")).on(torch.device("cpu")):
+                built = build_head(spec, shape, num_classes)
+            if reference is not None:
+                built = built.to(device=reference.device, dtype=reference.dtype)
         heads[name] = built
-    return AuxModel(model, heads, select=selects)
+        permute[name] = dims
+        features = run.checks[name].features
+        if dims is not None:
+            features = features.permute(*dims)
+        sized = None if isinstance(spec, nn.Module) else num_classes
+        changes_input, draws = _dry_run_head(name, built, features, sized)
+        if changes_input or run.checks[name].modified:
+            copy.add(name)
+        if draws:
+            random.add(name)
+    return AuxModel(model, heads, select=selects, permute=permute, copy=copy, random=random)

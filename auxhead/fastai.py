@@ -11,6 +11,7 @@ This is the only module of the core package that imports fastai.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -152,8 +153,16 @@ class AuxHeads(Callback):
         """Wrap the model and its splitter once; rebuild an optimizer made without heads."""
         learn = self.learn
         model = _unwrap(learn.model)
-        if self.aux_loss is not None and model is self.aux_loss.aux_model:
-            return
+        if self.aux_loss is not None:
+            aux_model = self.aux_loss.aux_model
+            if model is aux_model:
+                return
+            if model is aux_model.model and not aux_model.hooked:
+                # Back after remove_cb (learn.removed_cbs, say): the same heads, not new ones.
+                self._splitter = learn.splitter
+                learn.model = aux_model.reattach()
+                learn.splitter = _HeadsLastSplitter(self._splitter)
+                return
         if isinstance(model, AuxModel):
             raise ValueError(
                 "this Learner's model already has auxiliary heads; add one AuxHeads callback"
@@ -186,9 +195,18 @@ class AuxHeads(Callback):
             learn.opt.freeze_to(frozen)
 
     def _leave(self) -> None:
+        """Give the Learner back its own model (no hooks) and splitter; keep the heads, so
+        that adding the callback again brings the same ones back."""
         self._remove_metrics()
-        if self.aux_loss is not None:
-            self.aux_loss.aux_model.set_heads(False)
+        if self.aux_loss is None:
+            return
+        aux_model = self.aux_loss.aux_model
+        aux_model.set_heads(False)
+        learn = self._learn
+        if learn.model is aux_model:
+            learn.model = aux_model.strip()
+            if self._splitter is not None:
+                learn.splitter = self._splitter
 
     def _add_metrics(self) -> None:
         self._remove_metrics()
@@ -378,10 +396,9 @@ def export_learner(learn: Learner, fname: str | Path = "export.pkl") -> Path:
         "cbs": learn.cbs,
         "opt": learn.opt,
     }
-    hooks_on = aux_model is not None and bool(aux_model._handles)
+    bare = aux_model.hooks_removed() if aux_model is not None else contextlib.nullcontext()
     try:
         if aux_model is not None:
-            aux_model._remove_hooks()
             learn.model = aux_model.model
         if heads and heads[0]._splitter is not None:
             learn.splitter = heads[0]._splitter
@@ -392,14 +409,13 @@ def export_learner(learn: Learner, fname: str | Path = "export.pkl") -> Path:
         # fastai's export rebuilds the optimizer for the model it saw; keep ours (with the
         # heads' parameters and state) aside and put it back after.
         learn.opt = None
-        learn.export(fname)
+        with bare:
+            learn.export(fname)
     finally:
         learn.model, learn.splitter = saved["model"], saved["splitter"]
         learn.metrics, learn.cbs, learn.opt = saved["metrics"], saved["cbs"], saved["opt"]
         for cb in callbacks:
             setattr(learn, cb.name, cb)
-        if hooks_on:
-            aux_model._register_hooks()
     return Path(learn.path) / fname
 
 

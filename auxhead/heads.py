@@ -1,7 +1,9 @@
 """Built-in auxiliary heads, each sized from the shape its tap produces.
 
-A tap's output is a feature map (B, C, H, W), a token sequence (B, N, C) or a feature vector
-(B, C). Every head accepts all three: maps are pooled spatially, sequences over tokens.
+A head sees its tap's output in one of three layouts: a feature map (B, C, H, W), a sequence
+(B, N, C) or a feature vector (B, C). `AuxModel` puts channels-last maps (B, H, W, C) and
+channels-first sequences (B, C, L) into these layouts (a view, not a copy) before the head
+sees them. Every head accepts all three: maps are pooled spatially, sequences over tokens.
 """
 
 from __future__ import annotations
@@ -15,8 +17,18 @@ from torch import nn
 __all__ = ["HEAD_KINDS", "InceptionHead", "LinearHead", "SDNHead", "build_head"]
 
 
+def check_num_classes(num_classes: object) -> int:
+    """`num_classes` as an int, or a ValueError naming it."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(
+            f"num_classes must be a whole number >= 1 (the logits each head predicts), "
+            f"got {num_classes!r}"
+        )
+    return int(num_classes)
+
+
 def _check_shape(shape: Sequence[int], kind: str) -> None:
-    if len(shape) not in (2, 3, 4):
+    if len(shape) not in (2, 3, 4) or any(int(d) < 1 for d in shape):
         raise ValueError(
             f"a {kind!r} head needs a tap output of 2, 3 or 4 dimensions "
             f"((B, C), (B, N, C) or (B, C, H, W)); got shape {tuple(shape)}. "
@@ -96,32 +108,35 @@ class SDNHead(nn.Module):
 
     A learned mix of max and average pooling, alpha * max + (1 - alpha) * avg, down to a small
     grid, then one Linear layer. The grid keeps at most ~4096 features, as in the paper's
-    reduction of large maps.
+    reduction of large maps. Sequences mix the max and the mean over tokens the same way;
+    vectors have nothing to pool, so their head is the Linear layer alone (no `alpha`, which
+    would never get a gradient).
     """
 
     def __init__(self, shape: Sequence[int], num_classes: int) -> None:
         super().__init__()
         _check_shape(shape, "sdn")
         channels = _channels(shape)
+        self.grid: tuple[int, int] | None = None
+        features = channels
         if len(shape) == 4:
             side = max(1, min(4, shape[2], shape[3], int((4096 / channels) ** 0.5)))
-            self.grid: tuple[int, int] | None = (side, side)
+            self.grid = (side, side)
             features = channels * side * side
-        else:
-            self.grid = None
-            features = channels
-        self.alpha = nn.Parameter(torch.zeros(()))  # sigmoid(0) = 0.5: an even mix to start
+        # sigmoid(0) = 0.5: an even mix to start
+        self.alpha = nn.Parameter(torch.zeros(())) if len(shape) > 2 else None
         self.fc = nn.Linear(features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grid is not None:
+        if x.dim() == 4:
             mix = torch.sigmoid(self.alpha)
             x = mix * F.adaptive_max_pool2d(x, self.grid) + (1 - mix) * F.adaptive_avg_pool2d(
                 x, self.grid
             )
             x = torch.flatten(x, 1)  # (B, C * side * side)
-        else:
-            x = _pool_tokens(x)
+        elif x.dim() == 3:
+            mix = torch.sigmoid(self.alpha)
+            x = mix * x.amax(dim=1) + (1 - mix) * x.mean(dim=1)  # (B, N, C) -> (B, C)
         return self.fc(x)
 
 
@@ -144,9 +159,11 @@ def build_head(kind: str | HeadFactory, shape: tuple[int, ...], num_classes: int
         num_classes: the number of logits the head predicts.
 
     Raises:
-        ValueError: for an unknown kind name or a shape the head cannot take.
+        ValueError: for an unknown kind name, a shape the head cannot take, or a
+            `num_classes` that is not a whole number >= 1.
         TypeError: if a factory returns something that is not an `nn.Module`.
     """
+    num_classes = check_num_classes(num_classes)
     if isinstance(kind, str):
         if kind not in HEAD_KINDS:
             raise ValueError(

@@ -3,6 +3,7 @@ models that already return several outputs."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -21,9 +22,28 @@ Weights = float | Sequence[float] | Mapping[str, float]
 
 def _check_weights(weights: dict[str, Any]) -> dict[str, float]:
     for name, weight in weights.items():
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight < 0:
-            raise ValueError(f"weight for {name!r} must be a number >= 0, got {weight!r}")
+        if (
+            not isinstance(weight, (int, float))
+            or isinstance(weight, bool)
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise ValueError(f"weight for {name!r} must be a finite number >= 0, got {weight!r}")
     return {name: float(weight) for name, weight in weights.items()}
+
+
+def _check_number(value: Any, what: str, low: float, high: float, *, low_open: bool) -> float:
+    """`value` as a float in [low, high] ((low, high] with `low_open`), or a ValueError
+    naming `what`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(
+            f"{what} must be a finite number in {bracket}{low}, {high}], got {value!r}"
+        )
+    return float(value)
 
 
 def _get_reduction(funcs: Sequence[LossFunc]) -> str | None:
@@ -100,10 +120,8 @@ class AuxLoss:
                 f"AuxLoss needs the AuxModel that auxhead.attach returned, "
                 f"got {type(aux_model).__name__}"
             )
-        if not 0.0 <= distill <= 1.0:
-            raise ValueError(f"distill is a weight in [0, 1], got {distill!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
+        distill = _check_number(distill, "distill", 0.0, 1.0, low_open=False)
+        temperature = _check_number(temperature, "temperature", 0.0, math.inf, low_open=True)
         self.loss_func = loss_func
         self.aux_model = aux_model
         self.weights = _check_weights(per_name(weights, aux_model.taps, "weights", "heads"))
@@ -118,7 +136,19 @@ class AuxLoss:
     @property
     def scale(self) -> float:
         """The schedule's multiplier at the current progress."""
-        return float(self.schedule(min(max(self.progress, 0.0), 1.0)))
+        t = min(max(float(self.progress), 0.0), 1.0)
+        value = self.schedule(t)
+        try:
+            scale = float(value)
+        except (TypeError, ValueError):
+            scale = math.nan
+        if not math.isfinite(scale) or scale < 0:
+            name = getattr(self.schedule, "__name__", repr(self.schedule))
+            raise ValueError(
+                f"schedule {name} gave {value!r} at progress {t:.3f}; a schedule must return a "
+                "finite number >= 0 (the multiplier of every head's weight)"
+            )
+        return scale
 
     def __call__(self, pred: Any, *targets: Any) -> torch.Tensor:
         main = self.loss_func(pred, *targets)

@@ -275,3 +275,305 @@ def test_autocast_bfloat16_on_cpu(cnn, x):
     assert aux.aux_outputs["1"].dtype == torch.bfloat16
     loss.backward()
     assert all(p.grad is not None for p in aux.heads.parameters())
+
+
+# Every tap trains: in-place ops after it, layouts, randomness, taps that cannot train -------
+
+
+def _grads_reach_every_head(aux, x, y):
+    aux.train()
+    loss = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux)(aux(x), y)
+    loss.backward()
+    missing = [n for n, p in aux.heads.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+@pytest.mark.parametrize("kind", ["inception", "linear", "sdn"])
+def test_taps_changed_in_place_later_are_copied_and_train(kind):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18(num_classes=4)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    # bn1 is followed by ReLU(inplace=True), layer1.0.bn2 by `out += identity`; layer2 by
+    # nothing in place.
+    aux = auxhead.attach(model, ["bn1", "layer1.0.bn2", "layer2"], head=kind, sample=x)
+    assert aux._copy == {"bn1", "layer1.0.bn2"}
+    _grads_reach_every_head(aux, x, y)
+
+
+class Doubling(nn.Module):
+    """A head that changes its input in place before classifying it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(x.mul_(2), 1))
+
+
+def test_a_head_that_changes_its_input_in_place_gets_a_copy(cnn, x):
+    reference = copy.deepcopy(cnn)
+    aux = auxhead.attach(cnn, {"1": Doubling()}, sample=x).train()
+    assert aux._copy == {"1"}
+    torch.testing.assert_close(aux(x), reference.train()(x), rtol=0, atol=0)
+
+
+class ChannelsLast(nn.Module):
+    """A ConvNeXt/Swin-like net whose stage outputs (B, H, W, C)."""
+
+    def __init__(self, channels: int = 6, classes: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 2, stride=2)
+        self.stage = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, channels))
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        x = self.stem(x).permute(0, 2, 3, 1)  # (B, H, W, C)
+        x = self.stage(x)
+        return self.fc(x.mean(dim=(1, 2)))
+
+
+@pytest.mark.parametrize("kind", ["inception", "linear", "sdn"])
+def test_channels_last_maps_are_read_as_channels_last(kind):
+    x = torch.randn(2, 3, 16, 16)  # stage output (2, 8, 8, 6): C = 6 is last
+    aux = auxhead.attach(ChannelsLast(), ["stage"], head=kind, sample=x)
+    table = {info.name: info for info in auxhead.list_layers(aux.model, x)}
+    assert table["stage"].layout == "channels_last" and table["stem"].layout == "channels_first"
+    head = aux.head("stage")
+    if kind == "linear":
+        assert head.fc.in_features == 6
+        aux.eval()
+        with aux.heads_enabled():
+            aux(x)
+        features = aux.model.stage(aux.model.stem(x).permute(0, 2, 3, 1))
+        torch.testing.assert_close(aux.aux_outputs["stage"], head.fc(features.mean(dim=(1, 2))))
+    _grads_reach_every_head(aux, x, torch.tensor([0, 2]))
+
+
+def test_layout_that_cannot_be_told_needs_layout():
+    class Square(nn.Module):  # (B, 4, 4, 4) from a layer with no channel count: no evidence
+        def forward(self, x):
+            return x.reshape(-1, 4, 4, 4)
+
+    model = nn.Sequential(Square(), nn.Flatten(), nn.Linear(64, 3))
+    x = torch.randn(2, 64)
+    _no_hooks_after(
+        model,
+        lambda: auxhead.attach(model, ["0"], sample=x),
+        ValueError,
+        r"cannot tell where the channels are in layer '0'.*layout='channels_first'",
+    )
+    aux = auxhead.attach(model, ["0"], sample=x, layout="channels_last", head="linear")
+    assert aux._permute == {"0": (0, 3, 1, 2)}
+    with pytest.raises(ValueError, match="layout must be one of"):
+        auxhead.attach(model, ["0"], sample=x, layout="nhwc")
+
+
+def test_sequences_either_way_round():
+    conv1d = nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(),
+                           nn.Linear(5, 2))  # fmt: skip
+    x = torch.randn(2, 3, 12)  # "1" outputs (B, C=5, L=10)
+    aux = auxhead.attach(conv1d, ["1"], head="linear", sample=x)
+    assert aux.head("1").fc.in_features == 5
+    _grads_reach_every_head(aux, x, torch.tensor([0, 1]))
+
+
+def test_sdn_head_on_tokens_and_vectors_leaves_no_parameter_unused():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32, patch_size=8)
+    x = torch.randn(2, 3, 32, 32)
+    aux = auxhead.attach(model, ["blocks.2", "head_drop"], head="sdn", sample=x)
+    assert aux.head("head_drop").alpha is None  # a (B, C) vector has nothing to pool
+    _grads_reach_every_head(aux, x, torch.tensor([0, 2]))
+
+
+class Dropping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+        self.drop = nn.Dropout(0.5)
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.body(x)))
+
+
+@pytest.mark.parametrize("kind", ["inception", "linear", "sdn"])
+def test_heads_do_not_change_the_models_random_numbers(kind):
+    bare = Dropping()
+    model = copy.deepcopy(bare)
+    x = torch.randn(4, 8)
+    torch.manual_seed(5)
+    expected_next = torch.rand(3)
+    torch.manual_seed(5)
+    aux = auxhead.attach(model, ["body"], head=kind, sample=x).train()
+    assert torch.equal(torch.rand(3), expected_next)  # building and sizing drew nothing
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        expected = bare.train()(x)
+        torch.manual_seed(seed)
+        assert torch.equal(aux(x), expected)
+        assert aux.aux_outputs["body"].shape == (4, 3)
+
+
+def test_heads_streams_are_seeded_per_tap_and_resume_exactly():
+    x = torch.randn(4, 8)
+    build = lambda: auxhead.attach(Dropping(), ["body"], head="inception", sample=x).train()  # noqa: E731
+    torch.manual_seed(0)
+    one = build()
+    torch.manual_seed(0)
+    two = build()
+    assert torch.equal(one.head("body").fc1.weight, two.head("body").fc1.weight)
+    one(x)
+    state = copy.deepcopy(one.state_dict())  # carries the heads' random streams
+    one(x)
+    two.load_state_dict(state)
+    two(x)
+    assert torch.equal(one.aux_outputs["body"], two.aux_outputs["body"])
+
+
+def test_dry_run_leaves_batchnorm_statistics_alone(cnn, x):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(5))  # fmt: skip
+    model(x)
+    before = copy.deepcopy(model.state_dict())
+    auxhead.attach(model, ["1"], sample=x * 10)
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+class Windows(nn.Module):
+    """Window attention folds windows into the batch: (B * 4, N, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 6, 2, stride=2)
+        self.attn = nn.Linear(6, 6)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.embed(x)  # (B, 6, 8, 8)
+        b = x.shape[0]
+        windows = x.reshape(b, 6, 2, 4, 2, 4).permute(0, 2, 4, 3, 5, 1).reshape(b * 4, 16, 6)
+        x = self.attn(windows).reshape(b, 64, 6)
+        return self.fc(x.mean(dim=1))
+
+
+def test_a_tap_that_folds_windows_into_the_batch_is_refused(x):
+    model = Windows()
+    _no_hooks_after(
+        model,
+        lambda: auxhead.attach(model, ["attn"], sample=torch.randn(2, 3, 16, 16)),
+        ValueError,
+        r"layer 'attn' outputs shape \(8, 16, 6\), whose first dimension is not the batch \(2\)",
+    )
+
+
+def test_a_tap_run_without_gradients_is_refused():
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            with torch.no_grad():
+                x = self.stem(x)
+            return self.fc(x)
+
+    model = Frozen()
+    _no_hooks_after(
+        model,
+        lambda: auxhead.attach(model, ["stem"], sample=torch.randn(2, 4)),
+        ValueError,
+        "layer 'stem' runs with gradients off",
+    )
+
+
+class TrainOnly(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.side = nn.Linear(4, 4)  # runs in training only, like GoogLeNet's aux1
+        self.late = nn.Linear(4, 4)  # runs in eval only
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.body(x)
+        x = x + self.side(x) if self.training else self.late(x)
+        return self.fc(x)
+
+
+def test_train_only_branches_are_listed_and_eval_only_ones_refused():
+    model = TrainOnly().eval()
+    x = torch.randn(2, 4)
+    table = {info.name: info for info in auxhead.list_layers(model, x)}
+    assert table["side"].train_only and not table["late"].train_only
+    assert not model.training  # modes put back
+    aux = auxhead.attach(model, ["side"], sample=x).train()
+    aux(x)
+    assert aux.aux_outputs["side"].shape == (2, 2)
+    aux.strip()
+    _no_hooks_after(
+        model,
+        lambda: auxhead.attach(model, ["late"], sample=x),
+        ValueError,
+        "layer 'late' runs in eval mode only",
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "10"])
+def test_num_classes_must_be_a_whole_number(cnn, x, bad):
+    _no_hooks_after(
+        cnn,
+        lambda: auxhead.attach(cnn, ["1"], num_classes=bad, sample=x),
+        ValueError,
+        "num_classes must be a whole number >= 1",
+    )
+
+
+def test_names_that_would_share_a_head_key_are_refused(x):
+    model = nn.Sequential()
+    model.add_module("a", nn.Sequential(nn.Conv2d(3, 4, 1)))
+    model.add_module("a__0", nn.Conv2d(4, 4, 1))
+    model.add_module("pool", nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)))
+    _no_hooks_after(
+        model,
+        lambda: auxhead.attach(model, ["a.0", "a__0"], sample=x),
+        ValueError,
+        "layers 'a.0' and 'a__0' would share one head",
+    )
+
+
+def test_a_module_head_that_does_not_fit_is_refused_at_attach(cnn, x):
+    _no_hooks_after(
+        cnn,
+        lambda: auxhead.attach(cnn, ["5", "3"], head=nn.Linear(32, 5), sample=x),
+        ValueError,
+        r"the head at '3' failed on its tap's output \(4, 16, 4, 4\)",
+    )
+
+
+def test_hooks_removed_and_reattach(cnn, x):
+    aux = auxhead.attach(cnn, ["1"], sample=x).train()
+    with aux.hooks_removed() as bare:
+        assert bare is cnn and hook_count(cnn) == 0
+    assert hook_count(cnn) == 1
+    aux.strip()
+    assert not aux.hooked
+    aux.reattach()(x)
+    assert list(aux.aux_outputs) == ["1"]
+
+
+def test_importing_the_core_pulls_in_no_heavy_dependencies():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, auxhead, auxhead.gan;"
+        "loaded = {m.split('.')[0] for m in sys.modules};"
+        "heavy = {'fastai', 'matplotlib', 'sklearn', 'PIL'} & loaded;"
+        "print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -223,11 +223,26 @@ def test_error_or_cancel_leaves_learner_usable(dls, error):
 def test_removing_the_callback_removes_its_effect(dls):
     capture = Capture()
     learn = learner(dls)
+    bare = learn.model.model
+    splitter = learn.aux_heads._splitter
     learn.remove_cb(learn.aux_heads)
+    assert learn.model is bare and hook_count(bare) == 0  # the Learner's own model again
+    assert learn.splitter is splitter
     learn.fit(1, 1e-3, cbs=capture)
     for loss, main, _ in capture.rows:
         torch.testing.assert_close(loss, main)
     assert learn.recorder.metric_names == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+
+
+def test_removed_cbs_brings_the_same_heads_back(dls):
+    learn = learner(dls)
+    callback = learn.aux_heads
+    aux_model = learn.model
+    with learn.removed_cbs(callback):
+        assert learn.model is aux_model.model and hook_count(learn.model) == 0
+    learn.fit(1, 1e-3)
+    assert learn.model is aux_model and aux_model.hooked  # the same heads, not new ones
+    assert "acc_1" in learn.recorder.metric_names
 
 
 def test_export_loads_without_auxhead(dls, tmp_path):

@@ -143,15 +143,29 @@ def test_non_finite_aux_loss_names_the_head(setup):
     [
         ({"weights": [0.1]}, ValueError, "got 1 weights for 2 heads"),
         ({"weights": {"1": 0.1, "9": 0.2}}, ValueError, r"unknown: \['9'\], missing: \['3'\]"),
-        ({"weights": -1.0}, ValueError, "must be a number >= 0, got -1.0"),
+        ({"weights": -1.0}, ValueError, "must be a finite number >= 0, got -1.0"),
+        ({"weights": float("nan")}, ValueError, "weight for '1' must be a finite number"),
+        ({"weights": [0.3, float("inf")]}, ValueError, "weight for '3' must be a finite number"),
         ({"schedule": "step"}, ValueError, "unknown schedule 'step'"),
-        ({"distill": 2.0}, ValueError, r"distill is a weight in \[0, 1\]"),
+        ({"distill": 2.0}, ValueError, r"distill must be a finite number in \[0.0, 1.0\]"),
+        ({"distill": float("nan")}, ValueError, "distill must be a finite number"),
+        ({"temperature": 0}, ValueError, "temperature must be a finite number in \\(0.0"),
+        ({"temperature": float("inf")}, ValueError, "temperature must be a finite number"),
     ],
 )
 def test_auxloss_bad_arguments(setup, kwargs, error, match):
     aux, _, _ = setup
     with pytest.raises(error, match=match):
         auxhead.AuxLoss(nn.CrossEntropyLoss(), aux, **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, "high"])
+def test_a_schedule_that_leaves_finite_numbers_is_refused(setup, value):
+    aux, x, y = setup
+    loss_func = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux, schedule=lambda t: value)
+    loss_func.progress = 0.25
+    with pytest.raises(ValueError, match=r"schedule <lambda> gave .* at progress 0.250"):
+        loss_func(aux(x), y)
 
 
 def test_auxloss_needs_an_auxmodel():

@@ -23,8 +23,9 @@ def test_list_layers_order_shapes_and_modes(cnn, x):
 def test_list_layers_prints_a_table(cnn, x):
     text = str(auxhead.list_layers(cnn, x))
     lines = text.splitlines()
-    assert lines[0].split() == ["name", "type", "output", "shape"]
-    assert any(line.split() == ["3", "Sequential", "4x16x4x4"] for line in lines)
+    assert lines[0].split() == ["name", "type", "output", "shape", "channels"]
+    assert any(line.split() == ["3", "Sequential", "4x16x4x4", "dim", "1"] for line in lines)
+    assert any(line.split() == ["5", "Linear", "4x32"] for line in lines)
 
 
 def test_list_layers_counts_reused_modules():

@@ -20,32 +20,51 @@ def _twins(builder, aux_names, **kwargs):
     return with_aux, without
 
 
+def _dropout_off(*models: nn.Module) -> None:
+    """Dropout in eval mode, everything else (BatchNorm) training: a deterministic step."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+
+
 def test_googlenet_matches_torchvision_aux_heads():
     reference, model = _twins(torchvision.models.googlenet, ("aux1", "aux2"))
+    bare = copy.deepcopy(model)
+    x = torch.randn(2, 3, 96, 96)
+    y = torch.tensor([3, 7])
     aux = auxhead.attach(
         model,
         {
             "inception4a": copy.deepcopy(reference.aux1),
             "inception4d": copy.deepcopy(reference.aux2),
         },
+        sample=x,
     )
+    # Same weights, same BatchNorm batch statistics, dropout held still: the same computation.
     reference.train(), aux.train()
-    x = torch.randn(2, 3, 96, 96)
-    y = torch.tensor([3, 7])
-    torch.manual_seed(1)  # the heads' dropout draws the same numbers in both
+    _dropout_off(reference, aux)
     expected = reference(x)
-    torch.manual_seed(1)
     out = aux(x)
     torch.testing.assert_close(out, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(aux.aux_outputs["inception4a"], expected.aux_logits1, rtol=0, atol=0)
     torch.testing.assert_close(aux.aux_outputs["inception4d"], expected.aux_logits2, rtol=0, atol=0)
-
     ce = nn.CrossEntropyLoss()
     loss = auxhead.AuxLoss(ce, aux, weights=0.3)(out, y)
     by_hand = ce(expected.logits, y) + 0.3 * (
         ce(expected.aux_logits1, y) + ce(expected.aux_logits2, y)
     )
     torch.testing.assert_close(loss, by_hand, rtol=0, atol=1e-6)
+
+    # With dropout on, torchvision's main output depends on its heads (their dropout draws from
+    # the model's stream); auxhead's is the bare model's, at the same seed.
+    reference.train(), aux.train(), bare.train()
+    torch.manual_seed(1)
+    expected_bare = bare(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(aux(x), expected_bare, rtol=0, atol=0)
+    torch.manual_seed(1)
+    assert not torch.equal(reference(x).logits, expected_bare)
 
     # in eval mode the bare model and the wrapped one agree, and no head runs
     reference.eval(), aux.eval()
@@ -67,19 +86,24 @@ def test_googlenet_builtin_inception_head_has_torchvisions_shape():
 @pytest.mark.slow
 def test_inception3_matches_torchvision_aux_head():
     reference, model = _twins(torchvision.models.inception_v3, ("AuxLogits",))
-    aux = auxhead.attach(model, {"Mixed_6e": copy.deepcopy(reference.AuxLogits)})
-    reference.train(), aux.train()
+    bare = copy.deepcopy(model)
     x = torch.randn(2, 3, 299, 299)
     y = torch.tensor([1, 9])
-    torch.manual_seed(2)
+    aux = auxhead.attach(model, {"Mixed_6e": copy.deepcopy(reference.AuxLogits)}, sample=x)
+    reference.train(), aux.train()
+    _dropout_off(reference, aux)
     expected = reference(x)
-    torch.manual_seed(2)
     out = aux(x)
     torch.testing.assert_close(out, expected.logits, rtol=0, atol=0)
     torch.testing.assert_close(aux.aux_outputs["Mixed_6e"], expected.aux_logits, rtol=0, atol=0)
     ce = nn.CrossEntropyLoss()
     loss = auxhead.AuxLoss(ce, aux, weights=0.4)(out, y)
     torch.testing.assert_close(loss, ce(expected.logits, y) + 0.4 * ce(expected.aux_logits, y))
+    bare.train(), aux.train()
+    torch.manual_seed(2)
+    expected_bare = bare(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(aux(x), expected_bare, rtol=0, atol=0)
 
 
 def test_timm_resnet():
