@@ -200,8 +200,11 @@ def probe(
     awaiting: dict[int, list[tuple[str, torch.Tensor]]] = {}  # storage -> outputs with no reader
     watched: dict[str, tuple[torch.Tensor, int, bool]] = {}
 
-    def storage(tensor: torch.Tensor) -> int:
-        return tensor.untyped_storage().data_ptr()
+    def storage(tensor: torch.Tensor) -> int | None:
+        try:
+            return tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # no storage (nested, meta, ...)
+            return None
 
     def start(module: nn.Module, args: Any) -> None:
         # Rows are ordered by when a module starts, so a block comes before its children.
@@ -213,7 +216,7 @@ def probe(
         channels = _channels(module)
         if channels is not None:
             tensor = first_tensor(args)
-            if tensor is not None and tensor.numel():
+            if tensor is not None and tensor.numel() and storage(tensor) is not None:
                 for reader_of, _output in awaiting.pop(storage(tensor), []):
                     # Kept alive until read, so its memory cannot be reused by another tensor.
                     evidence[reader_of].consumed = (channels[0], channels[2], tuple(tensor.shape))
@@ -231,7 +234,7 @@ def probe(
             return
         rows[name][1] = tuple(tensor.shape)
         evidence[name] = _Evidence(produced=last_channels[0])
-        if tensor.dim() in (3, 4) and tensor.numel():
+        if tensor.dim() in (3, 4) and tensor.numel() and storage(tensor) is not None:
             awaiting.setdefault(storage(tensor), []).append((name, tensor))
         if name in watch:
             watched[name] = (tensor, tensor._version, torch.is_grad_enabled())

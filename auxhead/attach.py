@@ -519,9 +519,10 @@ def attach(
             found = layouts[name] or rows[name].layout
             if len(shape) in (3, 4) and found is None:
                 raise ValueError(
-                    f"cannot tell where the channels are in layer {name!r}'s output {shape}: "
-                    "pass layout='channels_first' ((B, C, H, W) or (B, C, L)) or "
-                    "'channels_last' ((B, H, W, C) or (B, N, C)) for it."
+                    f"layer {name!r} outputs {shape}, and the layers around it do not tell "
+                    "where its channels are: pass layout='channels_first' ((B, C, H, W) or "
+                    "(B, C, L)) or 'channels_last' ((B, H, W, C) or (B, N, C)) for it, or tap "
+                    "another layer."
                 )
             dims = _PERMUTE.get((len(shape), found))
             if dims is not None:

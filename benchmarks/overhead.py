@@ -189,11 +189,16 @@ def _googlenet_rows(x, y, classes: int, repeats: int, warmup: int, device) -> li
     unchecked_loss = auxhead.AuxLoss(
         nn.CrossEntropyLoss(), unchecked, weights=AUX_WEIGHT, check_finite=False
     )
-    # Same weights, inputs and dropout masks, so the first losses agree: the same computation.
-    torch.manual_seed(1)
-    reference = _torchvision_loss(with_aux.train()(x), y).item()
-    torch.manual_seed(1)
-    ours = aux_loss(aux_model.train()(x), y).item()
+    # Same weights and inputs, dropout held still, so the first losses agree: the same
+    # computation. (With dropout on they differ: auxhead's heads draw from their own stream,
+    # torchvision's from the model's.)
+    for model in (with_aux, aux_model):
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+    reference = _torchvision_loss(with_aux(x), y).item()
+    ours = aux_loss(aux_model(x), y).item()
     print(f"GoogLeNet first-step loss: torchvision {reference:.6f}, auxhead {ours:.6f}")
 
     steps = {

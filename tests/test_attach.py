@@ -361,7 +361,8 @@ def test_layout_that_cannot_be_told_needs_layout():
         model,
         lambda: auxhead.attach(model, ["0"], sample=x),
         ValueError,
-        r"cannot tell where the channels are in layer '0'.*layout='channels_first'",
+        r"layer '0' outputs \(2, 4, 4, 4\), and the layers around it do not tell where its "
+        r"channels are: pass layout='channels_first'",
     )
     aux = auxhead.attach(model, ["0"], sample=x, layout="channels_last", head="linear")
     assert aux._permute == {"0": (0, 3, 1, 2)}
