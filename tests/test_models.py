@@ -171,3 +171,17 @@ def test_classifier_split_puts_the_last_linear_last():
     body, classifier = classifier_split(model)
     assert [p.shape for p in classifier] == [(10, 128), (10,)]
     assert len(body) + len(classifier) == len(list(model.parameters()))
+
+
+@needs_timm
+def test_timm_weights_that_cannot_be_fetched_say_how_to_provide_them(monkeypatch):
+    import timm
+
+    from auxhead.models import WeightsUnavailable
+
+    def offline(name, pretrained=False, **kwargs):
+        raise OSError("cannot find the requested files in the local cache")  # as HF hub does
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(WeightsUnavailable, match=r"timm's resnet18 .* --init PATH"):
+        build_model("timm:resnet18", pretrained=True)
