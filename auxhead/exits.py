@@ -20,12 +20,14 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from auxhead._calibrate import METHODS, _leaves, check_targets, choose_thresholds
+from auxhead._exit_export import export_program
 from auxhead._exit_fx import fx_cut
 from auxhead._exit_summary import ExitSummary, collect, summarise
 from auxhead._flops import MAIN
@@ -380,6 +382,28 @@ class EarlyExit(nn.Module):
                 "early exits need heads that predict the model's classes, and a (B, K) output"
             )
         return logits
+
+    def export(self, path: str | Path, sample: torch.Tensor) -> Path:
+        """Save a `torch.export` program (.pt2) that routes like this `EarlyExit`, with its
+        thresholds and temperatures baked in; it returns (logits (B, K), exit index (B,)).
+
+        At each exit a `torch.cond` skips the rest of the network when every sample of the
+        batch leaves there, so batch size 1 routes per sample as the eager forward does;
+        larger batches run on whole and take each sample's logits from its exit (same
+        outputs, compute saved only when a batch leaves together). Needs a staged
+        `EarlyExit`. ONNX is not written: it would need the onnx and onnxscript packages.
+
+        Args:
+            path: where to write, ending in .pt2.
+            sample: an input batch to trace with (the batch size stays dynamic).
+
+        Returns:
+            `path`; load it with `torch.export.load(path).module()`.
+
+        Raises:
+            ValueError: a path not ending in .pt2, or a generic-mode `EarlyExit`.
+        """
+        return export_program(self, path, sample)
 
     # ---- calibration ----
 

@@ -1,0 +1,117 @@
+"""`EarlyExit.export`: a `torch.export` program that routes.
+
+The exported forward runs the stages of a staged `EarlyExit` with the calibrated thresholds
+and temperatures baked in, and at each active exit a `torch.cond`: when every sample of the
+batch leaves there, the rest of the network is skipped; otherwise the rest runs on the whole
+batch and each sample takes its logits from the first exit it leaves at. At batch size 1 that
+is the per-sample routing of the eager forward; a batch saves compute only when all of it
+leaves at once (a program with data-dependent batch shapes would not export). Outputs: the
+logits (B, K) and each sample's exit index (B,), `len(taps)` for the main head.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from auxhead.exits import EarlyExit
+
+__all__ = ["Routed", "export_program"]
+
+
+class Routed(nn.Module):
+    """The staged forward of an `EarlyExit`, as one module torch.export can trace."""
+
+    def __init__(self, early: EarlyExit) -> None:
+        super().__init__()
+        plan = early._plan
+        if plan is None:
+            raise ValueError(
+                f"export needs a staged EarlyExit (this one is generic: {early.mode_reason})"
+            )
+        taps, aux_model = early.taps, early.aux_model
+        self.stages = nn.ModuleList(_as_module(stage.run) for stage in plan.stages)
+        self.ends = list(plan.ends)
+        active = [i for i, t in enumerate(early.thresholds) if t < 1.0]
+        self.exits = active  # exit indices that can take samples, in order
+        self.heads = nn.ModuleList(aux_model.head(taps[i]) for i in active)
+        self.thresholds = [early.thresholds[i] for i in active]
+        self.temperatures = [early.temperatures[i] for i in active]
+        self.n_exits = len(taps)
+        self._score = early._score
+        self._head_input = [_HeadInput(aux_model, taps[i]) for i in active]
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._from(0, 0, x)
+
+    def _run(self, start: int, stop: int, h: torch.Tensor) -> torch.Tensor:
+        for index in range(start, stop):
+            h = self.stages[index](h)
+        return h
+
+    def _from(self, k: int, position: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run from stage `position` on, deciding at active exit `k` and after."""
+        if k == len(self.exits):  # no exit left: the main output
+            logits = self._run(position, len(self.stages), h)
+            return logits, torch.full_like(logits[:, 0], self.n_exits, dtype=torch.long)
+        end = self.ends[self.exits[k]]
+        h = self._run(position, end + 1, h)
+        logits = self.heads[k](self._head_input[k](h))
+        t = self.temperatures[k]
+        scores = self._score(logits if t == 1.0 else logits / t)
+        threshold = self.thresholds[k]
+        leave = scores > threshold if threshold > 0 else torch.ones_like(scores, dtype=torch.bool)
+        here = torch.full_like(logits[:, 0], self.exits[k], dtype=torch.long)
+
+        def everyone_leaves(h, logits, leave, here):
+            return logits.clone(), here.clone()
+
+        def some_stay(h, logits, leave, here):
+            rest, exits = self._from(k + 1, end + 1, h)
+            rest = rest.to(logits.dtype)
+            return torch.where(leave[:, None], logits, rest), torch.where(leave, here, exits)
+
+        return torch.cond(leave.all(), everyone_leaves, some_stay, (h, logits, leave, here))
+
+
+class _HeadInput:
+    """aux_model.head_input for one tap (a plain callable: not a submodule)."""
+
+    def __init__(self, aux_model, tap: str) -> None:
+        self.aux_model, self.tap = aux_model, tap
+
+    def __call__(self, output: torch.Tensor) -> torch.Tensor:
+        return self.aux_model.head_input(self.tap, output)
+
+
+def _as_module(run) -> nn.Module:
+    if isinstance(run, nn.Module):
+        return run
+    return _Call(run)
+
+
+class _Call(nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
+
+
+def export_program(early: EarlyExit, path: str | Path, sample: torch.Tensor) -> Path:
+    """Export `early` as a `torch.export` program to `path` (.pt2), traced on `sample` with a
+    dynamic batch size; load it with `torch.export.load(path).module()`."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"export writes a torch.export program (.pt2), got {path.name!r}")
+    routed = Routed(early).eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with torch.no_grad():
+        program = torch.export.export(routed, (sample,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+    return path

@@ -1,0 +1,60 @@
+"""`EarlyExit.export`: a torch.export program whose logits and exit choices equal the eager
+forward's, at batch size 1 and on mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import auxhead
+
+
+class Net(nn.Module):
+    """Its own forward: staged through torch.fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sequential", "fx"])
+def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thread):
+    torch.manual_seed(0)
+    if kind == "sequential":
+        model = nn.Sequential(
+            nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
+        )
+        taps = ["1", "3"]
+    else:
+        model, taps = Net(), ["a", "b"]
+    aux = auxhead.attach(model, taps, head="linear", sample=torch.zeros(2, 6)).eval()
+    x = torch.randn(32, 6) * 3
+    early = auxhead.EarlyExit(aux)
+    with torch.no_grad(), aux.heads_enabled():
+        aux(x)
+        scores = [aux.aux_outputs[tap].softmax(-1).amax(-1) for tap in taps]
+    early.thresholds = [scores[0].quantile(0.6).item(), scores[1].quantile(0.5).item()]
+    early.temperatures = [1.5, 1.0]
+    path = early.export(tmp_path / "early.pt2", x[:4])
+    program = torch.export.load(path).module()
+    seen = set()
+    for batch in [x, x[:1], x[1:2], x[2:3], x[3:4], x[:7]]:
+        logits, exits = program(batch)
+        expected = early(batch)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(exits, early.last_exits)
+        seen |= set(exits.tolist())
+    assert seen == {0, 1, 2}
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    aux = auxhead.attach(Net(), ["a", "b"], head="linear", sample=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"torch.export program \(.pt2\), got 'early.onnx'"):
+        auxhead.EarlyExit(aux).export(tmp_path / "early.onnx", torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="needs a staged EarlyExit"):
+        auxhead.EarlyExit(aux, mode="generic").export(tmp_path / "early.pt2", torch.zeros(2, 6))
