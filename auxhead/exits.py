@@ -31,6 +31,7 @@ from auxhead._exit_export import export_program
 from auxhead._exit_fx import fx_cut
 from auxhead._exit_summary import ExitSummary, collect, summarise
 from auxhead._flops import MAIN
+from auxhead._hooks import HookSet
 from auxhead._probe import eval_mode, resolve
 from auxhead._spread import per_name
 from auxhead._stages import NotStageable, Plan, cut
@@ -208,6 +209,14 @@ class EarlyExit(nn.Module):
             self.mode_reason,
         )
 
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> EarlyExit:
+        # .to()/.half() replace the model's buffers with new tensors; stages split by torch.fx
+        # hold the old ones (their get_attr copies), so cut again.
+        super()._apply(fn, recurse)
+        if self._plan is not None and "torch.fx" in self.mode_reason:
+            self._plan, self.mode_reason = _plan(self.aux_model)
+        return self
+
     @property
     def taps(self) -> list[str]:
         return list(self.aux_model.taps)
@@ -353,18 +362,14 @@ class EarlyExit(nn.Module):
             return hook
 
         modules = resolve(self.aux_model.model, taps)
-        handles = [
-            modules[tap].register_forward_hook(decide_at(index))
-            for index, tap in enumerate(taps)
-            if self._thresholds[index] < 1.0
-        ]
         try:
-            main = self.aux_model.model(x)
+            with HookSet() as hooks:
+                for index, tap in enumerate(taps):
+                    if self._thresholds[index] < 1.0:
+                        hooks.forward(modules[tap], decide_at(index))
+                main = self.aux_model.model(x)
         except _BatchExited:
             return state["out"], exits
-        finally:
-            for handle in handles:
-                handle.remove()
         out = state["out"]
         if out is None:
             return main, exits

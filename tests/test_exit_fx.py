@@ -175,3 +175,24 @@ def test_a_copy_runs_its_own_layers():
         net.a.weight.zero_()  # the copy's stages must use the copy's layers
     torch.testing.assert_close(clone(x), expected)
     assert not torch.equal(early(x), expected)
+
+
+def test_moving_the_early_exit_moves_its_stages():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.out = nn.Linear(4, 4), nn.Linear(4, 2)
+            self.register_buffer("scale", torch.full((4,), 2.0))
+
+        def forward(self, x):
+            return self.out(self.a(x) * self.scale)  # a buffer read in the forward: get_attr
+
+    net = Scaled()
+    aux = auxhead.attach(net, ["a"], head="linear", sample=torch.zeros(2, 4))
+    early = auxhead.EarlyExit(aux, thresholds=0.6).double()
+    x = torch.randn(8, 4, dtype=torch.float64)
+    assert early.mode == "staged" and early(x).dtype == torch.float64
+    with torch.no_grad():
+        net.scale.fill_(3.0)  # the stages read the model's buffer, not the one before .double()
+    early.thresholds = 1.0
+    torch.testing.assert_close(early(x), net(x))
