@@ -423,7 +423,8 @@ def test_layers_lists_the_layers_and_marks_the_default_taps(capsys):
     out = capsys.readouterr().out
     assert "resnet18 on 1x8x8 inputs (* default taps: layer2, layer3)" in out
     assert "* layer2" in out
-    assert "--size" in error_line(capsys, ["layers", "--arch", "vit_b_16", "--size", "32"])
+    line = error_line(capsys, ["layers", "--arch", "squeezenet1_0", "--size", "8"])
+    assert "--arch squeezenet1_0 does not run on 3x8x8 images" in line and "--size N" in line
 
 
 # Pretrained fine-tuning, offline --------------------------------------------------------------
