@@ -284,8 +284,7 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         "discriminator's class loss on "
         f"{'real and generated' if config['fake_class_loss'] else 'real'} images.",
         "",
-        *[f"**Warning:** {w}" for w in report["warnings"]],
-        "",
+        *[line for w in report["warnings"] for line in (f"**Warning:** {w}", "")],
         f"Independent classifier (trained on the real train split, "
         f"{report['classifier_seconds']:.0f} s): real test accuracy "
         f"{_gan_value(ref['classifier_test_accuracy']['overall'], True)}.",
