@@ -24,6 +24,7 @@ from auxhead.cli._common import (
     EXIT_USAGE,
     OutputFolder,
     UsageError,
+    one_line,
 )
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -32,7 +33,6 @@ REPORT_BUGS = (
     "auxhead: this is a bug in auxhead, not in your input; please report it with the command "
     "line and the traceback above"
 )
-_FASTAI_PREFIX = "Exception occured in `"  # fastai rewrites errors raised in callbacks
 
 
 class Interrupted(Exception):
@@ -128,13 +128,6 @@ def _run_layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if lines and lines[0].startswith(_FASTAI_PREFIX):
-        lines = lines[1:]
-    return " ".join(lines) or repr(error)
-
-
 def _quiet_imports() -> None:
     """Deprecation notices from the libraries auxhead imports are for their maintainers, not
     for users; the warnings a run raises are collected and reported by the run itself."""
@@ -172,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, (UsageError, DataError)):
             if args.debug:
                 traceback.print_exc()
-            print(f"auxhead: error: {_one_line(error)}", file=sys.stderr)
+            print(f"auxhead: error: {one_line(error)}", file=sys.stderr)
             return EXIT_USAGE
         traceback.print_exc()
         print(REPORT_BUGS, file=sys.stderr)

@@ -26,6 +26,18 @@ class UsageError(Exception):
     """
 
 
+_FASTAI_PREFIX = "Exception occured in `"  # fastai rewrites errors raised in callbacks
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, without the line fastai puts before errors raised in
+    its callbacks ("Exception occured in `AuxHeads` when calling event ...")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith(_FASTAI_PREFIX):
+        lines = lines[1:]
+    return " ".join(lines) or repr(error)
+
+
 # Option types for argparse: a bad value is refused by the parser (exit 2), naming the option.
 
 

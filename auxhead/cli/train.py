@@ -37,6 +37,7 @@ from auxhead.cli._common import (
     collect_warnings,
     fraction,
     nonnegative_float,
+    one_line,
     positive_float,
     positive_int,
 )
@@ -615,9 +616,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         cbs = [heads, log, StopOnNonFinite(causes), CheckHeadsTrain()]
         learn = _learner(dls, model, cbs, out, config.fine_tune)
     except Exception as error:
-        message = " ".join(str(error).split()).replace(
-            "Exception occured in `AuxHeads` when calling event `after_create`: ", ""
-        )
+        message = one_line(error)
         raise UsageError(
             f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
             f"choose other layers (`auxhead layers --arch {config.arch}`) or --head linear"
@@ -626,7 +625,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     try:
         _fit(learn, budget, config.fine_tune)
     except FloatingPointError as error:  # AuxLoss found a non-finite head loss
-        message = str(error).splitlines()[-1].strip()
+        message = one_line(error)
         raise UsageError(f"{message}: training diverged; likely cause: {causes}") from None
     train_seconds = time.perf_counter() - start
 
