@@ -17,4 +17,4 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision are pinned to the builds this machine kind serves from local disk.
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1 -e '.[dev,docs]'
