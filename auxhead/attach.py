@@ -487,6 +487,9 @@ def attach(
             )
         return AuxModel(model, dict(pairs), select=selects)
 
+    if isinstance(sample, torch.Tensor) and sample.dim() > 0 and sample.shape[0] == 1:
+        # A training step sees batches: BatchNorm refuses a batch of one in training mode.
+        sample = torch.cat([sample, sample])
     batch = batch_size(sample)
     try:
         run = probe(model, sample, selects, train=True, watch=names)

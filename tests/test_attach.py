@@ -555,6 +555,14 @@ def test_a_module_head_that_does_not_fit_is_refused_at_attach(cnn, x):
     )
 
 
+def test_a_sample_of_one_is_enough(x):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                          nn.Linear(8, 5))  # fmt: skip
+    aux = auxhead.attach(model, ["3"], head="linear", sample=x[:1]).train()
+    aux(x)
+    assert aux.aux_outputs["3"].shape == (4, 5)
+
+
 def test_hooks_removed_and_reattach(cnn, x):
     aux = auxhead.attach(cnn, ["1"], sample=x).train()
     with aux.hooks_removed() as bare:
