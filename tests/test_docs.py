@@ -1,0 +1,125 @@
+"""The documentation site: it builds with `mkdocs build --strict`, its API pages cover every
+public name, its Command line page covers every subcommand, and every Python block in
+`docs/**/*.md` runs as written (the blocks of one page run in order, as one script)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = sorted(path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md"))
+PUBLIC_MODULES = ("auxhead", "auxhead.fastai", "auxhead.gan")
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+# A block preceded by `<!-- not run: why -->` is shown, not run (a torchrun script, say).
+BLOCK = re.compile(r"(?:<!-- not run: (?P<why>.*?) -->\n+)?```python\n(?P<code>.*?)```", re.S)
+DIRECTIVE = re.compile(r"^::: (?P<path>[\w.]+)\s*$", re.M)
+# Pages that train models run with the slow tests (`pytest -m slow`, as `.ci/run` does): the
+# tutorials, and Getting started (its example is the README quickstart, which test_readme runs).
+SLOW_PAGES = {page for page in PAGES if page.startswith("tutorials/")} | {"getting-started.md"}
+
+
+def python_blocks(page: str) -> list[str]:
+    """The page's Python blocks that run (not those marked `not run`)."""
+    text = (DOCS / page).read_text()
+    return [match["code"] for match in BLOCK.finditer(text) if match["why"] is None]
+
+
+def documented_objects() -> dict[int, str]:
+    """id() of every object an API page documents with `::: dotted.path` -> that path."""
+    found = {}
+    for page in sorted((DOCS / "api").glob("*.md")):
+        for match in DIRECTIVE.finditer(page.read_text()):
+            module_name, _, name = match["path"].rpartition(".")
+            found[id(getattr(importlib.import_module(module_name), name))] = match["path"]
+    return found
+
+
+def public_names() -> list[tuple[str, str]]:
+    return [
+        (module, name)
+        for module in PUBLIC_MODULES
+        for name in importlib.import_module(module).__all__
+    ]
+
+
+def test_api_pages_cover_every_public_name():
+    documented = documented_objects()
+    missing = [
+        f"{module}.{name}"
+        for module, name in public_names()
+        if id(getattr(importlib.import_module(module), name)) not in documented
+    ]
+    assert not missing, f"add a `::: path` line to docs/api/*.md for {missing}"
+
+
+def test_cli_page_covers_every_subcommand():
+    from auxhead.cli import build_parser
+
+    text = (DOCS / "cli.md").read_text()
+    (subparsers,) = [a for a in build_parser()._actions if hasattr(a, "choices") and a.choices]
+    missing = [name for name in subparsers.choices if f"<!-- auxhead-help {name} -->" not in text]
+    assert not missing, f"docs/cli.md has no `<!-- auxhead-help NAME -->` for {missing}"
+
+
+def test_every_page_is_in_the_nav():
+    nav = (ROOT / "mkdocs.yml").read_text()
+    assert [page for page in PAGES if f": {page}" not in nav] == []
+
+
+def _page_params():
+    for page in PAGES:
+        if not python_blocks(page):
+            continue
+        marks = [pytest.mark.slow] if page in SLOW_PAGES else []
+        yield pytest.param(page, marks=marks, id=page)
+
+
+@pytest.mark.parametrize("page", list(_page_params()))
+def test_page_examples_run(page, tmp_path):
+    code = "\n".join(python_blocks(page))
+    if "load_data()" in code and not FASHION_MNIST.is_dir():
+        pytest.skip("needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env["MPLBACKEND"] = "Agg"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_site_builds_strict(tmp_path):
+    site = tmp_path / "site"
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    # Every public name has its own anchor on the API pages, rendered from its docstring.
+    api = "".join(
+        (site / "api" / name / "index.html").read_text() for name in ("core", "fastai", "gan")
+    )
+    for path in documented_objects().values():
+        assert f'id="{path}"' in api, path
+    # The Command line page holds the generated --help text of each subcommand.
+    cli = (site / "cli" / "index.html").read_text()
+    for command in ("train", "acgan", "layers"):
+        assert f"usage: auxhead {command}" in cli, command
