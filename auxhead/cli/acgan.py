@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from fastai.callback.core import Callback
 
+from auxhead._format import recorder_history
 from auxhead.cli._common import (
     EXIT_CODES,
     ManualFormatter,
@@ -39,7 +40,6 @@ from auxhead.cli._common import (
     positive_float,
     positive_int,
 )
-from auxhead.cli._format import recorder_history
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.gan.learner import acgan_learner, save_image
 from auxhead.gan.losses import ACGANLoss

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
+from auxhead._format import table
 from auxhead._probe import LayerInfo, list_layers
 from auxhead.cli._common import EXIT_CODES, ManualFormatter, UsageError, positive_int
-from auxhead.cli._format import table
 
 __all__ = ["LayersConfig", "LayersResult", "add_parser", "run_layers"]
 

@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from auxhead._format import percent
+from auxhead._format import si as _human
+from auxhead._format import table as _table
 from auxhead.cli._common import write_text_atomic
-from auxhead.cli._format import percent
-from auxhead.cli._format import si as _human
-from auxhead.cli._format import table as _table
 from auxhead.cli.acgan import TARGETS, ACGANResult
 from auxhead.cli.train import TrainResult
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
+from auxhead._format import recorder_history
 from auxhead._probe import resolve
 from auxhead.attach import AuxModel
 from auxhead.cli._common import (
@@ -41,7 +42,6 @@ from auxhead.cli._common import (
     positive_float,
     positive_int,
 )
-from auxhead.cli._format import recorder_history
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.fastai import AuxHeads, export_learner

@@ -1,4 +1,9 @@
-"""The one place the command line formats numbers and tables and reads fastai's Recorder."""
+"""Number and table formatting for everything that prints or writes a report: the command
+line's reports, and the core's `print()`-able tables (`list_layers`, `ExitSummary`) can use it.
+
+No imports beyond the standard library; `recorder_history` reads a fastai Learner by duck
+typing, without importing fastai.
+"""
 
 from __future__ import annotations
 
