@@ -413,6 +413,18 @@ def choose_thresholds(
     )
 
 
+def _with_safe_start(path: list[torch.Tensor], steps: int = 8) -> list[torch.Tensor]:
+    """`path` with thresholds stepping from 1 (all off) to its first point that lets samples
+    leave: fixed-sequence testing stops at the first failure, and the zero-harm point of a
+    small path part can already be too bold; these give it safer points to pass first."""
+    first = next((i for i, t in enumerate(path) if bool((t < 1).any())), None)
+    if first is None:
+        return path
+    target = path[first]
+    ramp = [1 - (1 - target) * step / steps for step in range(1, steps)]
+    return [*path[:first], *ramp, *path[first:]]
+
+
 @dataclass
 class _Found:
     path: list[torch.Tensor]  # threshold vectors, safe to aggressive
@@ -431,7 +443,7 @@ def _test_harm(
     """Learn then Test of the harm rate: the path from the path part, each point tested on the
     test part with the exact binomial p-value of H0: harm rate > eps."""
     # Beyond eps on the path part, a point could still pass on the test part: go to 3 eps.
-    path = _harm_path(*path_part, profile, 3 * eps, limit=limit)
+    path = _with_safe_start(_harm_path(*path_part, profile, 3 * eps, limit=limit))
     scores, correct = test_part
     n, main = len(scores), correct[:, -1]
     harms = []
