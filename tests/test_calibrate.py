@@ -272,3 +272,13 @@ def test_fit_temperature_recovers_an_overconfident_scale():
     targets = torch.multinomial(true_logits.softmax(-1), 1, generator=g).squeeze(1)
     assert fit_temperature(true_logits * 3.0, targets) == pytest.approx(3.0, rel=0.1)
     assert fit_temperature(true_logits, targets) == pytest.approx(1.0, rel=0.1)
+
+
+def test_the_path_starts_with_a_ramp_from_all_off():
+    from auxhead._calibrate import _with_safe_start
+
+    ones, first, bolder = torch.ones(2), torch.tensor([0.6, 1.0]), torch.tensor([0.2, 0.5])
+    path = _with_safe_start([ones, first, bolder], steps=4)
+    expected = [[1.0, 1.0], [0.9, 1.0], [0.8, 1.0], [0.7, 1.0], [0.6, 1.0], [0.2, 0.5]]
+    torch.testing.assert_close(torch.stack(path), torch.tensor(expected))
+    assert _with_safe_start([ones], steps=4) == [ones]
