@@ -252,14 +252,28 @@ def probe(
                 output = call_model(model, sample)
     awaiting.clear()
 
+    modules = {name: module for module, name in names.items()}
+
+    def layout(name: str, shape: tuple[int, ...]) -> str | None:
+        found = infer_layout(shape, evidence.get(name))
+        parts = name.split(".")
+        # Inside a layer with a channel count (timm's BatchNormAct2d runs its `act` and `drop`
+        # children on its own output): that layer's place for them, if the shape is its own.
+        while found is None and len(parts) > 1:
+            parts.pop()
+            parent = ".".join(parts)
+            channels = _channels(modules[parent])
+            if (
+                channels
+                and channels[2]
+                and rows.get(parent, [None, None])[1] == shape
+                and shape[channels[2]] == channels[1]
+            ):
+                found = "channels_first" if channels[2] == 1 else "channels_last"
+        return found
+
     table = LayerTable(
-        LayerInfo(
-            name,
-            type_name,
-            shape,
-            calls,
-            layout=infer_layout(shape, evidence.get(name)) if shape else None,
-        )
+        LayerInfo(name, type_name, shape, calls, layout=layout(name, shape) if shape else None)
         for name, (type_name, shape, calls) in rows.items()
     )
     checks = {

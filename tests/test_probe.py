@@ -55,3 +55,23 @@ def test_list_layers_does_not_update_batchnorm():
     before = model[1].running_mean.clone()
     auxhead.list_layers(model, torch.randn(2, 1, 3, 3) * 10)
     torch.testing.assert_close(model[1].running_mean, before)
+
+
+def test_layout_inside_a_layer_with_channels_comes_from_that_layer():
+    class Square(nn.Module):  # (B, 4, 4, 4): every dimension could be the channels
+        def forward(self, x):
+            return x.reshape(-1, 4, 4, 4)
+
+    class BatchNormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d: its act runs on its output
+        def __init__(self, channels):
+            super().__init__(channels)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(super().forward(x))
+
+    model = nn.Sequential(Square(), BatchNormAct(4), nn.Flatten(), nn.Linear(64, 3))
+    layouts = {i.name: i.layout for i in auxhead.list_layers(model, torch.randn(2, 64))}
+    # "0" is read by the BatchNorm as (B, C, H, W); "1.act" has no neighbour but its parent
+    assert layouts == {"0": "channels_first", "1": "channels_first", "1.act": "channels_first",
+                       "2": None, "3": None}  # fmt: skip
