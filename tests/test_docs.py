@@ -7,8 +7,12 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -100,9 +104,10 @@ def test_page_examples_run(page, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.slow
-def test_site_builds_strict(tmp_path):
-    site = tmp_path / "site"
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory) -> tuple[subprocess.CompletedProcess, Path]:
+    """`mkdocs build --strict` into a temporary folder, once for the tests that need it."""
+    site = tmp_path_factory.mktemp("docs") / "site"
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(site)],
@@ -112,6 +117,12 @@ def test_site_builds_strict(tmp_path):
         env=env,
         timeout=600,
     )
+    return result, site
+
+
+@pytest.mark.slow
+def test_site_builds_strict(built_site):
+    result, site = built_site
     assert result.returncode == 0, result.stderr[-4000:]
     # Every public name has its own anchor on the API pages, rendered from its docstring.
     api = "".join(
@@ -123,3 +134,107 @@ def test_site_builds_strict(tmp_path):
     cli = (site / "cli" / "index.html").read_text()
     for command in ("train", "acgan", "layers"):
         assert f"usage: auxhead {command}" in cli, command
+
+
+# ---- the built site in a real browser ------------------------------------------------------
+
+SCREENSHOTS = ROOT / "runs" / "docs-screenshots"  # kept for a person to look at (git-ignored)
+# page -> files the browser must fetch for it to render: the theme's stylesheet, the page's
+# own images.
+BROWSER_PAGES = {
+    "": ["assets/stylesheets/main."],
+    "tutorials/fastai/": ["assets/stylesheets/main.", "img/tutorial_fastai_heads.png"],
+    "api/core/": ["assets/stylesheets/main."],
+}
+HEADER_BLUE = (64, 81, 181)  # mkdocs-material's indigo header: the theme's CSS was applied
+
+
+def _install_chromium() -> str | None:
+    """Debian's chromium, installed with apt-get when it is missing (as root)."""
+    found = shutil.which("chromium")
+    if found or not shutil.which("apt-get") or os.geteuid() != 0:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-qq", "chromium"]
+    if subprocess.run(install, env=env, capture_output=True, timeout=900).returncode != 0:
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=900)
+        subprocess.run(install, env=env, capture_output=True, timeout=900)
+    return shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    found = _install_chromium()
+    if found is None:
+        message = "needs Debian's chromium (apt-get install chromium, as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+@pytest.fixture()
+def site_server(built_site, tmp_path):
+    """The built site over HTTP on 127.0.0.1; yields (base URL, the server's request log)."""
+    result, site = built_site
+    assert result.returncode == 0, result.stderr[-4000:]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = tmp_path / "http.log"
+    with log.open("w") as stream:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+            cwd=site,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}/"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(base, timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield base, log
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_pages_render_in_chromium(chromium, site_server, tmp_path):
+    from PIL import Image
+
+    base, log = site_server
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for page, needed in BROWSER_PAGES.items():
+        png = SCREENSHOTS / f"{page.strip('/').replace('/', '_') or 'home'}.png"
+        png.unlink(missing_ok=True)
+        command = [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1280,2400",
+            f"--screenshot={png}",
+            base + page,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert png.is_file(), f"no screenshot of /{page}: {result.stderr[-2000:]}"
+        image = Image.open(png).convert("RGB")
+        colours = image.getcolors(maxcolors=1 << 24)
+        assert len(colours) > 100, f"/{page} rendered nearly blank ({len(colours)} colours)"
+        header = sum(count for count, colour in colours if colour == HEADER_BLUE)
+        assert header > 1280 * 20, f"/{page}: no theme header, so the stylesheet did not apply"
+        requests = log.read_text()
+        for path in needed:
+            assert re.search(rf'"GET /{re.escape(path)}\S* HTTP/1.[01]" 200', requests), (
+                f"/{page}: the browser did not fetch /{path}"
+            )
