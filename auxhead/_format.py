@@ -10,7 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["percent", "recorder_history", "si", "table"]
+__all__ = ["count", "percent", "recorder_history", "si", "table"]
+
+
+def count(n: int, noun: str) -> str:
+    """3, "epoch" -> '3 epochs'; 1, "step" -> '1 step'."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def si(n: float) -> str:

@@ -125,7 +125,8 @@ def test_train_writes_the_report(quick_run):
     # a held-out set that small is worth a warning, printed and in the report
     assert any("only 60 held-out images" in w for w in report["warnings"])
     assert "warning: early exit: calibrating on only 60" in stdout
-    assert "budget: 1 epochs of" in stdout and "--epochs given" in stdout
+    assert "budget: 1 epoch of 7 steps (7 steps), batch size 32" in stdout  # 240 images
+    assert "--epochs given" in stdout
     for name in ("stage1", "stage2", "main (final layer)", "baseline (no heads)"):
         assert name in stdout
     md = (out / "report.md").read_text()
@@ -203,6 +204,22 @@ def test_bad_data_one_clear_line(tmp_path, capsys):
     (tmp_path / "bad" / "dog").mkdir()
     (tmp_path / "bad" / "dog" / "b.png").write_bytes(b"not an image")
     assert "b.png" in error_line(capsys, ["train", "--data", tmp_path / "bad", *out])
+
+
+def test_images_of_mixed_sizes_need_size_which_exists(tmp_path, capsys):
+    for k, name in enumerate(("cat", "dog")):
+        for i in range(6):
+            _png(tmp_path / "pets" / name / f"{i}.png", value=60 + 120 * k)
+    from PIL import Image
+
+    Image.new("L", (12, 10), 30).save(tmp_path / "pets" / "dog" / "big.png")
+    line = error_line(capsys, ["train", "--data", tmp_path / "pets", "--out", tmp_path / "o"])
+    assert "big.png is 12x10" in line and "--size N" in line
+    argv = ["train", "--data", tmp_path / "pets", "--size", "8", "--epochs", "1",
+            "--threads", "1", "--out", tmp_path / "o"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-2000:]
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["classes"] == ["cat", "dog"] and report["n_train"] + report["n_test"] == 13
 
 
 def _idx(path: Path, array: np.ndarray) -> None:

@@ -1,6 +1,6 @@
 """`auxhead._format`: the one number and table formatter."""
 
-from auxhead._format import percent, si, table
+from auxhead._format import count, percent, si, table
 
 
 def test_si():
@@ -31,3 +31,11 @@ def test_plain_table_aligns_and_rules():
 
 def test_markdown_table():
     assert table(["a", "b"], [[1, 2.5]], markdown=True) == "| a | b |\n|---|---|\n| 1 | 2.5 |"
+
+
+def test_count():
+    assert (count(1, "epoch"), count(3, "epoch"), count(0, "step")) == (
+        "1 epoch",
+        "3 epochs",
+        "0 steps",
+    )

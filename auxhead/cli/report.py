@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from auxhead._format import percent
+from auxhead._format import count, percent
 from auxhead._format import si as _human
 from auxhead._format import table as _table
 from auxhead.cli._common import write_text_atomic
@@ -39,8 +39,9 @@ def exit_table(result: TrainResult, markdown: bool = False) -> str:
 
 def _timing_lines(result: TrainResult) -> list[str]:
     b = result.budget
-    lines = [f"training time with heads: {result.train_seconds:.0f} s ({len(result.history)} "
-             f"epochs, {b.steps} steps of {b.bs} images)"]  # fmt: skip
+    lines = [f"training time with heads: {result.train_seconds:.0f} s "
+             f"({count(len(result.history), 'epoch')}, {count(b.steps, 'step')} of {b.bs} "
+             "images)"]  # fmt: skip
     if result.baseline_seconds is not None:
         lines.append(f"training time without heads: {result.baseline_seconds:.0f} s")
     return lines

@@ -28,7 +28,7 @@ from torch import nn
 
 from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
-from auxhead._format import recorder_history
+from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
 from auxhead.attach import AuxModel
 from auxhead.cli._common import (
@@ -586,8 +586,8 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         data, holdout = _split_holdout(data, n, config.seed)
     budget = plan_budget(len(data.train_y), config)
     say(
-        f"budget: {budget.epochs} epochs of {budget.steps_per_epoch} steps ({budget.steps} "
-        f"steps), batch size {budget.bs}, lr {budget.lr:g} ({budget.why})"
+        f"budget: {count(budget.epochs, 'epoch')} of {count(budget.steps_per_epoch, 'step')} "
+        f"({count(budget.steps, 'step')}), batch size {budget.bs}, lr {budget.lr:g} ({budget.why})"
         + (
             f", after {FINE_TUNE_FROZEN_EPOCHS} epoch with the body frozen"
             if config.fine_tune
