@@ -25,9 +25,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # A block preceded by `<!-- not run: why -->` is shown, not run (a torchrun script, say).
 BLOCK = re.compile(r"(?:<!-- not run: (?P<why>.*?) -->\n+)?```python\n(?P<code>.*?)```", re.S)
 DIRECTIVE = re.compile(r"^::: (?P<path>[\w.]+)\s*$", re.M)
-# Pages that train models run with the slow tests (`pytest -m slow`, as `.ci/run` does): the
-# tutorials, and Getting started (its example is the README quickstart, which test_readme runs).
-SLOW_PAGES = {page for page in PAGES if page.startswith("tutorials/")} | {"getting-started.md"}
+# Pages that train models run with the slow tests (`pytest -m slow`, as `.ci/run` does).
+SLOW_PAGES = {page for page in PAGES if page.startswith("tutorials/")}
 
 
 def python_blocks(page: str) -> list[str]:

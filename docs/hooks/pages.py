@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 MARKER = re.compile(r"<!-- auxhead-help(?: (?P<command>[a-z-]+))? -->")
-WIDTH = "100"  # argparse wraps to $COLUMNS: fix it so the page is the same on every machine
+WIDTH = "78"  # argparse wraps to $COLUMNS: fix it so the page is the same on every machine
 
 
 def help_text(command: str | None = None) -> str:
