@@ -3,7 +3,7 @@ classifier head, with TAC-GAN's twin classifier as an option.
 
 Torch only: networks (`Generator`, `Discriminator`), objectives (`ACGANLoss`) and evaluation
 with an independent classifier (`GANEvaluator`). fastai training lives in
-`auxhead.gan.learner` (`acgan_learner`), the command line in `auxhead.gan.cli`.
+`auxhead.gan.learner` (`acgan_learner`), the command line in `auxhead.cli.acgan`.
 
 Example:
     >>> from auxhead.gan import Discriminator, Generator
