@@ -73,9 +73,10 @@ def _threads(n: int | None) -> None:
 
 
 def _kept(kept: list, what: str) -> str:
+    """The end of the Ctrl-C line: the checkpoints that exist, or that there are none."""
     if not kept:
         return "no epoch completed, so nothing was saved"
-    return f"{what} is in {kept[0]}"
+    return f"{what} is in {' and '.join(map(str, kept))}"
 
 
 def _run_train(args: argparse.Namespace) -> int:
