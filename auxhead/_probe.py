@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from auxhead._format import table
 from auxhead._hooks import HookSet, dry_run_state, training_mode
 
 __all__ = ["LAYOUTS", "LayerInfo", "LayerTable", "list_layers"]
@@ -50,8 +51,7 @@ class LayerTable(list[LayerInfo]):
         return [info.name for info in self]
 
     def __str__(self) -> str:
-        rows = [("name", "type", "output shape", "channels")]
-        rows += [
+        rows = [
             (
                 info.name,
                 info.type + (" (train only)" if info.train_only else ""),
@@ -60,10 +60,7 @@ class LayerTable(list[LayerInfo]):
             )
             for info in self
         ]
-        widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(line.rstrip() for line in lines)
+        return table(("name", "type", "output shape", "channels"), rows, align="llll")
 
 
 _LAYOUT_LABELS = {"channels_first": "dim 1", "channels_last": "last dim", None: "?"}
