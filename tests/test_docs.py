@@ -1,6 +1,8 @@
 """The documentation site: it builds with `mkdocs build --strict`, its API pages cover every
-public name, its Command line page covers every subcommand, and every Python block in
-`docs/**/*.md` runs as written (the blocks of one page run in order, as one script)."""
+public name, its Command line page covers every subcommand, every Python block in
+`docs/**/*.md` runs as written (the blocks of one page run in order, as one script), and the
+built home page, a tutorial and the API page render in a real browser (Debian's chromium,
+headless; screenshots kept in runs/docs-screenshots/)."""
 
 from __future__ import annotations
 
