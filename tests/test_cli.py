@@ -549,3 +549,127 @@ def test_the_command_and_python_m_work(tmp_path):
     command = Path(sys.executable).with_name("auxhead")
     result = subprocess.run([command, "layers"], capture_output=True, text=True)
     assert result.returncode == 0 and "* stage1" in result.stdout
+
+
+# Writing files: atomic, and a full disk is the user's to fix -----------------------------------
+
+
+def test_a_failed_write_leaves_no_partial_file_and_the_old_one_untouched(tmp_path, monkeypatch):
+    from auxhead.cli import _common
+
+    target = tmp_path / "report.md"
+    target.write_text("the old report\n")
+    real_write = Path.write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2])
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    with pytest.raises(OSError, match="Input/output"):
+        _common.write_text_atomic(target, "a new report, much longer than the old one\n")
+    monkeypatch.undo()
+    assert target.read_text() == "the old report\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]  # no temporary left
+
+
+def test_atomic_path_renames_only_a_complete_file(tmp_path):
+    from auxhead.cli._common import atomic_path
+
+    target = tmp_path / "samples.npz"
+    with atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".npz" and tmp != target
+        np.savez_compressed(tmp, x=np.arange(3))
+        assert not target.exists()
+    assert np.load(target)["x"].tolist() == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),  # ENOSPC
+        OSError(122, "Disk quota exceeded"),  # EDQUOT
+        RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 512 vs 448"),
+    ],
+)
+def test_running_out_of_space_is_a_disk_full_error(tmp_path, error):
+    from auxhead.cli._common import DiskFull, UsageError, atomic_path
+
+    target = tmp_path / "checkpoint.pth"
+    with pytest.raises(DiskFull) as caught, atomic_path(target) as tmp:
+        tmp.write_bytes(b"half a checkpoint")
+        raise error
+    assert isinstance(caught.value, UsageError)
+    assert str(caught.value) == (
+        f"no space left on device writing {target}: free space or choose another --out"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_ends_in_one_line_and_no_partial_model(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import auxhead.cli.train as train
+
+    def export_until_full(learn, fname):
+        Path(fname).write_bytes(b"the first bytes of a pickle")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(train, "export_learner", export_until_full)
+    argv = ["train", "--data", "digits", "--limit", "50", "--epochs", "1", "--threads", "1"]
+    line = error_line(capsys, [*argv, "--out", tmp_path])
+    assert line == (
+        f"auxhead: error: no space left on device writing {(tmp_path / 'model.pkl').resolve()}: "
+        "free space or choose another --out"
+    )
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint.pth"]  # whole (written before), no model.pkl, no temporary
+    assert "state_dict" in torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+
+
+def test_a_full_disk_outside_auxhead_writes_is_one_line_too(tmp_path, capsys, monkeypatch):
+    import errno
+
+    import auxhead.cli.train as train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.png"))
+
+    monkeypatch.setattr(train, "run_train", full)
+    line = error_line(capsys, ["train", "--data", "digits", "--out", tmp_path])
+    assert "no space left on device writing" in line and "x.png" in line
+
+
+@pytest.mark.parametrize("size", ["100000", "4"])
+def test_size_is_bounded_with_the_reason(tmp_path, capsys, size):
+    assert main(["train", "--data", "digits", "--size", size, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--size: must be 8 to 1024, got {size}" in err
+    assert ("memory" if size == "100000" else "downsampling") in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+            "memory: you tried to allocate 4000000000000 bytes"
+        ),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    ],
+)
+def test_out_of_memory_in_training_names_the_options(tmp_path, capsys, monkeypatch, error):
+    import auxhead.cli.train as train
+
+    def fit(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train, "_fit", fit)
+    argv = ["train", "--data", "digits", "--limit", "50", "--epochs", "1", "--threads", "1"]
+    line = error_line(capsys, [*argv, "--out", tmp_path])
+    assert line == (
+        "auxhead: error: out of memory training on 1x8x8 images in batches of 16: lower the "
+        "batch size (--bs) or the image size (--size)"
+    )

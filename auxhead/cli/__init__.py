@@ -24,6 +24,9 @@ from auxhead.cli._common import (
     EXIT_USAGE,
     OutputFolder,
     UsageError,
+    disk_full_message,
+    is_disk_full,
+    is_out_of_memory,
     one_line,
 )
 
@@ -167,6 +170,18 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exc()
             print(f"auxhead: error: {one_line(error)}", file=sys.stderr)
+            return EXIT_USAGE
+        if is_disk_full(error):  # a file written outside `atomic_path` (fastai's, a library's)
+            if args.debug:
+                traceback.print_exc()
+            where = getattr(error, "filename", None) or getattr(args, "out", None) or "--out"
+            print(f"auxhead: error: {disk_full_message(where)}", file=sys.stderr)
+            return EXIT_USAGE
+        if is_out_of_memory(error):
+            if args.debug:
+                traceback.print_exc()
+            print(f"auxhead: error: out of memory ({one_line(error)[:120]}): lower the batch "
+                  "size (--bs) or the image size (--size)", file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
         traceback.print_exc()
         print(REPORT_BUGS, file=sys.stderr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import shutil
@@ -45,6 +46,22 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+MIN_SIZE, MAX_SIZE = 8, 1024
+
+
+def image_size(text: str) -> int:
+    """`--size`: 8 to 1024 pixels a side."""
+    value = int(text)
+    if not MIN_SIZE <= value <= MAX_SIZE:
+        why = (
+            "a batch of larger images does not fit in memory (resize them beforehand)"
+            if value > MAX_SIZE
+            else "smaller images do not survive a CNN's downsampling"
+        )
+        raise argparse.ArgumentTypeError(f"must be {MIN_SIZE} to {MAX_SIZE}, got {value}: {why}")
     return value
 
 
@@ -93,7 +110,8 @@ class ManualFormatter(argparse.RawDescriptionHelpFormatter):
 EXIT_CODES = """\
 exit codes:
   0    the run completed and wrote its report
-  2    bad input (an option, the data, --out); one line on stderr names the option
+  2    bad input (an option, the data, --out), or out of disk space or memory; one line on
+       stderr names the option or the file and says what to do
   130  interrupted (Ctrl-C); the message names the files that were kept
   1    a bug in auxhead: the traceback, and a line asking to report it
 """
@@ -180,11 +198,73 @@ class OutputFolder:
         return [self.path / name for name in names if (self.path / name).exists()]
 
 
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# What torch.save's zip writer (and pickle through it) raise when the disk fills mid-write.
+_DISK_FULL_MESSAGES = ("unexpected pos", "PytorchStreamWriter failed", "file write failed")
+
+
+class DiskFull(UsageError):
+    """No space left on the device (or over quota) while writing a file of the run."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or an error it was raised from) is running out of space: an OSError
+    with ENOSPC or EDQUOT, or torch's zip writer failing as the disk fills."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _DISK_FULL_ERRNOS:
+            return True
+        if isinstance(current, RuntimeError) and any(
+            m in str(current) for m in _DISK_FULL_MESSAGES
+        ):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is running out of (CPU or accelerator) memory."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _OOM_MESSAGES)
+
+
+def disk_full_message(path: str | os.PathLike) -> str:
+    return f"no space left on device writing {path}: free space or choose another --out"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name beside `path` (same folder, same suffix) to write the file to;
+    when the block completes it is renamed to `path`, so `path` is never a partial file. If the
+    block fails the temporary file is removed and `path` is left as it was; running out of
+    space raises `DiskFull` (a `UsageError` naming the file and the way out).
+
+        with atomic_path(out / "model.pkl") as tmp:
+            torch.save(obj, tmp)
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(error, Exception) and not isinstance(error, DiskFull) and is_disk_full(error):
+            raise DiskFull(disk_full_message(path)) from error
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write `text` to `path` through `atomic_path`: never a half-written file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 # Warnings that matter to the user --------------------------------------------------------------

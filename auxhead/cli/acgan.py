@@ -29,12 +29,14 @@ from typing import Any
 import numpy as np
 import torch
 from fastai.callback.core import Callback
+from fastai.learner import save_model
 
 from auxhead._format import recorder_history
 from auxhead.cli._common import (
     EXIT_CODES,
     ManualFormatter,
     UsageError,
+    atomic_path,
     collect_warnings,
     nonnegative_float,
     positive_float,
@@ -402,9 +404,8 @@ class GANCheckpoint(Callback):
             "epoch": self.epoch + 1,
             **self.meta,
         }
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.path)
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
 
 
 def _train_variant(
@@ -449,12 +450,15 @@ def _train_variant(
     start = time.perf_counter()
     learn.fit(epochs)
     train_seconds = time.perf_counter() - start
-    learn.save("learner")
-    torch.save(
-        {"config": networks, "classes": data.classes, "state_dict": generator.state_dict()},
-        out / "generator.pth",
-    )
-    save_image(learn.sample_grid(10, seed=config.seed), out / "grid.png")
+    with atomic_path(out / "learner.pth") as tmp:
+        save_model(tmp, learn.model, getattr(learn, "opt", None))  # what learn.save writes
+    with atomic_path(out / "generator.pth") as tmp:
+        torch.save(
+            {"config": networks, "classes": data.classes, "state_dict": generator.state_dict()},
+            tmp,
+        )
+    with atomic_path(out / "grid.png") as tmp:
+        save_image(learn.sample_grid(10, seed=config.seed), tmp)
 
     labels = torch.arange(data.c).repeat_interleave(config.n_per_class)
     images = learn.generate(labels, seed=config.seed + 1).cpu()
@@ -463,12 +467,13 @@ def _train_variant(
             "the generator produces non-finite images: training diverged; likely cause: --lr "
             "too high, or --class-weight / --mode-seeking too large"
         )
-    np.savez_compressed(
-        out / "samples.npz",
-        images=images.numpy().astype(np.float32),
-        labels=labels.numpy().astype(np.int64),
-        classes=np.array(data.classes),
-    )
+    with atomic_path(out / "samples.npz") as tmp:
+        np.savez_compressed(
+            tmp,
+            images=images.numpy().astype(np.float32),
+            labels=labels.numpy().astype(np.int64),
+            classes=np.array(data.classes),
+        )
     start = time.perf_counter()
     figures = evaluator.evaluate(images, labels)
     history = [

@@ -14,7 +14,13 @@ import torch
 
 from auxhead._format import table
 from auxhead._probe import LayerInfo, list_layers
-from auxhead.cli._common import EXIT_CODES, ManualFormatter, UsageError, positive_int
+from auxhead.cli._common import (
+    EXIT_CODES,
+    ManualFormatter,
+    UsageError,
+    image_size,
+    positive_int,
+)
 
 __all__ = ["LayersConfig", "LayersResult", "add_parser", "run_layers"]
 
@@ -84,7 +90,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("--arch", default="small_cnn", help="as for `auxhead train --arch`")
     p.add_argument("--data", default=None, help="take the input size and channels from this data")
-    p.add_argument("--size", type=positive_int, default=None, metavar="N",
+    p.add_argument("--size", type=image_size, default=None, metavar="N",
                    help="N x N inputs (with --data: resized, as train --size)")  # fmt: skip
     p.add_argument("--channels", type=positive_int, default=None,
                    help="input channels without --data (default 1: small_cnn, else 3)")  # fmt: skip

@@ -7,14 +7,13 @@ rename, report.md last: a report in `--out` is always a whole run's.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from auxhead._format import count, percent
 from auxhead._format import si as _human
 from auxhead._format import table as _table
-from auxhead.cli._common import write_text_atomic
+from auxhead.cli._common import atomic_path, write_text_atomic
 from auxhead.cli.acgan import TARGETS, ACGANResult
 from auxhead.cli.train import TrainResult
 
@@ -77,9 +76,8 @@ def _write_json(path: Path, document: dict[str, Any]) -> None:
 
 
 def _savefig(fig: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
 
 
 def _plot_history(result: TrainResult, path: Path) -> None:

@@ -9,6 +9,7 @@ prints except fastai's progress bars and the `say` lines the caller passes in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 import warnings
@@ -35,8 +36,11 @@ from auxhead.cli._common import (
     EXIT_CODES,
     ManualFormatter,
     UsageError,
+    atomic_path,
     collect_warnings,
     fraction,
+    image_size,
+    is_out_of_memory,
     nonnegative_float,
     one_line,
     positive_float,
@@ -270,8 +274,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
                    "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
                    "works), or a folder of images with one subfolder per class")  # fmt: skip
-    p.add_argument("--size", type=positive_int, default=None, metavar="N",
-                   help="resize every image to N x N (default: the data's own size)")  # fmt: skip
+    p.add_argument("--size", type=image_size, default=None, metavar="N",
+                   help="resize every image to N x N, 8 to 1024 (default: the data's own "
+                   "size)")  # fmt: skip
     p.add_argument("--arch", default=d.arch,
                    help="'small_cnn', a torchvision model name (resnet18, ...) or a timm "
                    "model name")  # fmt: skip
@@ -425,10 +430,9 @@ def _unwrap(model: nn.Module) -> AuxModel:
 
 
 def save_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> None:
-    """`torch.save` to a temporary file, then rename: never a half-written checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": model.state_dict(), **meta}, tmp)
-    tmp.replace(path)
+    """`torch.save` through `atomic_path`: never a half-written checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save({"state_dict": model.state_dict(), **meta}, tmp)
 
 
 def _learner(dls, model: nn.Module, cbs: list, out: Path, fine_tune: bool) -> Learner:
@@ -527,6 +531,11 @@ def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
         with torch.no_grad():
             model(sample)
     except Exception as error:  # the architecture cannot take these images
+        if is_out_of_memory(error):
+            raise UsageError(
+                f"out of memory running --arch {arch} on "
+                f"{'x'.join(map(str, sample.shape[1:]))} images: lower the image size (--size)"
+            ) from None
         message = " ".join(str(error).split())[:200]
         shape = "x".join(map(str, sample.shape[1:]))
         raise UsageError(
@@ -623,7 +632,8 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         ) from None
     start = time.perf_counter()
     try:
-        _fit(learn, budget, config.fine_tune)
+        with _memory_is_the_options(budget.bs, data):
+            _fit(learn, budget, config.fine_tune)
     except FloatingPointError as error:  # AuxLoss found a non-finite head loss
         message = one_line(error)
         raise UsageError(f"{message}: training diverged; likely cause: {causes}") from None
@@ -631,14 +641,18 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
 
     aux_model = heads.aux_model
     sample = data.valid_x[:2]
-    flops = exit_flops(aux_model, sample)
-    params = exit_params(aux_model, sample)
-    accuracies = exit_accuracies(aux_model, data.valid_x, data.valid_y)
+    with _memory_is_the_options(budget.bs, data):
+        flops = exit_flops(aux_model, sample)
+        params = exit_params(aux_model, sample)
+        accuracies = exit_accuracies(aux_model, data.valid_x, data.valid_y, bs=budget.bs)
     exits = [ExitReport(name, accuracies[name], flops[name], params[name])
              for name in [*taps, "main"]]  # fmt: skip
 
     files = {"checkpoint": str(checkpoint)}
-    files["model"] = str(export_learner(learn, (out / "model.pkl").resolve()))
+    model_path = (out / "model.pkl").resolve()
+    with atomic_path(model_path) as tmp:
+        export_learner(learn, tmp)
+    files["model"] = str(model_path)
     result = TrainResult(
         config=config,
         budget=budget,
@@ -658,6 +672,20 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     if config.compare:
         _baseline(result, dls, data, config, out)
     return result
+
+
+@contextlib.contextmanager
+def _memory_is_the_options(bs: int, data: ImageData):
+    """Running out of memory is a usage error naming the options that shrink it."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, UsageError) or not is_out_of_memory(error):
+            raise
+        raise UsageError(
+            f"out of memory training on {data.channels}x{data.size}x{data.size} images in "
+            f"batches of {bs}: lower the batch size (--bs) or the image size (--size)"
+        ) from None
 
 
 def _early_exit(
