@@ -54,7 +54,9 @@ class LayerTable(list[LayerInfo]):
         rows = [
             (
                 info.name,
-                info.type + (" (train only)" if info.train_only else ""),
+                info.type
+                + (" (train only)" if info.train_only else "")
+                + (f" (runs {info.calls}x: no head)" if info.calls > 1 else ""),
                 "x".join(map(str, info.shape)) if info.shape else "-",
                 _LAYOUT_LABELS[info.layout] if info.shape and len(info.shape) > 2 else "",
             )
@@ -95,6 +97,16 @@ def first_tensor(output: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def _tensors(sample: Any) -> list[torch.Tensor]:
+    if isinstance(sample, torch.Tensor):
+        return [sample]
+    if isinstance(sample, dict):
+        sample = list(sample.values())
+    if isinstance(sample, (tuple, list)):
+        return [t for item in sample for t in _tensors(item)]
+    return []
 
 
 def call_model(model: nn.Module, sample: Any) -> Any:
@@ -299,12 +311,25 @@ def list_layers(model: nn.Module, sample: Any) -> LayerTable:
 
     Returns:
         A list of `LayerInfo(name, type, shape, calls, layout, train_only)`; `print()` shows it
-        as a table.
+        as a table. A layer that runs more than once per forward (a shared module) is listed
+        but cannot carry a head.
+
+    Raises:
+        ValueError: the model fails on `sample`.
 
     Example:
         >>> print(auxhead.list_layers(torchvision.models.resnet18(), torch.randn(2, 3, 64, 64)))
     """
-    table = probe(model, sample).table
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"list_layers needs an nn.Module, got {type(model).__name__}")
+    try:
+        table = probe(model, sample).table
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        shapes = [tuple(t.shape) for t in _tensors(sample)]
+        raise ValueError(
+            f"{type(model).__name__} failed on the sample {shapes or type(sample).__name__}: "
+            f"{error}. list_layers runs the model once: pass an input batch it accepts."
+        ) from error
     try:
         trained = probe(model, sample, train=True).table
     except Exception:  # e.g. BatchNorm on a batch of one: the eval rows are still right

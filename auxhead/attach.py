@@ -77,6 +77,9 @@ class AuxModel(nn.Module):
         self._hooks = HookSet()
         self._hooked = False  # a plain bool torch.compile can read (the handles it cannot)
         self._register_hooks()
+        # The mode the model is in (a model in eval stays so; its heads follow it).
+        self.training = model.training
+        self.heads.train(model.training)
 
     def _register_hooks(self) -> None:
         """Put a `_RunHead` hook on every tap; on failure, none stays."""
@@ -102,18 +105,23 @@ class AuxModel(nn.Module):
         dims = self._permute.get(name)
         return features if dims is None else features.permute(*dims)
 
-    def _run_head(self, name: str, output: Any) -> None:
+    def _keep_input(self, name: str, output: Any) -> None:
+        """The hook's work: keep what the head at `name` will classify. The head itself runs
+        after the model's forward (`_run_head`): inside an activation-checkpointed block it
+        would save tensors the recomputation in backward does not."""
         if self._active:
             features = self.head_input(name, output)
             if name in self._copy:
                 features = features.clone()
-            head = self.heads[_key(name)]
-            stream = self._streams.get(name)
-            if stream is None:
-                self._pending[name] = head(features)
-            else:
-                with stream.on(features.device):
-                    self._pending[name] = head(features)
+            self._pending[name] = features
+
+    def _run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
+        head = self.heads[_key(name)]
+        stream = self._streams.get(name)
+        if stream is None:
+            return head(features)
+        with stream.on(features.device):
+            return head(features)
 
     @property
     def _active(self) -> bool:
@@ -146,7 +154,9 @@ class AuxModel(nn.Module):
         if len(pending) < len(self.taps) and self.heads_active:
             self._check_replaced(pending)
         # `at` order, whatever order the taps ran in.
-        self.aux_outputs = {name: pending[name] for name in self.taps if name in pending}
+        self.aux_outputs = {
+            name: self._run_head(name, pending[name]) for name in self.taps if name in pending
+        }
         return output
 
     def _check_replaced(self, ran: Mapping[str, torch.Tensor]) -> None:
@@ -272,7 +282,7 @@ class _RunHead:
         self.name = name
 
     def __call__(self, _module: nn.Module, _args: Any, output: Any) -> None:
-        self.aux_model._run_head(self.name, output)
+        self.aux_model._keep_input(self.name, output)
 
 
 def _normalise_at(at: Sequence[str] | Mapping[str, HeadSpec], default: HeadSpec):
@@ -296,6 +306,11 @@ def _normalise_at(at: Sequence[str] | Mapping[str, HeadSpec], default: HeadSpec)
 
 
 def _infer_num_classes(output: Any) -> int | None:
+    """K from a (B, K) output, or from the first tensor of a tuple (torchvision's
+    GoogLeNet/Inception3 return (logits, aux, ...) in training). Not from a dict: which of
+    its entries are the logits is not for auxhead to guess."""
+    if isinstance(output, Mapping):
+        return None
     tensor = first_tensor(output)
     if tensor is not None and tensor.dim() == 2:
         return int(tensor.shape[1])
@@ -333,6 +348,12 @@ def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module)
     if name not in rows:
         eval_only = name in {info.name for info in probe(model, sample).table}
         where = "runs in eval mode only" if eval_only else "exists but did not run on the sample"
+        children = [info.name for info in run.table if info.name.startswith(name + ".")]
+        if children and not eval_only:
+            where += (
+                f" (its children ran, e.g. {children[0]!r}: the model calls them one by one, "
+                "as timm's activation checkpointing does: tap one of them)"
+            )
         raise ValueError(
             f"layer {name!r} {where}, so a head there would never train. See "
             "auxhead.list_layers(model, sample) for the layers that run."
@@ -355,13 +376,15 @@ def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module)
         raise ValueError(
             f"layer {name!r} outputs shape {info.shape}, whose first dimension is not the "
             f"batch ({batch}): it folds something else into the batch (window attention, "
-            f"say), so its rows are not samples. Tap a block around it whose output is one "
-            f"row per sample{hint}."
+            f"say) or puts the sequence first (nn.LSTM without batch_first=True), so its rows "
+            f"are not samples. Tap a block around it whose output is one row per sample{hint}."
         )
     if not run.checks[name].grad:
         raise ValueError(
-            f"layer {name!r} runs with gradients off (under torch.no_grad() in the model), so "
-            "a head there would never train. Tap a layer that runs with gradients."
+            f"layer {name!r} runs with gradients off (under torch.no_grad() in the model, or "
+            "inside a reentrant activation checkpoint: use checkpoint(..., "
+            "use_reentrant=False)), so a head there would never train. Tap a layer that runs "
+            "with gradients."
         )
 
 
@@ -370,11 +393,14 @@ def _rng_state(device: torch.device) -> torch.Tensor:
 
 
 def _dry_run_head(
-    name: str, head: nn.Module, features: torch.Tensor, num_classes: int | None
+    name: str, head: nn.Module, features: torch.Tensor, num_classes: int | None, *, sized: bool
 ) -> tuple[bool, bool]:
-    """Run a new head once in training mode on its tap's features (nothing it changes stays).
-    Returns whether it changed its input in place and whether it drew random numbers; refuses
-    an output that is not one row of logits per sample."""
+    """Run a head once in training mode on its tap's features (nothing it changes stays).
+    Returns whether it changed its input in place and whether it drew random numbers.
+
+    Refuses an output that does not fit: a head auxhead sized must give (B, num_classes); the
+    user's own module one row per sample, and num_classes columns if it gives a matrix and
+    num_classes is known (other shapes are left to the user's head_loss)."""
     version = features._version
     with dry_run_state(head), torch.enable_grad():
         training = head.training
@@ -391,12 +417,15 @@ def _dry_run_head(
         finally:
             head.train(training)
     batch = features.shape[0]
-    if num_classes is None:  # the user's own module: one output row per sample, any shape
-        fits = isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[0] == batch
-        expected = f"one row per sample ({batch}, ...)"
-    else:
+    if sized:
         fits = isinstance(logits, torch.Tensor) and tuple(logits.shape) == (batch, num_classes)
         expected = f"({batch}, {num_classes}) logits"
+    else:
+        fits = isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[0] == batch
+        expected = f"one row per sample ({batch}, ...)"
+        if fits and logits.dim() == 2 and num_classes is not None:
+            fits = logits.shape[1] == num_classes
+            expected = f"({batch}, {num_classes}) logits, num_classes being {num_classes}"
     if not fits:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(
@@ -466,6 +495,11 @@ def attach(
         raise TypeError(f"attach needs an nn.Module, got {type(model).__name__}")
     if isinstance(model, AuxModel):
         raise TypeError("this model already has heads; pass aux_model.model or strip() it first")
+    if any(isinstance(h, _RunHead) for m in model.modules() for h in m._forward_hooks.values()):
+        raise ValueError(
+            "this model already has auxiliary heads from an earlier attach (a notebook cell run "
+            "twice?): strip() that AuxModel first, or attach to a fresh model."
+        )
     pairs = _normalise_at(at, head)
     names = [name for name, _ in pairs]
     resolve(model, names)  # unknown names fail before any dry run
@@ -501,9 +535,9 @@ def attach(
     rows = {info.name: info for info in run.table}
     for name in names:
         _check_tap(name, run, batch, sample, model)
-    if num_classes is None and needs_sizing:
+    if num_classes is None:
         num_classes = _infer_num_classes(run.output)
-        if num_classes is None:
+        if num_classes is None and needs_sizing:
             raise ValueError(
                 "pass `num_classes=`: the built-in heads need it, and the model's output on "
                 "the sample is not a (batch, classes) tensor to read it from."
@@ -539,8 +573,8 @@ def attach(
         features = run.checks[name].features
         if dims is not None:
             features = features.permute(*dims)
-        sized = None if isinstance(spec, nn.Module) else num_classes
-        changes_input, draws = _dry_run_head(name, built, features, sized)
+        sized = not isinstance(spec, nn.Module)
+        changes_input, draws = _dry_run_head(name, built, features, num_classes, sized=sized)
         if changes_input or run.checks[name].modified:
             copy.add(name)
         if draws:

@@ -366,6 +366,7 @@ def test_layout_that_cannot_be_told_needs_layout():
     )
     aux = auxhead.attach(model, ["0"], sample=x, layout="channels_last", head="linear")
     assert aux._permute == {"0": (0, 3, 1, 2)}
+    aux.strip()
     with pytest.raises(ValueError, match="layout must be one of"):
         auxhead.attach(model, ["0"], sample=x, layout="nhwc")
 
@@ -561,6 +562,74 @@ def test_a_sample_of_one_is_enough(x):
     aux = auxhead.attach(model, ["3"], head="linear", sample=x[:1]).train()
     aux(x)
     assert aux.aux_outputs["3"].shape == (4, 5)
+
+
+def test_attaching_twice_to_one_model_is_refused(cnn, x):
+    first = auxhead.attach(cnn, ["1"], sample=x)
+    with pytest.raises(ValueError, match="already has auxiliary heads from an earlier attach"):
+        auxhead.attach(cnn, ["3"], sample=x)
+    assert hook_count(cnn) == 1
+    first.strip()
+    auxhead.attach(cnn, ["3"], sample=x)
+
+
+def test_the_aux_model_takes_the_models_mode(cnn, x):
+    aux = auxhead.attach(cnn.eval(), ["1"], sample=x)
+    assert not aux.training and not aux.head("1").training
+    aux(x)
+    assert aux.aux_outputs == {}
+
+
+def test_module_heads_must_give_num_classes_columns(cnn, x):
+    wide = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 7))
+    _no_hooks_after(
+        cnn,
+        lambda: auxhead.attach(cnn, {"1": wide}, num_classes=5, sample=x),
+        ValueError,
+        r"the head at '1' outputs \(4, 7\).*\(4, 5\) logits",
+    )
+    # num_classes read from the model's (B, 5) output the same way
+    _no_hooks_after(
+        cnn, lambda: auxhead.attach(cnn, {"1": wide}, sample=x), ValueError, r"\(4, 5\) logits"
+    )
+    # other shapes are the user's business (a segmentation head with its own head_loss)
+    dense = nn.Conv2d(8, 5, 1)
+    aux = auxhead.attach(cnn, {"1": dense}, sample=x).train()
+    aux(x)
+    assert aux.aux_outputs["1"].shape == (4, 5, 8, 8)
+
+
+def test_num_classes_is_not_guessed_from_a_dict_output(x):
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_cnn(num_classes=5)
+            self.box = nn.Linear(5, 2)
+
+        def forward(self, x):
+            logits = self.body(x)
+            return {"box": self.box(logits), "logits": logits}
+
+    model = Detector()
+    _no_hooks_after(
+        model, lambda: auxhead.attach(model, ["body.1"], sample=x), ValueError, "num_classes="
+    )
+    aux = auxhead.attach(model, ["body.1"], num_classes=5, sample=x).train()
+    aux(x)
+    assert aux.aux_outputs["body.1"].shape == (4, 5)
+
+
+def test_activation_checkpointing_trains_the_heads():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", num_classes=3)
+    model.set_grad_checkpointing(True)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    aux = auxhead.attach(model, ["layer3.0.conv1", "layer3.1"], sample=x)
+    _grads_reach_every_head(aux, x, y)
+    assert model.conv1.weight.grad.abs().sum() > 0
+    aux.strip()
+    with pytest.raises(ValueError, match="its children ran, e.g. 'layer3.0'"):
+        auxhead.attach(model, ["layer3"], sample=x)
 
 
 def test_hooks_removed_and_reattach(cnn, x):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import hook_count
 from torch import nn
@@ -75,3 +76,11 @@ def test_layout_inside_a_layer_with_channels_comes_from_that_layer():
     # "0" is read by the BatchNorm as (B, C, H, W); "1.act" has no neighbour but its parent
     assert layouts == {"0": "channels_first", "1": "channels_first", "1.act": "channels_first",
                        "2": None, "3": None}  # fmt: skip
+
+
+def test_list_layers_marks_shared_modules_and_names_a_bad_sample():
+    relu = nn.ReLU()
+    model = nn.Sequential(nn.Linear(3, 3), relu, nn.Linear(3, 3), relu)
+    assert "ReLU (runs 2x: no head)" in str(auxhead.list_layers(model, torch.randn(2, 3)))
+    with pytest.raises(ValueError, match=r"Sequential failed on the sample \[\(2, 5\)\]"):
+        auxhead.list_layers(model, torch.randn(2, 5))
