@@ -56,7 +56,8 @@ class _HeadMetric(AvgMetric):
                 return  # accuracy is for single-label classification
             self.total += (logits.argmax(dim=-1) == target).float().sum().item()
         else:
-            self.total += learn.loss_func(logits.float(), *learn.yb).mean().item() * bs
+            loss_func = self.callback.head_loss or learn.loss_func
+            self.total += loss_func(logits.float(), *learn.yb).mean().item() * bs
         self.count += bs
 
     @property
@@ -87,6 +88,9 @@ class AuxHeads(Callback):
         distill: self-distillation weight (Be Your Own Teacher); 0 turns it off.
         temperature: distillation temperature.
         select: picks the tensor to classify from taps with tuple/dict outputs.
+        head_loss: the heads' loss `(logits, *targets) -> loss`, when the Learner's
+            `loss_func` does not fit them (a model whose output is a dict, say). Default: the
+            Learner's current `loss_func` (so wrappers such as MixUp's apply to the heads).
 
     Example:
         >>> learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy,
@@ -108,6 +112,7 @@ class AuxHeads(Callback):
         distill: float = 0.0,
         temperature: float = 3.0,
         select: Callable | Mapping[str, Callable] | None = None,
+        head_loss: Callable | None = None,
     ) -> None:
         # `learn` is a property over `_learn`; set it first, as fastai's GetAttr would
         # otherwise forward the lookup of a missing `_learn` to `learn`, endlessly.
@@ -118,6 +123,7 @@ class AuxHeads(Callback):
         self.at, self.num_classes, self.head_spec = at, num_classes, head
         self.weights, self.schedule, self.head_metrics = weights, schedule, head_metrics
         self.distill, self.temperature, self.select = distill, temperature, select
+        self.head_loss = head_loss
         self.aux_loss: AuxLoss | None = None
         # One dict per trained epoch, Recorder column -> value, across every fit (fine_tune's
         # frozen and unfrozen phases alike): what plot_heads draws.
@@ -254,7 +260,7 @@ class AuxHeads(Callback):
         if not self.training or not len(self.learn.yb):
             return
         aux = self.aux_loss.aux_term(
-            self.learn.pred, *self.learn.yb, head_loss=self.learn.loss_func
+            self.learn.pred, *self.learn.yb, head_loss=self.head_loss or self.learn.loss_func
         )
         if aux is not None:
             self.learn.loss_grad = self.learn.loss_grad + aux

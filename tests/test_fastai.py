@@ -306,3 +306,23 @@ def test_add_cb_to_a_frozen_learner_keeps_it_frozen(dls):
     head_params = {id(p) for p in learn.model.heads.parameters()}
     assert head_params <= {id(p) for p in learn.opt.param_lists[-1]}
     assert "acc_0_5" in learn.recorder.metric_names
+
+
+def test_head_loss_for_a_model_whose_output_is_a_dict(dls):
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = cnn()
+
+        def forward(self, x):
+            return {"logits": self.body(x)}
+
+    def main_loss(out, y):
+        return nn.functional.cross_entropy(out["logits"], y)
+
+    torch.manual_seed(0)
+    cb = AuxHeads(["body.3"], head="linear", num_classes=10, head_loss=nn.CrossEntropyLoss())
+    learn = Learner(dls, Named(), loss_func=main_loss, cbs=cb)
+    learn.fit(1, 1e-3)
+    assert "acc_body_3" in learn.recorder.metric_names
+    assert learn.aux_heads.aux_model.head("body.3").fc.weight.grad is not None
