@@ -581,7 +581,9 @@ def test_bad_calibration_data():
 
 def test_heads_with_other_classes_are_refused():
     model = nn.Sequential(_identity(), _columns(4))
-    aux = auxhead.attach(model, {"0": nn.Linear(6, 3)}, sample=torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"outputs \(2, 3\) on its tap's output, not \(2, 2\)"):
+        auxhead.attach(model, {"0": nn.Linear(6, 3)}, sample=torch.zeros(1, 6))
+    aux = auxhead.attach(model, {"0": nn.Linear(6, 3)})  # no sample: attach checks nothing
     early = EarlyExit(aux, thresholds=0.99)
     with pytest.raises(ValueError, match=r"exit 'main' outputs \(4, 2\), but the first head"):
         early(MIXED)  # no sample exits, but the head ran
