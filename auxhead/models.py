@@ -102,14 +102,21 @@ def small_cnn(
     return model
 
 
-def default_taps(model: nn.Module) -> list[str]:
+def default_taps(model: nn.Module, sample: torch.Tensor | None = None) -> list[str]:
     """Two sensible layers to attach auxiliary heads to: about a third and two thirds deep.
 
-    Knows `small_cnn` (stage1, stage2), ResNet-style models (layer2, layer3) and timm models
-    (the two feature stages before the last).
+    Knows `small_cnn` (stage1, stage2), ResNet-style models (layer2, layer3), vision
+    transformers (blocks a third and two thirds deep) and timm models (the two feature stages
+    before the last). For any other model, given a `sample` batch, it looks at the layers that
+    run (`auxhead.list_layers`): the shallowest level with at least three blocks (modules with
+    children) whose outputs are batch-first feature maps (N, C, H, W or N, H, W, C) and that
+    run once, and picks those a third and two thirds of the way along; this covers every
+    torchvision classifier (MobileNet, EfficientNet, DenseNet, GoogLeNet, Inception, RegNet;
+    AlexNet and VGG, built of plain layers, get their pooling layers).
 
     Raises:
-        ValueError: for a model it does not know; pick layers with `auxhead.list_layers`.
+        ValueError: for a model it does not know and no `sample` (or no such blocks); pick
+            layers with `auxhead.list_layers`.
     """
     children = {name for name, _ in model.named_children()}
     if {"stage1", "stage2", "stage3"} <= children:
@@ -124,10 +131,44 @@ def default_taps(model: nn.Module) -> list[str]:
     modules = [info.get("module") for info in feature_info or [] if isinstance(info, dict)]
     if len(modules) >= 3 and all(modules):
         return modules[-3:-1]
+    if sample is not None:
+        found = _feature_blocks(model, sample)
+        if len(found) >= 3:
+            n = len(found)
+            return [found[-(-n // 3) - 1], found[-(-2 * n // 3) - 1]]
     raise ValueError(
-        f"no default taps for {type(model).__name__}; choose layers from "
-        "auxhead.list_layers(model, sample) (or --at on the command line)"
+        f"no default taps for {type(model).__name__}"
+        + ("" if sample is not None else " without a sample batch")
+        + "; choose layers from auxhead.list_layers(model, sample)"
     )
+
+
+def _feature_blocks(model: nn.Module, sample: torch.Tensor) -> list[str]:
+    """The blocks of the shallowest level that has at least three: modules with children,
+    run once, whose output is a 4-D batch-first feature map; in execution order. A model
+    built of plain layers (AlexNet, VGG) has none: then its pooling layers, which end stages."""
+    from auxhead._probe import list_layers
+
+    modules = dict(model.named_modules())
+    batch = sample.shape[0]
+    maps = [
+        info
+        for info in list_layers(model, sample)
+        if not info.train_only
+        and info.calls == 1
+        and info.name
+        and info.shape is not None
+        and len(info.shape) == 4
+        and info.shape[0] == batch
+    ]
+    blocks = [i.name for i in maps if any(True for _ in modules[i.name].children())]
+    pools = [i.name for i in maps if "Pool" in i.type]
+    for names in (blocks, pools):
+        for depth in range(4):
+            level = [name for name in names if name.count(".") == depth]
+            if len(level) >= 3:
+                return level
+    return []
 
 
 def _block_list(model: nn.Module) -> tuple[str, int] | None:

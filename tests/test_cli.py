@@ -246,7 +246,10 @@ def test_bad_model_or_layer(tmp_path, capsys):
     arch = error_line(capsys, ["train", *QUICK, "--arch", "resnet9000", *out])
     assert "--arch" in arch and "resnet9000" in arch and "resnet50" in arch
     layer = error_line(capsys, ["train", *QUICK, "--at", "stage7", *out])
-    assert "--at" in layer and "stage7" in layer and "auxhead layers --arch small_cnn" in layer
+    assert layer == (
+        "auxhead: error: --at stage7: no such layer in small_cnn (close matches: stage3, stage2, "
+        "stage1, stage3.1, stage3.0); `auxhead layers --arch small_cnn` lists every layer"
+    )
     vit = error_line(capsys, ["train", *QUICK, "--arch", "vit_b_16", *out])
     assert "--arch vit_b_16 does not run on 1x8x8 images" in vit and "--size" in vit
     inception = error_line(
@@ -427,6 +430,14 @@ def test_help_is_a_manual(capsys):
     assert main([]) == 2
 
 
+def test_a_torchvision_model_trains_without_at(tmp_path, capsys):
+    argv = ["train", "--data", "digits", "--arch", "mobilenet_v3_small", "--size", "32"]
+    code = main([*argv, "--limit", "50", "--epochs", "1", "--threads", "1", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-2000:]
+    assert "features.4" in captured.out and "features.8" in captured.out
+
+
 def test_layers_lists_the_layers_and_marks_the_default_taps(capsys):
     assert main(["layers"]) == 0
     out = capsys.readouterr().out
@@ -440,6 +451,9 @@ def test_layers_lists_the_layers_and_marks_the_default_taps(capsys):
     out = capsys.readouterr().out
     assert "resnet18 on 1x8x8 inputs (* default taps: layer2, layer3)" in out
     assert "* layer2" in out
+    assert main(["layers", "--arch", "mobilenet_v3_small", "--size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "(* default taps: features.4, features.8)" in out and "* features.4" in out
     line = error_line(capsys, ["layers", "--arch", "squeezenet1_0", "--size", "8"])
     assert "--arch squeezenet1_0 does not run on 3x8x8 images" in line and "--size N" in line
 

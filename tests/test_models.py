@@ -83,7 +83,7 @@ def test_default_taps_are_layers_that_run():
 
 
 def test_default_taps_unknown_model():
-    with pytest.raises(ValueError, match="no default taps for Linear; .*auxhead.list_layers"):
+    with pytest.raises(ValueError, match="no default taps for Linear without a sample batch; "):
         default_taps(nn.Linear(2, 2))
 
 
@@ -185,3 +185,37 @@ def test_timm_weights_that_cannot_be_fetched_say_how_to_provide_them(monkeypatch
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(WeightsUnavailable, match=r"timm's resnet18 .* --init PATH"):
         build_model("timm:resnet18", pretrained=True)
+
+
+@needs_torchvision
+@pytest.mark.parametrize(
+    ("arch", "expected"),
+    [
+        ("mobilenet_v3_small", ["features.4", "features.8"]),
+        ("regnet_x_400mf", ["trunk_output.block2", "trunk_output.block3"]),
+        ("googlenet", ["inception3a", "inception4c"]),
+    ],
+)
+def test_default_taps_found_from_the_layers_that_run(arch, expected):
+    model = build_model(arch, 10, 3, 64)
+    sample = torch.zeros(2, 3, 64, 64)
+    assert default_taps(model, sample) == expected
+    with pytest.raises(ValueError, match="without a sample batch"):
+        default_taps(model)
+
+
+@pytest.mark.slow
+@needs_torchvision
+def test_every_torchvision_classifier_has_default_taps():
+    import torchvision
+
+    from auxhead._probe import resolve
+
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        size = 96 if arch == "inception_v3" else 64
+        if arch.startswith(("vit_h", "vit_l", "regnet_y_128", "regnet_y_32", "regnet_y_16")):
+            continue  # gigabytes of parameters: the same code paths as their smaller siblings
+        model = build_model(arch, 10, 3, size)
+        taps = default_taps(model, torch.zeros(2, 3, size, size))
+        assert len(taps) == 2 and taps[0] != taps[1], arch
+        resolve(model, taps)

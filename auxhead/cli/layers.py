@@ -127,7 +127,7 @@ def run_layers(config: LayersConfig) -> LayersResult:
     sample = torch.zeros(2, channels, size, size)
     check_runs(model, sample, config.arch)
     try:
-        taps = default_taps(model)
+        taps = default_taps(model, sample)
     except ValueError:
         taps = []
     return LayersResult(config, tuple(sample.shape[1:]), list_layers(model, sample), taps)
