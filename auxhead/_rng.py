@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["RngStream", "stream_seed"]
+__all__ = ["RngStream", "generator_state", "stream_seed"]
 
 
 def stream_seed(name: str) -> int:
@@ -62,6 +62,20 @@ class RngStream:
         self._states = {key: value.clone() for key, value in state["states"].items()}
 
 
+def generator_state(device: torch.device) -> torch.Tensor:
+    """The state of the default generator that ops on `device` draw from."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _set_generator_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
 class _Swap:
     """Puts a stream's state into the default generator of one device, and back out."""
 
@@ -71,23 +85,15 @@ class _Swap:
             self.device = torch.device("cuda", torch.cuda.current_device())
 
     def __enter__(self) -> None:
+        self._saved = None
+        if self.device.type not in ("cpu", "cuda"):
+            return  # other accelerators: the head draws from the global stream
         state = self.stream._state(self.device)
-        if self.device.type == "cuda":
-            self._saved = torch.cuda.get_rng_state(self.device)
-            torch.cuda.set_rng_state(state, self.device)
-        elif self.device.type == "cpu":
-            self._saved = torch.get_rng_state()
-            torch.set_rng_state(state)
-        else:  # other accelerators: the head draws from the global stream
-            self._saved = None
+        self._saved = generator_state(self.device)
+        _set_generator_state(self.device, state)
 
     def __exit__(self, *_exc: object) -> None:
         if self._saved is None:
             return
-        key = str(self.device)
-        if self.device.type == "cuda":
-            self.stream._states[key] = torch.cuda.get_rng_state(self.device)
-            torch.cuda.set_rng_state(self._saved, self.device)
-        else:
-            self.stream._states[key] = torch.get_rng_state()
-            torch.set_rng_state(self._saved)
+        self.stream._states[str(self.device)] = generator_state(self.device)
+        _set_generator_state(self.device, self._saved)

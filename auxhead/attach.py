@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from auxhead._hooks import HookSet, dry_run_state
+from auxhead._hooks import HookSet, dry_run_state, training_mode
 from auxhead._probe import LAYOUTS, Probe, Select, batch_size, first_tensor, probe, resolve
-from auxhead._rng import RngStream, stream_seed
+from auxhead._rng import RngStream, generator_state, stream_seed
 from auxhead.heads import HeadFactory, build_head, check_num_classes
 
 __all__ = ["AuxModel", "attach"]
@@ -388,10 +388,6 @@ def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module)
         )
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
 def _dry_run_head(
     name: str, head: nn.Module, features: torch.Tensor, num_classes: int | None, *, sized: bool
 ) -> tuple[bool, bool]:
@@ -402,20 +398,16 @@ def _dry_run_head(
     user's own module one row per sample, and num_classes columns if it gives a matrix and
     num_classes is known (other shapes are left to the user's head_loss)."""
     version = features._version
-    with dry_run_state(head), torch.enable_grad():
-        training = head.training
-        head.train()
+    with dry_run_state(head), training_mode(head, True), torch.enable_grad():
         try:
-            rng = _rng_state(features.device)
+            rng = generator_state(features.device)
             logits = head(features)
-            random = not torch.equal(rng, _rng_state(features.device))
+            random = not torch.equal(rng, generator_state(features.device))
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
             raise ValueError(
                 f"the head at {name!r} failed on its tap's output {tuple(features.shape)}: "
                 f"{error}. Give a head that takes this shape (or a kind name, sized for it)."
             ) from error
-        finally:
-            head.train(training)
     batch = features.shape[0]
     if sized:
         fits = isinstance(logits, torch.Tensor) and tuple(logits.shape) == (batch, num_classes)
