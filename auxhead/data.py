@@ -269,8 +269,9 @@ def _split(y: torch.Tensor, valid_pct: float, seed: int) -> tuple[torch.Tensor, 
     train_idx, valid_idx = torch.cat(train).sort().values, torch.cat(valid).sort().values
     if len(train_idx) == 0 or len(valid_idx) == 0:
         raise DataError(
-            f"valid_pct={valid_pct} splits {len(y)} images into {len(train_idx)} train and "
-            f"{len(valid_idx)} valid; choose another valid_pct or use more images"
+            f"holding out {valid_pct:.0%} of the images for validation splits {len(y)} images "
+            f"into {len(train_idx)} train and {len(valid_idx)} valid; use more images (in "
+            "Python, or another valid_pct)"
         )
     return train_idx, valid_idx
 
@@ -318,6 +319,13 @@ def _split_dirs(folder: Path) -> tuple[Path, Path] | None:
     return train, valid
 
 
+def _unreadable(path: Path, error: BaseException) -> str:
+    return (
+        f"cannot read image {path}: {' '.join(str(error).split())}; remove the file or replace "
+        "it with a readable image, then run again"
+    )
+
+
 def _read_images(files: list[Path], size: int | None) -> torch.Tensor:
     """Decode `files` into one float (N, C, H, W) tensor: grayscale if every image is."""
     from PIL import Image, UnidentifiedImageError
@@ -326,7 +334,7 @@ def _read_images(files: list[Path], size: int | None) -> torch.Tensor:
         try:
             return Image.open(path)
         except (OSError, UnidentifiedImageError) as error:
-            raise DataError(f"cannot read image {path}: {error}") from None
+            raise DataError(_unreadable(path, error)) from None
 
     modes = []
     for path in files:  # opening reads only the header
@@ -339,7 +347,7 @@ def _read_images(files: list[Path], size: int | None) -> torch.Tensor:
             try:
                 image = image.convert(mode)
             except OSError as error:
-                raise DataError(f"cannot read image {path}: {error}") from None
+                raise DataError(_unreadable(path, error)) from None
         if size is not None:
             image = image.resize((size, size), Image.Resampling.BILINEAR)
         if shape is None:
@@ -364,6 +372,13 @@ def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | No
     split = _split_dirs(folder)
     if split is not None:  # train/ and valid/ (or test/), each with class subfolders
         train_files, valid_files = _image_files(split[0]), _image_files(split[1])
+        only_valid = sorted(set(valid_files) - set(train_files))
+        if only_valid:
+            raise DataError(
+                f"{split[1]} has class(es) {', '.join(map(repr, only_valid))} that {split[0]} "
+                "does not: a classifier cannot learn a class it never trains on; add its "
+                f"training images under {split[0]}/, or remove it from {split[1]}/"
+            )
         classes = sorted(set(train_files) | set(valid_files))
         groups = {"train": train_files, "valid": valid_files}
     else:

@@ -132,6 +132,8 @@ def test_train_writes_the_report(quick_run):
     md = (out / "report.md").read_text()
     assert "## Exits" in md and "## Early exit" in md and "![accuracy per epoch](heads.png)" in md
     assert "only 60 held-out images" in md
+    assert "1 epoch of one-cycle" in md and "1 epochs" not in md
+    assert "- `report.md`: this report" in md and "report_md" not in md
 
 
 def test_warnings_that_matter_are_printed_and_reported(tmp_path, capsys):
@@ -252,6 +254,11 @@ def test_bad_model_or_layer(tmp_path, capsys):
     )
     vit = error_line(capsys, ["train", *QUICK, "--arch", "vit_b_16", *out])
     assert "--arch vit_b_16 does not run on 1x8x8 images" in vit and "--size" in vit
+    twice = error_line(
+        capsys, ["train", *QUICK, "--arch", "resnet18", "--at", "layer1.0.relu", *out]
+    )
+    assert "runs 2 times" in twice and "auxhead layers --arch resnet18" in twice
+    assert "--head linear" not in twice
     inception = error_line(
         capsys, ["train", *QUICK, "--arch", "inception_v3", "--at", "Mixed_5b", *out]
     )
@@ -425,8 +432,11 @@ def test_help_is_a_manual(capsys):
                      "exit codes:", "130", "are deleted when a run starts", "--aux-weight",
                      "--pretrained"):  # fmt: skip
         assert expected in text, expected
+    assert "seed of the weights" in text and "max(N/4, 2 x classes)" in " ".join(text.split())
     assert main(["layers", "--help"]) == 0
-    assert "examples:" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "examples:" in text and "0    the table was printed" in text
+    assert "wrote its report" not in text and "files that were kept" not in text
     assert main([]) == 2
 
 
@@ -687,3 +697,15 @@ def test_out_of_memory_in_training_names_the_options(tmp_path, capsys, monkeypat
         "auxhead: error: out of memory training on 1x8x8 images in batches of 16: lower the "
         "batch size (--bs) or the image size (--size)"
     )
+
+
+def test_ctrl_c_while_the_libraries_import_is_one_line(capsys, monkeypatch):
+    import auxhead.cli as cli
+
+    def importing():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", importing)
+    assert main(["train", "--help"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "auxhead: interrupted" and "Traceback" not in err

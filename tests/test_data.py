@@ -232,8 +232,25 @@ def test_unreadable_image_is_named(tmp_path):
     write_png(tmp_path / "imgs" / "a" / "0.png", gray(0))
     (tmp_path / "imgs" / "b").mkdir()
     (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"not a png at all")
-    with pytest.raises(DataError, match=r"cannot read image .*broken\.png"):
+    with pytest.raises(DataError, match=r"cannot read image .*broken\.png") as caught:
         load_data(tmp_path / "imgs")
+    assert "remove the file or replace it with a readable image" in str(caught.value)
+
+
+def test_a_class_only_in_valid_is_refused(tmp_path):
+    for split, labels in (("train", ("x", "y")), ("valid", ("x", "y", "z"))):
+        for label in labels:
+            write_png(tmp_path / split / label / "0.png", gray(5))
+    with pytest.raises(DataError, match=r"valid has class\(es\) 'z' that .*train does not"):
+        load_data(tmp_path)
+
+
+def test_too_few_images_to_split_names_no_python_only_option(tmp_path):
+    for label in ("a", "b"):
+        write_png(tmp_path / "imgs" / label / "0.png", gray(5))
+    with pytest.raises(DataError, match="holding out 20% of the images for validation") as caught:
+        load_data(tmp_path / "imgs")
+    assert str(caught.value).startswith("holding out") and "use more images" in str(caught.value)
 
 
 def test_a_file_is_not_a_data_set(tmp_path):

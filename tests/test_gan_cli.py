@@ -101,6 +101,10 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert images == ["grid.png", "tac/grid.png"]
     assert all((out / image).is_file() for image in images)
+    assert "1 epoch (--epochs given)" in markdown
+    train_time = next(line for line in markdown.splitlines() if line.startswith("| train time"))
+    assert " 0 |" not in train_time  # a short run shows tenths of a second, not 0
+    assert not list(out.glob(".*tmp*")) and not list((out / "tac").glob(".*tmp*"))
     # the generator file rebuilds the generator; the checkpoint holds both networks
     ckpt = torch.load(out / "generator.pth")
     g = Generator(**ckpt["config"])
@@ -206,3 +210,15 @@ def test_metrics_refuse_non_finite_samples(bad):
         mean_pairwise_distance(features)
     with pytest.raises(ValueError, match=match):
         intra_class_diversity(features, labels, 3)
+
+
+def test_report_seconds_never_round_a_short_run_to_zero():
+    from auxhead.cli.report import _seconds
+
+    assert [_seconds(s) for s in (0.04, 0.4, 9.94, 9.96, 12.3)] == [
+        "<0.1",
+        "0.4",
+        "9.9",
+        "10",
+        "12",
+    ]

@@ -141,6 +141,14 @@ def _quiet_imports() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on `argv` (default `sys.argv[1:]`); returns the exit code."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the libraries import, before any run has begun
+        print("\nauxhead: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_imports()
     parser = build_parser()

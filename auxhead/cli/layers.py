@@ -15,7 +15,6 @@ import torch
 from auxhead._format import table
 from auxhead._probe import LayerInfo, list_layers
 from auxhead.cli._common import (
-    EXIT_CODES,
     ManualFormatter,
     UsageError,
     image_size,
@@ -33,7 +32,7 @@ List every layer of an architecture that runs on the given images, with its outp
 the names `auxhead train --at` accepts. The two default taps (what --at is without it) are
 marked with *."""
 
-EPILOG = f"""\
+EPILOG = """\
 examples:
   auxhead layers                                  # small_cnn on 28x28 grayscale images
   auxhead layers --arch resnet18 --data digits    # the shapes for digits' 8x8 images
@@ -42,7 +41,13 @@ examples:
 
 No files are written.
 
-{EXIT_CODES}"""
+exit codes:
+  0    the table was printed
+  2    bad input (an unknown --arch, data that cannot be loaded, images the architecture
+       cannot take); one line on stderr names the option
+  130  interrupted (Ctrl-C)
+  1    a bug in auxhead: the traceback, and a line asking to report it
+"""
 
 
 @dataclass

@@ -180,8 +180,8 @@ def _training(result: TrainResult) -> str:
     start = "pretrained weights" if c.pretrained else f"`{c.init}`" if c.init else None
     how = f"fine-tuned from {start} with fastai's fine_tune (1 epoch frozen, then " if start else ""
     return (
-        f"{how}{b.epochs} epochs of one-cycle{')' if start else ''} at lr {b.lr:g}, batch size "
-        f"{b.bs}, {b.steps_per_epoch} steps an epoch (budget: {b.why})"
+        f"{how}{count(b.epochs, 'epoch')} of one-cycle{')' if start else ''} at lr {b.lr:g}, "
+        f"batch size {b.bs}, {count(b.steps_per_epoch, 'step')} an epoch (budget: {b.why})"
     )
 
 
@@ -199,6 +199,7 @@ def _describe_files(result: TrainResult) -> list[tuple[str, str]]:
         "report_json": "every figure of this report",
         "heads_png": "accuracy of each exit per epoch",
         "compute_png": "accuracy against compute",
+        "report_md": "this report",
     }
     return [(notes.get(key, key), path) for key, path in result.files.items()]
 
@@ -248,6 +249,13 @@ def _gan_value(value: float | None, pct: bool = False) -> str:
     return percent(value, 1) if pct else f"{value:.3f}"
 
 
+def _seconds(seconds: float) -> str:
+    """Seconds for a report: 0.04 -> '<0.1', 0.4 -> '0.4', 12.3 -> '12' (never '0')."""
+    if seconds < 0.05:
+        return "<0.1"
+    return f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
+
+
 def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
     ref, runs, config = report["reference"], report["runs"], report["config"]
     names = [run["variant"] for run in runs]
@@ -261,7 +269,7 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         ["min per-class diversity, generated / real",
          f">= {percent(TARGETS['diversity_ratio'], 0)}",
          *[_gan_value(r["min_diversity_ratio"], True) for r in runs]],
-        ["train time (s)", "", *[f"{r['train_seconds']:.0f}" for r in runs]],
+        ["train time (s)", "", *[_seconds(r["train_seconds"]) for r in runs]],
     ]  # fmt: skip
     grids = [
         f"![{r['variant']} samples]({'tac/' if r['loss']['tac'] else ''}grid.png)" for r in runs
@@ -277,15 +285,16 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         "# AC-GAN report",
         "",
         f"Data: {data['name']}, {data['n_train']} train / {data['n_valid']} held-out images of "
-        f"{data['shape']}, {len(classes)} classes. Seed {config['seed']}, {config['epochs']} "
-        f"epochs ({report['epochs_why']}), width {config['width']}, class-loss weight "
-        f"{config['class_weight']}, mode-seeking weight {config['mode_seeking']}, "
+        f"{data['shape']}, {len(classes)} classes. Seed {config['seed']}, "
+        f"{count(config['epochs'], 'epoch')} ({report['epochs_why']}), width {config['width']}, "
+        f"class-loss weight {config['class_weight']}, mode-seeking weight "
+        f"{config['mode_seeking']}, "
         "discriminator's class loss on "
         f"{'real and generated' if config['fake_class_loss'] else 'real'} images.",
         "",
         *[line for w in report["warnings"] for line in (f"**Warning:** {w}", "")],
         f"Independent classifier (trained on the real train split, "
-        f"{report['classifier_seconds']:.0f} s): real test accuracy "
+        f"{_seconds(report['classifier_seconds'])} s): real test accuracy "
         f"{_gan_value(ref['classifier_test_accuracy']['overall'], True)}.",
         f"Frechet distance floor (real train vs real test, {ref['floor_samples']} images, "
         f"classifier features): {ref['fid_floor']:.3f}.",
@@ -322,7 +331,7 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         f"Samples: `samples.npz` ({config['n_per_class']} per class; `images` float32 "
         "N x C x H x W in [0, 1], `labels` int64)"
         + (", TAC-GAN's in `tac/samples.npz`." if len(runs) > 1 else "."),
-        f"Total time: {report['total_seconds']:.0f} s on {threads} CPU thread(s); timings "
+        f"Total time: {_seconds(report['total_seconds'])} s on {threads} CPU thread(s); timings "
         "depend on what else runs on the machine.",
         "",
     ]

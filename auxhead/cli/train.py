@@ -304,7 +304,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="peak one-cycle learning rate (default 4e-3 at bs 256)")  # fmt: skip
     p.add_argument("--bs", type=positive_int, default=None,
                    help="batch size, at least 2 (default 256, smaller on small data)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help="seed of the weights, the data order and the held-out split; the same "
+                   "seed gives the same numbers on the CPU")  # fmt: skip
     p.add_argument("--out", default=str(d.out),
                    help="output folder; the files this command writes are replaced")  # fmt: skip
     p.add_argument("--compare", action="store_true",
@@ -321,7 +323,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--distill", type=fraction, default=d.distill,
                    help="weight of self-distillation from the main output (0-1)")  # fmt: skip
     p.add_argument("--limit", type=positive_int, default=None,
-                   help="use only this many training images (quick runs)")  # fmt: skip
+                   help="use only this many training images, and shrink the test set to "
+                   "max(N/4, 2 x classes) images (quick runs)")  # fmt: skip
     p.add_argument("--threads", type=positive_int, default=None,
                    help="CPU threads for torch (default torch's choice); on a machine busy "
                    "with other jobs 1 is often faster")  # fmt: skip
@@ -642,7 +645,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         message = one_line(error)
         raise UsageError(
             f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
-            f"choose other layers (`auxhead layers --arch {config.arch}`) or --head linear"
+            f"choose other layers (`auxhead layers --arch {config.arch}` lists them)"
         ) from None
     start = time.perf_counter()
     try:
