@@ -133,6 +133,9 @@ def test_train_writes_the_report(quick_run):
     assert "## Exits" in md and "## Early exit" in md and "![accuracy per epoch](heads.png)" in md
     assert "only 60 held-out images" in md
     assert "1 epoch of one-cycle" in md and "1 epochs" not in md
+    # the early-exit table counts every head run on the way; the exits table one head alone
+    assert "FLOPs to leave here" in md and "FLOPs to leave here" in stdout
+    assert "every head that runs on the way" in md and "counts each exit alone" in stdout
     assert "- `report.md`: this report" in md and "report_md" not in md
 
 

@@ -50,6 +50,14 @@ def _at_confidence(confidence: float | None) -> str:
     return "" if confidence is None else f" (with {confidence:.0%} confidence)"
 
 
+# Why the two tables' FLOPs differ for the same exit (both from `auxhead._flops.FlopProfile`).
+EARLY_EXIT_FLOPS_NOTE = (
+    "FLOPs to leave here: the backbone up to the exit plus every head that runs on the way "
+    "(a head with threshold 1 is never run), so they differ from the exits table above, "
+    "which counts each exit alone: the backbone up to it plus its own head."
+)
+
+
 def _early_exit_table(result: TrainResult, markdown: bool) -> str | None:
     ee = result.early_exit
     if ee is None:
@@ -59,7 +67,8 @@ def _early_exit_table(result: TrainResult, markdown: bool) -> str | None:
     for i, name in enumerate(test["exits"]):
         rows.append([name, f"{test['thresholds'][i]:.3f}" if i < len(test["thresholds"]) else "-",
                      f"{100 * test['share'][i]:.1f}%", _human(test["flops"][i])])  # fmt: skip
-    table = _table(["exit", "threshold", "samples leaving", "FLOPs/sample"], rows, markdown)
+    header = ["exit", "threshold", "samples leaving", "FLOPs to leave here"]
+    table = _table(header, rows, markdown)
     summary = (
         f"early exit on the test set: accuracy {100 * test['accuracy']:.2f}% "
         f"(main head {100 * test['main_accuracy']:.2f}%), "
@@ -68,7 +77,7 @@ def _early_exit_table(result: TrainResult, markdown: bool) -> str | None:
         f"the oracle (first correct exit) saves "
         f"{100 * (1 - test['oracle_flops'] / test['full_flops']):.1f}%"
     )
-    return f"{table}\n\n{summary}"
+    return f"{table}\n\n{EARLY_EXIT_FLOPS_NOTE}\n\n{summary}"
 
 
 def _write_json(path: Path, document: dict[str, Any]) -> None:
