@@ -35,6 +35,16 @@ def _tiny_swin():
     )  # fmt: skip
 
 
+def _tiny_swin_v2():
+    from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
+
+    return torchvision.models.SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+        window_size=[4, 4], num_classes=10, block=SwinTransformerBlockV2,
+        downsample_layer=PatchMergingV2,
+    )  # fmt: skip
+
+
 def _timm(name: str, **kwargs):
     def build():
         import timm
@@ -61,6 +71,16 @@ FAMILIES = {
         64,
         ["inception4a", "inception4d"],
     ),
+    "inception_v3": (
+        _tv("inception_v3", aux_logits=False, init_weights=True),
+        96,
+        ["Mixed_5d", "Mixed_6e"],
+    ),
+    "alexnet": (_tv("alexnet"), 64, ["features.5", "features.9"]),
+    "regnet_y_400mf": (_tv("regnet_y_400mf"), 64, ["trunk_output.block2", "trunk_output.block3"]),
+    "efficientnet_v2_s": (_tv("efficientnet_v2_s"), 64, ["features.3", "features.5"]),
+    "swin_v2": (_tiny_swin_v2, 64, ["features.3", "features.5"]),
+    "maxvit_t": (_tv("maxvit_t"), 224, ["blocks.0", "blocks.2"]),
     "vit": (_tiny_vit, 32, ["encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2"]),
     "swin": (_tiny_swin, 64, ["features.3", "features.5"]),
     "timm efficientnet_b0": (_timm("efficientnet_b0"), 64, ["blocks.2", "blocks.4"]),
@@ -84,7 +104,7 @@ def _reference(aux: auxhead.AuxModel, x: torch.Tensor):
     return torch.stack([*heads, main])
 
 
-SLOW = {"vgg11"}  # 130M parameters to initialise
+SLOW = {"vgg11", "maxvit_t"}  # 130M parameters to initialise; 224 px only
 
 
 @pytest.mark.parametrize(
