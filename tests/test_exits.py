@@ -459,6 +459,19 @@ def test_calibrate_within_a_flops_budget():
         early.calibrate(_calibration_data(GROUPS), max_flops=-1)
 
 
+def test_calibrate_holds_a_flops_budget_by_learn_then_test():
+    # 900 samples sure at exit 0 (96 FLOPs), 100 unsure everywhere (main: 360 with both heads)
+    groups = [(900, 0.9, True, 0.9, True, True), (100, 0.6, False, 0.6, False, True)]
+    early = EarlyExit(pass_through(depth=4))
+    summary = early.calibrate(
+        _calibration_data(groups, batch_size=100), max_flops=0.5, timing_batches=0
+    )
+    assert summary.method == "ltt" and summary.max_flops == 0.5
+    assert summary.mean_flops <= 0.5 * summary.full_flops
+    assert summary.bound is not None and summary.mean_flops / 312 <= summary.bound <= 0.5
+    assert "of FLOPs" in str(summary) and "with 90% confidence" in str(summary)
+
+
 def test_calibrate_fits_temperatures_and_the_forward_uses_them():
     early = EarlyExit(pass_through(depth=4))
     summary = early.calibrate(
