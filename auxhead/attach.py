@@ -64,8 +64,9 @@ class AuxModel(nn.Module):
         # Per tap: the permutation that puts its output in the head's layout (channels-last
         # maps to (B, C, H, W), channels-first sequences to (B, N, C)), or None.
         self._permute = {name: dims for name, dims in (permute or {}).items() if dims}
-        # Taps whose output the model changes in place after the head has read it: autograd
-        # needs the head's input as it was, so the head gets a copy. None: all of them.
+        # Taps whose output the model changes in place after the tap (or whose head changes its
+        # input): the head, which runs when the forward returns, and autograd need the tap's
+        # output as it was, so the head gets a copy. None: all of them.
         self._copy = set(self.taps if copy is None else copy)
         # Heads that draw random numbers (dropout) draw them from a stream of their own; the
         # others leave the generators alone, and pay nothing. None: all of them may.
