@@ -1,4 +1,4 @@
-"""`EarlyExit.export`: a `torch.export` program that routes.
+"""`EarlyExit.export`: a `torch.export` program, or an ONNX file, that routes.
 
 The exported forward runs the stages of a staged `EarlyExit` with the calibrated thresholds
 and temperatures baked in, and at each active exit a `torch.cond`: when every sample of the
@@ -11,6 +11,9 @@ logits (B, K) and each sample's exit index (B,), `len(taps)` for the main head.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,13 +107,39 @@ class _Call(nn.Module):
 
 
 def export_program(early: EarlyExit, path: str | Path, sample: torch.Tensor) -> Path:
-    """Export `early` as a `torch.export` program to `path` (.pt2), traced on `sample` with a
-    dynamic batch size; load it with `torch.export.load(path).module()`."""
+    """Export `early` to `path`, traced on `sample` with a dynamic batch size: a `torch.export`
+    program for .pt2 (load it with `torch.export.load(path).module()`), or one self-contained
+    ONNX file for .onnx (the `torch.cond`s become ONNX `If`s), written by torch's ONNX
+    exporter, which needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`)."""
     path = Path(path)
-    if path.suffix != ".pt2":
-        raise ValueError(f"export writes a torch.export program (.pt2), got {path.name!r}")
+    if path.suffix not in (".pt2", ".onnx"):
+        raise ValueError(
+            f"export writes a torch.export program (.pt2) or an ONNX file (.onnx), got "
+            f"{path.name!r}"
+        )
     routed = Routed(early).eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
+    if path.suffix == ".onnx":
+        missing = [
+            name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None
+        ]
+        if missing:
+            raise ValueError(
+                f"writing {path.name} needs the {' and '.join(missing)} package(s): "
+                "pip install 'auxhead[onnx]' (or export to a .pt2 file)"
+            )
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+            program = torch.onnx.export(
+                routed,
+                (sample,),
+                dynamo=True,
+                dynamic_shapes=({0: batch},),
+                input_names=["x"],
+                output_names=["logits", "exit"],
+                verbose=False,
+            )
+        program.save(str(path))
+        return path
     with torch.no_grad():
         program = torch.export.export(routed, (sample,), dynamic_shapes=({0: batch},))
     torch.export.save(program, path)

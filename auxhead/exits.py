@@ -389,24 +389,28 @@ class EarlyExit(nn.Module):
         return logits
 
     def export(self, path: str | Path, sample: torch.Tensor) -> Path:
-        """Save a `torch.export` program (.pt2) that routes like this `EarlyExit`, with its
-        thresholds and temperatures baked in; it returns (logits (B, K), exit index (B,)).
+        """Save a `torch.export` program (.pt2), or one self-contained ONNX file (.onnx), that
+        routes like this `EarlyExit`, with its thresholds and temperatures baked in; it returns
+        (logits (B, K), exit index (B,)).
 
         At each exit a `torch.cond` skips the rest of the network when every sample of the
         batch leaves there, so batch size 1 routes per sample as the eager forward does;
         larger batches run on whole and take each sample's logits from its exit (same
         outputs, compute saved only when a batch leaves together). Needs a staged
-        `EarlyExit`. ONNX is not written: it would need the onnx and onnxscript packages.
+        `EarlyExit`. In the ONNX file each `torch.cond` is an `If` node; writing it needs the
+        onnx and onnxscript packages (`pip install 'auxhead[onnx]'`), running it onnxruntime.
 
         Args:
-            path: where to write, ending in .pt2.
+            path: where to write, ending in .pt2 or .onnx.
             sample: an input batch to trace with (the batch size stays dynamic).
 
         Returns:
-            `path`; load it with `torch.export.load(path).module()`.
+            `path`; load a .pt2 with `torch.export.load(path).module()`, run a .onnx with
+            `onnxruntime.InferenceSession(path)` (input "x", outputs "logits", "exit").
 
         Raises:
-            ValueError: a path not ending in .pt2, or a generic-mode `EarlyExit`.
+            ValueError: a path not ending in .pt2 or .onnx, a generic-mode `EarlyExit`, or
+                .onnx without the onnx/onnxscript packages.
         """
         return export_program(self, path, sample)
 

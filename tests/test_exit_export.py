@@ -52,9 +52,57 @@ def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thre
     assert seen == {0, 1, 2}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sequential", "fx"])
+def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, tmp_path, one_thread):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import onnx
+
+    torch.manual_seed(0)
+    if kind == "sequential":
+        model = nn.Sequential(
+            nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
+        )
+        taps = ["1", "3"]
+    else:
+        model, taps = Net(), ["a", "b"]
+    aux = auxhead.attach(model, taps, head="linear", sample=torch.zeros(2, 6)).eval()
+    x = torch.randn(32, 6) * 3
+    early = auxhead.EarlyExit(aux)
+    with torch.no_grad(), aux.heads_enabled():
+        aux(x)
+        scores = [aux.aux_outputs[tap].softmax(-1).amax(-1) for tap in taps]
+    early.thresholds = [scores[0].quantile(0.6).item(), scores[1].quantile(0.5).item()]
+    early.temperatures = [1.5, 1.0]
+    path = early.export(tmp_path / "early.onnx", x[:4])
+    assert "If" in {node.op_type for node in onnx.load(path).graph.node}  # it routes in-graph
+    session = ort.InferenceSession(str(path))
+    seen = set()
+    for batch in [x, x[:1], x[1:2], x[2:3], x[3:4], x[:7]]:
+        logits, exits = session.run(None, {"x": batch.numpy()})
+        expected = early(batch)
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(torch.from_numpy(exits), early.last_exits)
+        seen |= set(exits.tolist())
+    assert seen == {0, 1, 2}
+
+
 def test_export_refuses_what_it_cannot_write(tmp_path):
     aux = auxhead.attach(Net(), ["a", "b"], head="linear", sample=torch.zeros(2, 6))
-    with pytest.raises(ValueError, match=r"torch.export program \(.pt2\), got 'early.onnx'"):
-        auxhead.EarlyExit(aux).export(tmp_path / "early.onnx", torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"\(.pt2\) or an ONNX file \(.onnx\), got 'early.tf'"):
+        auxhead.EarlyExit(aux).export(tmp_path / "early.tf", torch.zeros(2, 6))
     with pytest.raises(ValueError, match="needs a staged EarlyExit"):
         auxhead.EarlyExit(aux, mode="generic").export(tmp_path / "early.pt2", torch.zeros(2, 6))
+
+
+def test_onnx_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name)
+    )
+    aux = auxhead.attach(Net(), ["a", "b"], head="linear", sample=torch.zeros(2, 6))
+    with pytest.raises(ValueError, match=r"needs the onnxscript package\(s\): pip install"):
+        auxhead.EarlyExit(aux).export(tmp_path / "early.onnx", torch.zeros(2, 6))
