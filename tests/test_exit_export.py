@@ -21,9 +21,9 @@ class Net(nn.Module):
         return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sequential", "fx"])
-def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thread):
+def _mixed_early_exit(kind: str) -> tuple[auxhead.EarlyExit, torch.Tensor]:
+    """An EarlyExit (nn.Sequential or fx-staged) whose thresholds send some of `x` to each
+    exit, and `x`."""
     torch.manual_seed(0)
     if kind == "sequential":
         model = nn.Sequential(
@@ -40,6 +40,13 @@ def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thre
         scores = [aux.aux_outputs[tap].softmax(-1).amax(-1) for tap in taps]
     early.thresholds = [scores[0].quantile(0.6).item(), scores[1].quantile(0.5).item()]
     early.temperatures = [1.5, 1.0]
+    return early, x
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sequential", "fx"])
+def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thread):
+    early, x = _mixed_early_exit(kind)
     path = early.export(tmp_path / "early.pt2", x[:4])
     program = torch.export.load(path).module()
     seen = set()
@@ -59,22 +66,7 @@ def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, tmp_path, 
     pytest.importorskip("onnxscript")
     import onnx
 
-    torch.manual_seed(0)
-    if kind == "sequential":
-        model = nn.Sequential(
-            nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
-        )
-        taps = ["1", "3"]
-    else:
-        model, taps = Net(), ["a", "b"]
-    aux = auxhead.attach(model, taps, head="linear", sample=torch.zeros(2, 6)).eval()
-    x = torch.randn(32, 6) * 3
-    early = auxhead.EarlyExit(aux)
-    with torch.no_grad(), aux.heads_enabled():
-        aux(x)
-        scores = [aux.aux_outputs[tap].softmax(-1).amax(-1) for tap in taps]
-    early.thresholds = [scores[0].quantile(0.6).item(), scores[1].quantile(0.5).item()]
-    early.temperatures = [1.5, 1.0]
+    early, x = _mixed_early_exit(kind)
     path = early.export(tmp_path / "early.onnx", x[:4])
     assert "If" in {node.op_type for node in onnx.load(path).graph.node}  # it routes in-graph
     session = ort.InferenceSession(str(path))
