@@ -38,11 +38,11 @@ def exit_table(result: TrainResult, markdown: bool = False) -> str:
 
 def _timing_lines(result: TrainResult) -> list[str]:
     b = result.budget
-    lines = [f"training time with heads: {result.train_seconds:.0f} s "
+    lines = [f"training time with heads: {_seconds(result.train_seconds)} s "
              f"({count(len(result.history), 'epoch')}, {count(b.steps, 'step')} of {b.bs} "
              "images)"]  # fmt: skip
     if result.baseline_seconds is not None:
-        lines.append(f"training time without heads: {result.baseline_seconds:.0f} s")
+        lines.append(f"training time without heads: {_seconds(result.baseline_seconds)} s")
     return lines
 
 
