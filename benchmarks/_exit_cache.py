@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -38,7 +39,8 @@ def logits_of(aux_model: auxhead.AuxModel, x: torch.Tensor, bs: int = 1000):
     return torch.cat(heads), torch.cat(main)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--calib-size", type=int, default=5000)
@@ -46,7 +48,11 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")
     ds_args = argparse.Namespace(
         seed=args.seed,

@@ -81,6 +81,7 @@ import statistics
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -413,7 +414,8 @@ def split(data: ImageData, args: argparse.Namespace) -> tuple[ImageData, tuple]:
     return train_data, (data.train_x[calib], data.train_y[calib])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
     parser.add_argument("--epochs", type=int, default=5)
@@ -429,7 +431,11 @@ def main() -> None:
     parser.add_argument("--latency-images", type=int, default=300)
     parser.add_argument("--latency-repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None, help="writes results.md/.json here")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")  # fastai/torch deprecation chatter
 
     start, cpu_start = time.perf_counter(), time.process_time()

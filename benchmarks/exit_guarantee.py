@@ -30,6 +30,7 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -159,14 +160,19 @@ def summarise(results: list[dict], eps: float, budget: float, is_budget: bool) -
     }
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
     parser.add_argument("--splits", type=int, default=200)
     parser.add_argument("--calib-size", type=int, default=5000)
     parser.add_argument("--eps", type=float, default=0.005)
     parser.add_argument("--budget", type=float, default=0.4)
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
     cache = torch.load(args.cache)

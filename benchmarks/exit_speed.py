@@ -25,6 +25,7 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -79,14 +80,19 @@ def measure(early, bare, images, batch_sizes, repeats) -> dict[int, tuple[float,
     return out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="fmnist_cnn")
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.95])
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     aux_model, images = build(args.model, args.size)
     bare = copy.deepcopy(aux_model).strip().eval()

@@ -27,6 +27,7 @@ import os
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 
 import torch
 from fastai.callback.core import Callback
@@ -98,7 +99,8 @@ def probe(data: ImageData, *, bs: int, widths, depth: int, heads: bool) -> float
     return statistics.median(timer.batch_s[2:]) * len(dls.train)  # skip warm-up batches
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, nargs="+", default=[3])
     parser.add_argument("--lr", type=float, nargs="+", default=[3e-3])
@@ -112,7 +114,11 @@ def main() -> None:
     parser.add_argument(
         "--probe", action="store_true", help="only time 10%% of an epoch (no accuracy)"
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")  # fastai/torch deprecation chatter
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -30,7 +30,7 @@ import copy
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -297,7 +297,8 @@ def _resnet_rows(x, y, classes: int, repeats: int, warmup: int, device) -> list[
     ]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--size", type=int, default=None, help="image side (224 GPU, 96 CPU)")
@@ -309,7 +310,11 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", choices=["googlenet", "resnet50"], default=["googlenet", "resnet50"]
     )
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     warnings.filterwarnings("ignore")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"

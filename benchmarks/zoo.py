@@ -804,27 +804,47 @@ LEFT_OUT: dict[str, str] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _kinds(text: str) -> list[str]:
+    kinds = [k for k in text.split(",") if k]
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kinds {bad or text!r}; choose from {list(KINDS)}"
+        )
+    return kinds
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        fractions = [float(f) for f in text.split(",") if f]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(0 <= f <= 1 for f in fractions):
+        raise argparse.ArgumentTypeError(f"must be numbers in [0, 1], got {text!r}")
+    return fractions
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", choices=["torchvision", "timm"])
     parser.add_argument("--models", help="comma-separated names (timm ones may be 'timm/<name>')")
-    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--kinds", type=_kinds, default=list(KINDS))
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per model")
     parser.add_argument(
         "--fractions",
-        default="0.333,0.667",
+        type=_fractions,
+        default=[0.333, 0.667],
         help="where the taps are, as fractions of the usable rows (one head per fraction)",
     )
     parser.add_argument("--list", action="store_true", help="list the models and exit")
-    args = parser.parse_args(argv)
-    kinds = [k for k in args.kinds.split(",") if k]
-    bad = sorted(set(kinds) - set(KINDS))
-    if bad:
-        parser.error(f"unknown kinds {bad}; choose from {list(KINDS)}")
-    fractions = [float(f) for f in args.fractions.split(",") if f]
-    if not fractions or not all(0 <= f <= 1 for f in fractions):
-        parser.error(f"--fractions must be numbers in [0, 1], got {args.fractions!r}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    kinds, fractions = args.kinds, args.fractions
     torch.set_num_threads(args.threads)
 
     specs = _select(args.only, args.models)
