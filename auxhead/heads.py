@@ -103,6 +103,24 @@ class LinearHead(nn.Module):
         return self.fc(x)
 
 
+def _adaptive_max_pool2d(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """`F.adaptive_max_pool2d(x, grid)`, value for value, in operators ONNX has (its exporter
+    has none for adaptive max pooling): one max_pool2d when the grid divides the map, else the
+    same windows (rows floor(i*H/g) to ceil((i+1)*H/g)) taken one by one."""
+    (height, width), (rows, cols) = x.shape[-2:], grid
+    if height % rows == 0 and width % cols == 0:
+        return F.max_pool2d(x, (height // rows, width // cols))
+
+    def spans(size: int, n: int) -> list[tuple[int, int]]:
+        return [((i * size) // n, -(-((i + 1) * size) // n)) for i in range(n)]
+
+    cells = [
+        [x[..., r0:r1, c0:c1].amax(dim=(-2, -1)) for c0, c1 in spans(width, cols)]
+        for r0, r1 in spans(height, rows)
+    ]
+    return torch.stack([torch.stack(row, dim=-1) for row in cells], dim=-2)
+
+
 class SDNHead(nn.Module):
     """Shallow-Deep Networks internal classifier (Kaya et al., ICML 2019).
 
@@ -130,7 +148,7 @@ class SDNHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:
             mix = torch.sigmoid(self.alpha)
-            x = mix * F.adaptive_max_pool2d(x, self.grid) + (1 - mix) * F.adaptive_avg_pool2d(
+            x = mix * _adaptive_max_pool2d(x, self.grid) + (1 - mix) * F.adaptive_avg_pool2d(
                 x, self.grid
             )
             x = torch.flatten(x, 1)  # (B, C * side * side)

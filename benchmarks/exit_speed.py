@@ -21,9 +21,12 @@ runs, one torch thread.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,18 +41,19 @@ import deep_supervision as ds
 import auxhead
 
 
-def build(name: str, size: int) -> tuple[auxhead.AuxModel, torch.Tensor]:
-    """(AuxModel with 2 sdn heads, 256 random input images)."""
+def build(name: str, size: int, count: int = 256) -> tuple[auxhead.AuxModel, torch.Tensor]:
+    """(AuxModel with 2 sdn heads, `count` random input images)."""
     torch.manual_seed(0)
     if name == "fmnist_cnn":
         model: nn.Module = ds.resnet_cnn()
-        images = torch.randn(256, 1, 28, 28)
+        images = torch.randn(count, 1, 28, 28)
         taps = ["stage1", "stage2"]
     else:
         import torchvision
 
         model = getattr(torchvision.models, name)(num_classes=10)
-        images = torch.randn(256, 3, size, size)
+        images = torch.randn(count, 3, size, size)
+        # ResNets: after stages 2 and 3; EfficientNet/MobileNet: after the 3rd and 5th block
         taps = ["layer2", "layer3"] if name.startswith("resnet") else ["features.3", "features.5"]
     aux_model = auxhead.attach(model, taps, head="sdn", sample=images[:2])
     return aux_model.eval(), images
@@ -61,6 +65,39 @@ def timed(fn, batches: list[torch.Tensor]) -> float:
     for batch in batches:
         fn(batch)
     return (time.perf_counter() - start) / sum(len(b) for b in batches)
+
+
+class OnnxPair:
+    """The bare model and the routed `EarlyExit` exported to ONNX, run in onnxruntime on one
+    thread; batch size 1 only (the exported routing skips work when a whole batch leaves)."""
+
+    def __init__(self, bare: nn.Module, sample: torch.Tensor, folder: Path) -> None:
+        import onnxruntime
+
+        self.folder, self.ort = folder, onnxruntime
+        path = folder / "bare.onnx"
+        batch = torch.export.Dim("batch", min=1, max=65536)
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+            torch.onnx.export(
+                bare, (sample,), dynamo=True, dynamic_shapes=({0: batch},), input_names=["x"]
+            ).save(str(path))
+        self.bare = self._session(path)
+
+    def _session(self, path: Path):
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        return self.ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def routed(self, early: auxhead.EarlyExit, sample: torch.Tensor):
+        with contextlib.redirect_stderr(io.StringIO()):
+            return self._session(early.export(self.folder / "early.onnx", sample))
+
+    @staticmethod
+    def timed(session, images: list) -> float:
+        start = time.perf_counter()
+        for image in images:
+            session.run(None, {"x": image})
+        return (time.perf_counter() - start) / len(images)
 
 
 def measure(early, bare, images, batch_sizes, repeats) -> dict[int, tuple[float, float]]:
@@ -88,13 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.0, 0.5, 0.8, 0.95])
+    parser.add_argument(
+        "--images", type=int, default=256, help="random images timed (bs 1 times the first 64)"
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="also batch-size-1 latency of the exported .onnx in onnxruntime, against the bare "
+        "model's .onnx (needs auxhead[onnx])",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
-    aux_model, images = build(args.model, args.size)
+    aux_model, images = build(args.model, args.size, args.images)
     bare = copy.deepcopy(aux_model).strip().eval()
     early = auxhead.EarlyExit(aux_model)
     labels = torch.zeros(len(images), dtype=torch.long)
@@ -106,9 +152,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.model}{'' if args.model == 'fmnist_cnn' else f' at {args.size} px'}, mode "
         f"{early.mode}, one torch thread, median of {args.repeats} interleaved repeats\n"
     )
-    header = " | ".join(f"bs {bs}: measured / FLOPs-predicted" for bs in args.batch_sizes)
-    print(f"| setting | FLOPs saved | {header} |")
-    print("|---|---|" + "---|" * len(args.batch_sizes))
+    columns = [f"bs {bs}: measured / FLOPs-predicted" for bs in args.batch_sizes]
+    if args.onnx:
+        folder = Path(tempfile.mkdtemp(prefix="exit-speed-"))
+        onnx = OnnxPair(bare, images[:2], folder)
+        singles = [image[None].numpy() for image in images[:64]]
+        columns.append("ONNX bs 1: measured / FLOPs-predicted")
+    print(f"| setting | FLOPs saved | {' | '.join(columns)} |")
+    print("|---|---|" + "---|" * len(columns))
     settings = [("thresholds 1 (no head runs)", [1.0, 1.0])]
     settings.append(("head 1 runs, nobody leaves", [min(0.9999, first.max().item() + 1e-4), 1.0]))
     for share in args.shares:
@@ -122,6 +173,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         cells = []
         for bs in args.batch_sizes:
             measured = times[bs][1] / times[bs][0]
+            cells.append(f"{measured:.2f}x / {predicted:.2f}x ({measured / predicted:.2f})")
+        if args.onnx:
+            routed = onnx.routed(early, images[:2])
+            onnx.timed(routed, singles[:4]), onnx.timed(onnx.bare, singles[:4])  # warm-up
+            pairs = [
+                (onnx.timed(routed, singles), onnx.timed(onnx.bare, singles))
+                for _ in range(args.repeats)
+            ]
+            measured = statistics.median(b for _, b in pairs) / statistics.median(
+                e for e, _ in pairs
+            )
             cells.append(f"{measured:.2f}x / {predicted:.2f}x ({measured / predicted:.2f})")
         print(f"| {name} | {summary.saving:.1%} | {' | '.join(cells)} |", flush=True)
 

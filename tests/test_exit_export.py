@@ -21,32 +21,54 @@ class Net(nn.Module):
         return self.out(torch.relu(self.b(torch.relu(self.a(x)))))
 
 
-def _mixed_early_exit(kind: str) -> tuple[auxhead.EarlyExit, torch.Tensor]:
+def conv_net() -> nn.Module:
+    """Image maps of 14x14 and 7x7 at the taps: sizes the sdn head's 4x4 grid does not divide."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+# (model kind, head kind): vectors through Linear layers, and images with each pooling head.
+KINDS = [("sequential", "linear"), ("fx", "linear"), ("conv", "sdn"), ("conv", "inception")]
+
+
+def _mixed_early_exit(kind: str, head: str = "linear") -> tuple[auxhead.EarlyExit, torch.Tensor]:
     """An EarlyExit (nn.Sequential or fx-staged) whose thresholds send some of `x` to each
     exit, and `x`."""
     torch.manual_seed(0)
+    sample, x = torch.zeros(2, 6), torch.randn(32, 6) * 3
     if kind == "sequential":
         model = nn.Sequential(
             nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
         )
         taps = ["1", "3"]
+    elif kind == "conv":
+        model, taps = conv_net(), ["1", "3"]
+        sample, x = torch.zeros(2, 1, 14, 14), torch.randn(32, 1, 14, 14)
     else:
         model, taps = Net(), ["a", "b"]
-    aux = auxhead.attach(model, taps, head="linear", sample=torch.zeros(2, 6)).eval()
-    x = torch.randn(32, 6) * 3
+    aux = auxhead.attach(model, taps, head=head, sample=sample).eval()
+
     early = auxhead.EarlyExit(aux)
     with torch.no_grad(), aux.heads_enabled():
         aux(x)
-        scores = [aux.aux_outputs[tap].softmax(-1).amax(-1) for tap in taps]
+        temperatures = [1.5, 1.0]
+        scores = [
+            (aux.aux_outputs[tap] / t).softmax(-1).amax(-1)
+            for tap, t in zip(taps, temperatures, strict=True)
+        ]
     early.thresholds = [scores[0].quantile(0.6).item(), scores[1].quantile(0.5).item()]
-    early.temperatures = [1.5, 1.0]
+    early.temperatures = temperatures
     return early, x
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sequential", "fx"])
-def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thread):
-    early, x = _mixed_early_exit(kind)
+@pytest.mark.parametrize(("kind", "head"), KINDS)
+def test_exported_program_routes_like_the_eager_forward(kind, head, tmp_path, one_thread):
+    early, x = _mixed_early_exit(kind, head)
     path = early.export(tmp_path / "early.pt2", x[:4])
     program = torch.export.load(path).module()
     seen = set()
@@ -60,13 +82,13 @@ def test_exported_program_routes_like_the_eager_forward(kind, tmp_path, one_thre
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sequential", "fx"])
-def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, tmp_path, one_thread):
+@pytest.mark.parametrize(("kind", "head"), KINDS)
+def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, head, tmp_path, one_thread):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     import onnx
 
-    early, x = _mixed_early_exit(kind)
+    early, x = _mixed_early_exit(kind, head)
     path = early.export(tmp_path / "early.onnx", x[:4])
     assert "If" in {node.op_type for node in onnx.load(path).graph.node}  # it routes in-graph
     session = ort.InferenceSession(str(path))

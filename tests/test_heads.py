@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from auxhead import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
@@ -48,3 +49,14 @@ def test_build_head_errors():
         build_head("linear", (2, 3, 4, 5, 6), 2)
     with pytest.raises(TypeError, match="returned int"):
         build_head(lambda shape, n: 3, (1, 4), 2)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (7, 9), (5, 3), (13, 6), (4, 4), (1, 1)])
+def test_sdn_max_pooling_equals_adaptive_max_pool2d(size):
+    """The sdn head pools in ONNX-exportable operators, value for value as torch's own."""
+    from auxhead.heads import _adaptive_max_pool2d
+
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    for grid in [(1, 1), (2, 3), (3, 3), (4, 4)]:
+        if grid[0] <= size[0] and grid[1] <= size[1]:
+            assert torch.equal(_adaptive_max_pool2d(x, grid), F.adaptive_max_pool2d(x, grid))
