@@ -421,17 +421,24 @@ def _train_variant(
     out.mkdir(parents=True, exist_ok=True)
     networks = {
         "latent_dim": config.latent_dim,
-        "n_classes": data.c,
+        "num_classes": data.c,
         "img_size": data.size,
         "channels": data.channels,
         "width": config.width,
     }
     generator = Generator(**networks)
-    discriminator = Discriminator(data.c, data.size, data.channels, width=config.width, twin=tac)
+    conditioning = "tac" if tac else "ac"
+    discriminator = Discriminator(
+        data.c,
+        img_size=data.size,
+        channels=data.channels,
+        width=config.width,
+        conditioning=conditioning,
+    )
     loss = ACGANLoss(
         class_weight=config.class_weight,
         fake_class_loss=config.fake_class_loss,
-        tac=tac,
+        conditioning=conditioning,
         mode_seeking=config.mode_seeking,
     )
     dls = dataloaders(data, bs=config.bs, seed=config.seed, device="cpu")

@@ -6,6 +6,12 @@ callback, `ACGANTrainer`, takes each batch of (images, labels) in `before_batch`
 discriminator step and one generator step itself, records the numbers and cancels the rest of
 fastai's batch. Everything else is plain fastai: the optimizer (one group per network, so
 `lr=slice(lr_g, lr_d)` works), schedules, progress bars, the Recorder, `save`/`load`.
+
+Options beside the paper's AC-GAN, each off by default: DiffAugment on every discriminator
+input (`augment=`), an exponential moving average of the generator that draws the samples
+(`ema_decay=`); the discriminator's conditioning, spectral normalisation and the hinge loss are
+chosen on the `Discriminator` and the `ACGANLoss`. Per-class collapse monitoring during
+training is `auxhead.gan.monitor.ClassMonitor`.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from fastai.optimizer import OptimWrapper
 from PIL import Image
 from torch import nn
 
+from auxhead.gan.augment import DiffAugment
+from auxhead.gan.ema import generator_ema
 from auxhead.gan.losses import ACGANLoss
 from auxhead.gan.models import Discriminator, Generator
 
@@ -42,24 +50,43 @@ STATS = ("d_loss", "g_loss", "acc_real", "acc_fake")
 
 
 class ACGANModel(nn.Module):
-    """The generator and the discriminator as one module: what `learn.model` holds, so that
-    `learn.save`/`learn.load` cover both. Calling it runs the generator.
+    """The generator, the discriminator and the generator's EMA as one module: what
+    `learn.model` holds, so that `learn.save`/`learn.load` cover them all. Calling it runs the
+    generator.
+
+    Args:
+        generator: the `Generator`.
+        discriminator: the `Discriminator`.
+        ema_decay: keep an exponential moving average of the generator's weights with this
+            decay (`auxhead.gan.ema`), as `generator_ema`; None for none.
 
     Raises:
         ValueError: if the two networks disagree on classes, image size or channels.
     """
 
-    def __init__(self, generator: Generator, discriminator: Discriminator) -> None:
+    def __init__(
+        self,
+        generator: Generator,
+        discriminator: Discriminator,
+        *,
+        ema_decay: float | None = None,
+    ) -> None:
         super().__init__()
-        for attr in ("n_classes", "img_size", "channels"):
+        for attr in ("num_classes", "img_size", "channels"):
             g, d = getattr(generator, attr), getattr(discriminator, attr)
             if g != d:
                 raise ValueError(
                     f"generator and discriminator disagree on {attr}: {g} vs {d}; "
-                    "build both with the same n_classes, img_size and channels"
+                    "build both with the same num_classes, img_size and channels"
                 )
         self.generator = generator
         self.discriminator = discriminator
+        self.generator_ema = None if ema_decay is None else generator_ema(generator, ema_decay)
+
+    @property
+    def sampler(self) -> Generator:
+        """The generator that draws samples: the EMA's average when there is one."""
+        return self.generator if self.generator_ema is None else self.generator_ema.module
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.generator(noise, labels)  # (B, C, H, W) in [-1, 1]
@@ -98,17 +125,25 @@ class ACGANTrainer(Callback):
     In training, the generator draws one image per real image, conditioned on the real batch's
     labels (so the class mix follows the data; with `mode_seeking`, the first half's labels
     twice, giving same-class pairs); the discriminator steps on both batches, then the
-    generator steps against the updated discriminator. In validation the same losses and
-    accuracies are computed without stepping. `stats` holds the last batch's numbers, which the
-    Recorder columns read; `learn.loss` is d_loss + g_loss.
+    generator steps against the updated discriminator, then the generator's EMA (if any) takes
+    the new weights. With `augment`, every image the discriminator sees in training, real or
+    generated, goes through it first. In validation the same losses and accuracies are computed
+    without stepping or augmenting. `stats` holds the last batch's numbers, which the Recorder
+    columns read (the accuracies are NaN for a projection discriminator, which has no
+    classifier); `learn.loss` is d_loss + g_loss.
 
     fastai's `before_step`/`after_step` events do not run for these steps (gradient clipping
     callbacks, for instance, see nothing).
+
+    Args:
+        augment: a `DiffAugment` (or any differentiable image-to-image module) for the
+            discriminator's inputs; None for none.
     """
 
     order = 70  # after ParamScheduler (60): the steps use this batch's scheduled lr
 
-    def __init__(self) -> None:
+    def __init__(self, augment: nn.Module | None = None) -> None:
+        self.augment = augment
         self.stats: dict[str, float] = dict.fromkeys(STATS, float("nan"))
 
     def before_fit(self) -> None:
@@ -117,11 +152,7 @@ class ACGANTrainer(Callback):
                 f"ACGANTrainer needs learn.loss_func to be an ACGANLoss, got "
                 f"{type(self.learn.loss_func).__name__}; build the learner with acgan_learner"
             )
-        if self.learn.loss_func.tac and not self.learn.model.discriminator.has_twin:
-            raise ValueError(
-                "ACGANLoss(tac=True) needs the TAC-GAN twin classifier; build "
-                "Discriminator(..., twin=True)"
-            )
+        _check_conditioning(self.learn.loss_func, self.learn.model.discriminator)
 
     def before_batch(self) -> None:
         real = self.learn.xb[0].as_subclass(torch.Tensor)  # plain tensors: fastai's subclasses
@@ -145,15 +176,21 @@ class ACGANTrainer(Callback):
                 f"{expected}; build them with channels={real.shape[1]}, img_size="
                 f"{real.shape[-1]} or resize the data (auxhead.data.load_data(..., size=...))"
             )
-        if labels.min() < 0 or labels.max() >= gen.n_classes:
+        if labels.min() < 0 or labels.max() >= gen.num_classes:
             raise ValueError(
                 f"a batch has labels in [{labels.min().item()}, {labels.max().item()}] but the "
-                f"networks have {gen.n_classes} classes; build them with the data's class count"
+                f"networks have {gen.num_classes} classes; build them with the data's class count"
             )
+
+    def _discriminate(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """The discriminator's outputs, on augmented images in training."""
+        if self.augment is not None and self.learn.training:
+            images = self.augment(images)
+        return self.learn.model.discriminator(images, labels)
 
     def _forward(self, real: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         """Generate a batch for `labels` and run the discriminator on both batches."""
-        gen, disc = self.learn.model.generator, self.learn.model.discriminator
+        gen = self.learn.model.generator
         fake_labels = labels
         if self.learn.loss_func.mode_seeking > 0:
             # pairs (i, i + h) of one class and two noise vectors, for the mode-seeking term
@@ -165,8 +202,8 @@ class ACGANTrainer(Callback):
             "noise": noise,
             "fake": fake,
             "fake_labels": fake_labels,
-            "d_real": disc(real),
-            "d_fake": disc(fake.detach()),
+            "d_real": self._discriminate(real, labels),
+            "d_fake": self._discriminate(fake.detach(), fake_labels),
         }
 
     def _train_step(self, real: torch.Tensor, labels: torch.Tensor) -> None:
@@ -182,7 +219,7 @@ class ACGANTrainer(Callback):
         # Generator: against the updated discriminator, whose weights get no gradients.
         with _frozen(model.discriminator):
             g = loss_func.generator_loss(
-                model.discriminator(out["fake"]),
+                self._discriminate(out["fake"], out["fake_labels"]),
                 out["fake_labels"],
                 images=out["fake"],
                 noise=out["noise"],
@@ -190,6 +227,8 @@ class ACGANTrainer(Callback):
             g["loss"].backward()
         opt.step()
         _clear_grads(model.generator)
+        if model.generator_ema is not None:
+            model.generator_ema.update_parameters(model.generator)
         self._record(d, g, out, labels)
 
     def _eval_step(self, real: torch.Tensor, labels: torch.Tensor) -> None:
@@ -202,12 +241,23 @@ class ACGANTrainer(Callback):
         self._record(d, g, out, labels)
 
     def _record(self, d: dict, g: dict, out: dict[str, Any], labels: torch.Tensor) -> None:
+        has_class = "class" in out["d_real"]  # not a projection discriminator
+        nan = float("nan")
         self.stats = {
             "d_loss": d["loss"].item(),
             "g_loss": g["loss"].item(),
-            "acc_real": _accuracy(out["d_real"]["class"], labels),
-            "acc_fake": _accuracy(out["d_fake"]["class"], out["fake_labels"]),
+            "acc_real": _accuracy(out["d_real"]["class"], labels) if has_class else nan,
+            "acc_fake": _accuracy(out["d_fake"]["class"], out["fake_labels"]) if has_class else nan,
         }
+
+
+def _check_conditioning(loss: ACGANLoss, discriminator: Discriminator) -> None:
+    if loss.conditioning != discriminator.conditioning:
+        raise ValueError(
+            f"ACGANLoss(conditioning={loss.conditioning!r}) does not fit a discriminator built "
+            f"with conditioning={discriminator.conditioning!r}; give both the same (or leave "
+            "loss_func out: acgan_learner then follows the discriminator)"
+        )
 
 
 class _TrainerStat(AvgMetric):
@@ -270,7 +320,7 @@ class SaveGridCallback(Callback):
         self.saved: list[Path] = []
 
     def after_epoch(self) -> None:
-        grid = self.learn.model.generator.sample_grid(self.n_per_class, seed=self.seed)
+        grid = self.learn.model.sampler.sample_grid(self.n_per_class, seed=self.seed)
         self.saved.append(save_image(grid, self.folder / self.fname.format(epoch=self.epoch + 1)))
 
 
@@ -285,19 +335,26 @@ class ACGANLearner(Learner):
     def discriminator(self) -> Discriminator:
         return self.model.discriminator
 
+    @property
+    def sampler(self) -> Generator:
+        """The generator that draws samples: the EMA's average with `ema_decay`, else the
+        generator itself."""
+        return self.model.sampler
+
     def generate(
         self, labels: torch.Tensor | Sequence[int], *, seed: int | None = None
     ) -> torch.Tensor:
-        """Images in [0, 1], one per label; see `Generator.generate`.
+        """Images in [0, 1], one per label, from `sampler`; see `Generator.generate`.
 
         Raises:
-            ValueError: for a label outside [0, n_classes).
+            ValueError: for a label outside [0, num_classes).
         """
-        return self.generator.generate(labels, seed=seed)
+        return self.sampler.generate(labels, seed=seed)
 
     def sample_grid(self, n_per_class: int = 10, *, seed: int = 0) -> torch.Tensor:
-        """A (C, H, W) grid in [0, 1], one row per class; see `Generator.sample_grid`."""
-        return self.generator.sample_grid(n_per_class, seed=seed)
+        """A (C, H, W) grid in [0, 1], one row per class, from `sampler`; see
+        `Generator.sample_grid`."""
+        return self.sampler.sample_grid(n_per_class, seed=seed)
 
 
 def _adam(params: list, lr: float | slice, betas: tuple[float, float]) -> OptimWrapper:
@@ -320,6 +377,8 @@ def acgan_learner(
     discriminator: Discriminator,
     *,
     loss_func: ACGANLoss | None = None,
+    ema_decay: float | None = None,
+    augment: str | nn.Module | None = None,
     lr: float | slice = 2e-4,
     betas: tuple[float, float] = (0.5, 0.999),
     grid_dir: str | Path | None = None,
@@ -333,15 +392,24 @@ def acgan_learner(
 
     Columns: train_loss and valid_loss (d_loss + g_loss), then on the validation set d_loss,
     g_loss and the discriminator's class accuracy on real (acc_real) and generated (acc_fake)
-    images. Adam with DCGAN's betas; `lr=slice(lr_g, lr_d)` sets the two networks apart.
+    images (not for a projection discriminator, which has no classifier). Adam with DCGAN's
+    betas; `lr=slice(lr_g, lr_d)` sets the two networks apart.
 
     Args:
         dls: fastai DataLoaders of (images (B, C, H, W) in [0, 1], int labels), e.g. from
             `auxhead.data.dataloaders`.
         generator: the `Generator`.
-        discriminator: the `Discriminator` (`twin=True` for TAC-GAN).
-        loss_func: the objectives; default `ACGANLoss()`, or `ACGANLoss(tac=True)` if the
-            discriminator has a twin head.
+        discriminator: the `Discriminator`; its `conditioning` chooses AC-GAN, TAC-GAN,
+            ADC-GAN, ReACGAN or a projection discriminator.
+        loss_func: the objectives; default `ACGANLoss(conditioning=discriminator.conditioning)`
+            (BCE source term; `ACGANLoss(adversarial="hinge", ...)` for the hinge loss).
+        ema_decay: keep an exponential moving average of the generator's weights with this
+            decay (e.g. 0.999, warmed up over the first steps; `auxhead.gan.ema`), updated
+            after every generator step; `generate`, `sample_grid` and the saved grids then
+            draw from it (`learn.sampler`), and `save`/`load` include it. None: no average.
+        augment: DiffAugment (Zhao et al. 2020) on every image the discriminator sees in
+            training, real and generated: a policy such as "translation,cutout" or
+            "color,translation,cutout", or a `DiffAugment`; None: no augmentation.
         lr: learning rate, or slice(generator lr, discriminator lr).
         betas: Adam's betas (DCGAN's 0.5, 0.999).
         grid_dir: if given, save a sample grid there after every epoch (`SaveGridCallback`).
@@ -358,32 +426,34 @@ def acgan_learner(
             or the data has fewer than 2 classes.
 
     Example:
-        >>> g = Generator(64, n_classes=10, img_size=28, channels=1)
+        >>> g = Generator(10, latent_dim=64, img_size=28, channels=1)
         >>> d = Discriminator(10, img_size=28, channels=1)
         >>> learn = acgan_learner(dls, g, d, grid_dir="out/grids")
         >>> learn.fit(5)
         >>> images = learn.generate([0, 1, 2])  # (3, 1, 28, 28) in [0, 1]
+        >>> d = Discriminator(10, conditioning="reacgan", spectral_norm=True)
+        >>> modern = acgan_learner(
+        ...     dls, Generator(10), d, loss_func=ACGANLoss(conditioning="reacgan",
+        ...     adversarial="hinge"), ema_decay=0.999, augment="translation,cutout")
     """
-    model = ACGANModel(generator, discriminator)
+    model = ACGANModel(generator, discriminator, ema_decay=ema_decay)
     n_data = _data_classes(dls)
     if n_data is not None and n_data < 2:
         raise ValueError(
             f"the data has {n_data} class(es); an AC-GAN conditions on the class and needs at "
             "least 2"
         )
-    if n_data is not None and n_data != generator.n_classes:
+    if n_data is not None and n_data != generator.num_classes:
         raise ValueError(
-            f"the data has {n_data} classes but the networks have {generator.n_classes}; "
-            f"build them with n_classes={n_data}"
+            f"the data has {n_data} classes but the networks have {generator.num_classes}; "
+            f"build them with num_classes={n_data}"
         )
     if loss_func is None:
-        loss_func = ACGANLoss(tac=discriminator.has_twin)
-    if loss_func.tac and not discriminator.has_twin:
-        raise ValueError(
-            "ACGANLoss(tac=True) needs the TAC-GAN twin classifier; build "
-            "Discriminator(..., twin=True)"
-        )
-    trainer = ACGANTrainer()
+        loss_func = ACGANLoss(conditioning=discriminator.conditioning)
+    _check_conditioning(loss_func, discriminator)
+    trainer = ACGANTrainer(DiffAugment(augment) if isinstance(augment, str) else augment)
+    # a projection discriminator has no classifier, so no accuracy columns
+    columns = STATS[:2] if discriminator.conditioning == "projection" else STATS
     callbacks: list[Callback] = [trainer]
     if grid_dir is not None:
         callbacks.append(SaveGridCallback(grid_dir, grid_per_class, grid_seed))
@@ -395,7 +465,7 @@ def acgan_learner(
         lr=lr,
         splitter=_split,
         cbs=[*callbacks, *cbs],
-        metrics=[_TrainerStat(trainer, key) for key in STATS],
+        metrics=[_TrainerStat(trainer, key) for key in columns],
         path=path,
         model_dir=model_dir,
     )

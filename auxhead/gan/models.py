@@ -1,27 +1,50 @@
 """AC-GAN networks (Odena et al., ICML 2017), DCGAN-style and sized for 28, 32 or 64 pixels.
 
 `Generator(noise, labels)` draws images in [-1, 1] (tanh), conditioned on the class through an
-embedding. `Discriminator(images)` returns named raw logits from one shared trunk: "source"
-(real vs generated), "class", and with `twin=True` the TAC-GAN twin classifier's "twin".
-`Generator.generate` and `Generator.sample_grid` give images in [0, 1], ready to save or score.
+embedding. `Discriminator(images, labels)` returns named raw logits from one shared trunk:
+"source" (real vs generated) and, depending on its `conditioning`, the class outputs of
+AC-GAN, TAC-GAN, ADC-GAN or ReACGAN, or a projection discriminator's class-aware "source"
+(see `CONDITIONINGS`). `Generator.generate` and `Generator.sample_grid` give images in [0, 1],
+ready to save or score.
+
+Both take the class count as their one positional argument; everything else is keyword-only.
 """
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
-__all__ = ["IMG_SIZES", "Discriminator", "Generator", "make_grid"]
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
+
+from auxhead.gan._compat import refuse_old_spellings
+
+__all__ = ["CONDITIONINGS", "IMG_SIZES", "Discriminator", "Generator", "make_grid"]
 
 # Each size is a 4x4 or 7x7 map doubled k times: (smallest map side, number of doublings).
 IMG_SIZES: dict[int, tuple[int, int]] = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 
+# How the discriminator uses the class, and the outputs each adds to "source".
+CONDITIONINGS: dict[str, str] = {
+    "ac": 'AC-GAN (Odena et al. 2017): a classifier head, "class" (B, K) logits',
+    "tac": 'TAC-GAN (Gong et al. 2019): "class" and a twin classifier "twin" (B, K)',
+    "adc": 'ADC-GAN (Hou et al. 2022): a 2K-way classifier, "class" (real k) and "fake_class"',
+    "reacgan": 'ReACGAN (Kang et al. 2021): "embedding" (B, E) unit vectors and "class" (B, K) '
+    "cosines to one proxy per class",
+    "projection": "projection discriminator (Miyato & Koyama 2018): no classifier; "
+    '"source" += <embed(y), phi(x)>, so the labels are required',
+}
 
-def _check_common(n_classes: int, img_size: int, channels: int) -> None:
-    if not isinstance(n_classes, int) or n_classes < 2:
+
+def _check_common(num_classes: int, img_size: int, channels: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(
-            f"an AC-GAN needs at least 2 classes to condition on, got n_classes={n_classes!r}; "
-            "for a single class train an unconditional GAN instead"
+            f"an AC-GAN needs at least 2 classes to condition on, got num_classes="
+            f"{num_classes!r}; for a single class train an unconditional GAN instead"
         )
     if img_size not in IMG_SIZES:
         raise ValueError(
@@ -43,6 +66,14 @@ def _init_dcgan(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+_RENAMED = {"n_classes": lambda value: f"num_classes={value!r}"}
+
+
+@refuse_old_spellings(
+    positional="num_classes",
+    old_positional=("latent_dim", "n_classes", "img_size", "channels"),
+    replaced=_RENAMED,
+)
 class Generator(nn.Module):
     """Class-conditional DCGAN generator: (noise, label) -> image in [-1, 1].
 
@@ -51,41 +82,47 @@ class Generator(nn.Module):
     halving the channels, down to `channels` and a tanh.
 
     Args:
+        num_classes: number of classes to condition on (at least 2).
         latent_dim: size of the noise vector z.
-        n_classes: number of classes to condition on (at least 2).
         img_size: side of the square images: 28, 32 or 64.
         channels: 1 (grey) or 3 (RGB).
         width: channels of the last hidden map; the others are multiples of it.
         embed_dim: size of the class embedding; default `latent_dim`.
 
+    Raises:
+        ValueError: for fewer than 2 classes, an image size not in `IMG_SIZES` or channels
+            other than 1 or 3.
+        TypeError: for the old spellings (`n_classes=`, configuration by position), naming
+            the call to write instead.
+
     Example:
-        >>> g = Generator(64, n_classes=10, img_size=28, channels=1)
+        >>> g = Generator(10, latent_dim=64, img_size=28, channels=1)
         >>> images = g.generate(torch.arange(10))  # (10, 1, 28, 28) in [0, 1]
     """
 
     def __init__(
         self,
-        latent_dim: int,
-        n_classes: int,
-        img_size: int,
-        channels: int,
+        num_classes: int,
         *,
+        latent_dim: int = 64,
+        img_size: int = 28,
+        channels: int = 1,
         width: int = 64,
         embed_dim: int | None = None,
     ) -> None:
         super().__init__()
-        _check_common(n_classes, img_size, channels)
+        _check_common(num_classes, img_size, channels)
         if latent_dim < 1 or width < 1:
             raise ValueError(f"latent_dim and width must be >= 1, got {latent_dim}, {width}")
         self.latent_dim = latent_dim
-        self.n_classes = n_classes
+        self.num_classes = num_classes
         self.img_size = img_size
         self.channels = channels
         embed_dim = latent_dim if embed_dim is None else embed_dim
         side, doublings = IMG_SIZES[img_size]
         self._start = (width * 2 ** (doublings - 1), side, side)
 
-        self.embed = nn.Embedding(n_classes, embed_dim)
+        self.embed = nn.Embedding(num_classes, embed_dim)
         self.project = nn.Sequential(
             nn.Linear(latent_dim + embed_dim, self._start[0] * side * side, bias=False),
             nn.BatchNorm1d(self._start[0] * side * side),
@@ -104,6 +141,41 @@ class Generator(nn.Module):
         self.decode = nn.Sequential(*blocks)
         self.apply(_init_dcgan)
 
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | Mapping[str, Any], *, map_location: Any = "cpu"
+    ) -> Generator:
+        """The generator saved in a `generator.pth` (as `auxhead acgan` writes it).
+
+        Files written before the rename to `num_classes` store "n_classes" in their config;
+        they load too.
+
+        Args:
+            checkpoint: the file, or the dict it holds: {"config": the constructor's keyword
+                arguments, "state_dict": the weights}.
+            map_location: where to load the tensors (`torch.load`'s argument).
+
+        Returns:
+            The generator with its weights, in training mode (`generate` switches to eval).
+
+        Raises:
+            ValueError: if the dict lacks "config" or "state_dict".
+        """
+        if not isinstance(checkpoint, Mapping):
+            checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=True)
+        missing = [key for key in ("config", "state_dict") if key not in checkpoint]
+        if missing:
+            raise ValueError(
+                f"a generator checkpoint needs 'config' and 'state_dict', this one lacks "
+                f"{missing} (it has {sorted(checkpoint)}); is it auxhead acgan's generator.pth?"
+            )
+        config = dict(checkpoint["config"])
+        if "n_classes" in config:  # written before the rename
+            config["num_classes"] = config.pop("n_classes")
+        generator = cls(config.pop("num_classes"), **config)
+        generator.load_state_dict(checkpoint["state_dict"])
+        return generator
+
     def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = torch.cat([noise, self.embed(labels)], dim=1)  # (B, latent_dim + embed_dim)
         h = self.project(h).view(-1, *self._start)  # (B, C0, s, s)
@@ -113,22 +185,9 @@ class Generator(nn.Module):
         """`labels` as a 1-d int64 tensor on the generator's device, every one in range.
 
         Raises:
-            ValueError: if a label is outside [0, n_classes), or `labels` is not 1-d integers.
+            ValueError: if a label is outside [0, num_classes), or `labels` is not 1-d integers.
         """
-        labels = torch.as_tensor(labels)
-        if labels.is_floating_point() or labels.is_complex() or labels.dim() > 1:
-            raise ValueError(
-                f"labels must be a 1-d sequence of class indices, got dtype {labels.dtype} "
-                f"and shape {tuple(labels.shape)}"
-            )
-        labels = labels.long().reshape(-1)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.n_classes):
-            bad = labels[(labels < 0) | (labels >= self.n_classes)].unique().tolist()
-            raise ValueError(
-                f"labels must be in [0, {self.n_classes}) for a generator of {self.n_classes} "
-                f"classes; got {bad[:10]}"
-            )
-        return labels.to(self.embed.weight.device)
+        return _check_labels(labels, self.num_classes, self.embed.weight.device, "generator")
 
     @torch.no_grad()
     def generate(
@@ -144,7 +203,7 @@ class Generator(nn.Module):
         The generator goes back to the mode it was in.
 
         Args:
-            labels: class index of each image, in [0, n_classes).
+            labels: class index of each image, in [0, num_classes).
             noise: (N, latent_dim) noise to use; default fresh N(0, 1) noise.
             seed: seed for that noise, for repeatable samples; default the global RNG.
             batch_size: images drawn per forward pass, to bound memory.
@@ -199,51 +258,116 @@ class Generator(nn.Module):
                 n_per_class, self.latent_dim, generator=torch.Generator().manual_seed(seed)
             )
         n_per_class = len(noise)
-        labels = torch.arange(self.n_classes).repeat_interleave(n_per_class)
-        images = self.generate(labels, noise=noise.repeat(self.n_classes, 1))
+        labels = torch.arange(self.num_classes).repeat_interleave(n_per_class)
+        images = self.generate(labels, noise=noise.repeat(self.num_classes, 1))
         return make_grid(images.cpu(), n_per_class)
 
 
+def _check_labels(labels: Any, num_classes: int, device: torch.device, owner: str) -> torch.Tensor:
+    labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dim() > 1:
+        raise ValueError(
+            f"labels must be a 1-d sequence of class indices, got dtype {labels.dtype} "
+            f"and shape {tuple(labels.shape)}"
+        )
+    labels = labels.long().reshape(-1)
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)].unique().tolist()
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) for a {owner} of {num_classes} classes; "
+            f"got {bad[:10]}"
+        )
+    return labels.to(device)
+
+
+@refuse_old_spellings(
+    positional="num_classes",
+    old_positional=("n_classes", "img_size", "channels"),
+    replaced={
+        **_RENAMED,
+        "twin": lambda value: f"conditioning={'tac' if value else 'ac'!r}",
+    },
+)
 class Discriminator(nn.Module):
-    """DCGAN discriminator with AC-GAN's two heads on one shared trunk.
+    """DCGAN discriminator: a shared trunk, a real-vs-generated "source" head and class outputs.
 
     Strided 4x4 convolutions with LeakyReLU(0.2) (BatchNorm after the first) halve the side down
-    to 7x7 or 4x4; the flattened map feeds a linear "source" head (one real-vs-generated logit)
-    and a linear "class" head (n_classes logits). `twin=True` adds TAC-GAN's twin classifier
-    (Gong et al., NeurIPS 2019), trained on generated images only.
+    to 7x7 or 4x4; the flattened map h feeds a linear "source" head (one real-vs-generated logit)
+    and the class outputs that `conditioning` chooses (K = num_classes, B = batch):
+
+    - "ac": AC-GAN (Odena et al., ICML 2017), a linear classifier: "class" (B, K) logits.
+    - "tac": TAC-GAN (Gong et al., NeurIPS 2019): "class" and a twin classifier "twin" (B, K)
+      that learns the classes of generated images only.
+    - "adc": ADC-GAN (Hou et al., ICML 2022): one linear classifier over 2K classes, real class
+      k and generated class k; "class" holds the real half (B, K), "fake_class" the generated
+      half (B, K).
+    - "reacgan": ReACGAN (Kang et al., NeurIPS 2021): a linear map of h to an `embed_dim`
+      embedding and one learned proxy per class, both normalised to unit length;
+      "embedding" (B, embed_dim) and "class" (B, K), the cosines between embedding and proxies
+      (for the data-to-data cross-entropy, `ACGANLoss(conditioning="reacgan")`).
+    - "projection": the projection discriminator (Miyato & Koyama, ICLR 2018), the
+      non-auxiliary baseline: no class output; "source" = psi(h) + <embed(y), h>, so
+      `forward` needs the labels.
+
+    With `spectral_norm=True` (SNGAN, Miyato et al., ICLR 2018) every convolution, linear and
+    embedding layer has its weight divided by its largest singular value (one power iteration
+    per training forward), which bounds the discriminator's Lipschitz constant; BatchNorm is
+    then left out, as in SNGAN.
 
     Args:
-        n_classes: number of classes (at least 2).
+        num_classes: number of classes (at least 2).
         img_size: side of the square images: 28, 32 or 64.
         channels: 1 (grey) or 3 (RGB).
         width: channels of the first map; each halving of the side doubles them.
-        twin: add the TAC-GAN twin classifier head.
+        conditioning: one of `CONDITIONINGS`: "ac", "tac", "adc", "reacgan", "projection".
+        spectral_norm: spectral normalisation on every weight, and no BatchNorm.
         dropout: dropout before the heads (AC-GAN's discriminator used 0.5); 0 for none.
+        embed_dim: size of ReACGAN's embedding and proxies (other conditionings ignore it).
+
+    Raises:
+        ValueError: for a bad size, class count, channel count or conditioning.
+        TypeError: for the old spellings (`n_classes=`, `twin=`, configuration by position),
+            naming the call to write instead.
 
     Example:
         >>> d = Discriminator(10, img_size=28, channels=1)
         >>> out = d(torch.rand(8, 1, 28, 28) * 2 - 1)
         >>> out["source"].shape, out["class"].shape
         (torch.Size([8]), torch.Size([8, 10]))
+        >>> d = Discriminator(10, conditioning="projection", spectral_norm=True)
+        >>> d(torch.rand(8, 1, 28, 28) * 2 - 1, torch.arange(8))["source"].shape
+        torch.Size([8])
     """
 
     def __init__(
         self,
-        n_classes: int,
-        img_size: int,
-        channels: int,
+        num_classes: int,
         *,
+        img_size: int = 28,
+        channels: int = 1,
         width: int = 64,
-        twin: bool = False,
+        conditioning: str = "ac",
+        spectral_norm: bool = False,
         dropout: float = 0.0,
+        embed_dim: int = 128,
     ) -> None:
         super().__init__()
-        _check_common(n_classes, img_size, channels)
-        if width < 1 or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"need width >= 1 and 0 <= dropout < 1, got {width}, {dropout}")
-        self.n_classes = n_classes
+        _check_common(num_classes, img_size, channels)
+        if width < 1 or embed_dim < 1 or not 0.0 <= dropout < 1.0:
+            raise ValueError(
+                f"need width >= 1, embed_dim >= 1 and 0 <= dropout < 1, got {width}, "
+                f"{embed_dim}, {dropout}"
+            )
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(
+                f"conditioning must be one of {sorted(CONDITIONINGS)}, got {conditioning!r}; "
+                "see auxhead.gan.models.CONDITIONINGS"
+            )
+        self.num_classes = num_classes
         self.img_size = img_size
         self.channels = channels
+        self.conditioning = conditioning
+        self.spectral_norm = spectral_norm
         side, halvings = IMG_SIZES[img_size]
         layers: list[nn.Module] = [
             nn.Conv2d(channels, width, 4, stride=2, padding=1),
@@ -251,30 +375,73 @@ class Discriminator(nn.Module):
         ]
         ch = width
         for _ in range(halvings - 1):
-            layers += [
-                nn.Conv2d(ch, ch * 2, 4, stride=2, padding=1, bias=False),
-                nn.BatchNorm2d(ch * 2),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
+            if spectral_norm:  # SNGAN: no BatchNorm, so the convolution keeps its bias
+                layers += [nn.Conv2d(ch, ch * 2, 4, stride=2, padding=1)]
+            else:
+                layers += [
+                    nn.Conv2d(ch, ch * 2, 4, stride=2, padding=1, bias=False),
+                    nn.BatchNorm2d(ch * 2),
+                ]
+            layers += [nn.LeakyReLU(0.2, inplace=True)]
             ch *= 2
         layers += [nn.Flatten(), nn.Dropout(dropout)]
         self.trunk = nn.Sequential(*layers)
         features = ch * side * side
         self.source = nn.Linear(features, 1)
-        self.classifier = nn.Linear(features, n_classes)
-        self.twin = nn.Linear(features, n_classes) if twin else None
+        # Built in this order so that "ac" and "tac" draw the same initial weights as before.
+        if conditioning in ("ac", "tac"):
+            self.classifier = nn.Linear(features, num_classes)
+        if conditioning == "tac":
+            self.twin = nn.Linear(features, num_classes)
+        if conditioning == "adc":
+            self.classifier = nn.Linear(features, 2 * num_classes)  # real 0..K-1, fake K..2K-1
+        if conditioning == "reacgan":
+            self.embed = nn.Linear(features, embed_dim)
+            self.proxies = nn.Embedding(num_classes, embed_dim)
+        if conditioning == "projection":
+            self.embed = nn.Embedding(num_classes, features)
         self.apply(_init_dcgan)
+        if spectral_norm:
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear, nn.Embedding)):
+                    _spectral_norm(module)
 
-    @property
-    def has_twin(self) -> bool:
-        """Whether the TAC-GAN twin classifier head exists."""
-        return self.twin is not None
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Named raw outputs for (B, C, H, W) images in [-1, 1].
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        Args:
+            images: the batch.
+            labels: (B,) class indices; required by "projection", ignored by the others.
+
+        Returns:
+            {"source": (B,) real-vs-generated logits, and the conditioning's class outputs}.
+        """
         h = self.trunk(images)  # (B, features)
-        out = {"source": self.source(h).squeeze(1), "class": self.classifier(h)}  # (B,), (B, K)
-        if self.twin is not None:
-            out["twin"] = self.twin(h)  # (B, K)
+        out = {"source": self.source(h).squeeze(1)}  # (B,)
+        if self.conditioning in ("ac", "tac"):
+            out["class"] = self.classifier(h)  # (B, K)
+            if self.conditioning == "tac":
+                out["twin"] = self.twin(h)  # (B, K)
+        elif self.conditioning == "adc":
+            real_fake = self.classifier(h)  # (B, 2K)
+            out["class"], out["fake_class"] = real_fake.split(self.num_classes, dim=1)
+        elif self.conditioning == "reacgan":
+            embedding = F.normalize(self.embed(h), dim=1)  # (B, E), unit rows
+            proxies = F.normalize(self.proxies.weight, dim=1)  # (K, E)
+            out["embedding"] = embedding
+            out["class"] = embedding @ proxies.T  # (B, K) cosines
+        else:  # projection
+            if labels is None:
+                raise ValueError(
+                    "Discriminator(conditioning='projection') needs the labels: "
+                    "discriminator(images, labels)"
+                )
+            labels = _check_labels(labels, self.num_classes, h.device, "discriminator")
+            if len(labels) != len(h):
+                raise ValueError(f"{len(h)} images but {len(labels)} labels")
+            out["source"] = out["source"] + (self.embed(labels) * h).sum(dim=1)  # (B,)
         return out
 
 
