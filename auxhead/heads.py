@@ -105,11 +105,14 @@ class LinearHead(nn.Module):
 
 def _adaptive_max_pool2d(x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """`F.adaptive_max_pool2d(x, grid)`, value for value, in operators ONNX has (its exporter
-    has none for adaptive max pooling): one max_pool2d when the grid divides the map, else the
-    same windows (rows floor(i*H/g) to ceil((i+1)*H/g)) taken one by one."""
+    has none for adaptive max pooling): one max_pool2d when the grid divides the map; else,
+    while `torch.export` traces (for ONNX), the same windows (rows floor(i*H/g) to
+    ceil((i+1)*H/g)) taken one by one, and in eager torch's own, one operator."""
     (height, width), (rows, cols) = x.shape[-2:], grid
     if height % rows == 0 and width % cols == 0:
         return F.max_pool2d(x, (height // rows, width // cols))
+    if not torch.compiler.is_exporting():
+        return F.adaptive_max_pool2d(x, grid)
 
     def spans(size: int, n: int) -> list[tuple[int, int]]:
         return [((i * size) // n, -(-((i + 1) * size) // n)) for i in range(n)]
