@@ -91,6 +91,22 @@ def test_a_collapsed_class_is_named_in_a_warning_columns_and_events(data):
     assert classifier.training
 
 
+def test_collapses_are_looked_for_once_the_classes_are_drawn_at_all(data):
+    # The toy generator draws 2 of 3 classes recognisably: a mean of 0.67
+    monitor = ClassMonitor(_BrightnessClassifier(), *_real(seed=1), start_when_recognised=0.9)
+    learn = _learner(data, _ToyGenerator(3, latent_dim=28 * 28, width=1), monitor)
+    with warnings.catch_warnings(), learn.no_bar(), learn.no_logging():
+        warnings.simplefilter("error", ClassCollapseWarning)
+        learn.fit(1)
+    assert monitor.collapses == [] and monitor.checking_since is None
+    assert learn.recorder.values[-1][-2:] == [0, 0]  # the columns are there all the same
+    monitor = ClassMonitor(_BrightnessClassifier(), *_real(seed=1), start_when_recognised=0.6)
+    learn = _learner(data, _ToyGenerator(3, latent_dim=28 * 28, width=1), monitor)
+    with pytest.warns(ClassCollapseWarning), learn.no_bar(), learn.no_logging():
+        learn.fit(1)
+    assert monitor.checking_since == 1 and len(monitor.collapses) == 2
+
+
 def test_diversity_ratio_by_hand(data):
     classifier = _BrightnessClassifier()
     real_x, real_y = _real(seed=1)
@@ -137,7 +153,7 @@ def test_bad_arguments_are_refused(data):
         ClassMonitor(classifier, real_x, real_y, n_per_class=1)
     with pytest.raises(ValueError, match="48 real images but 3 labels"):
         ClassMonitor(classifier, real_x, real_y[:3])
-    with pytest.raises(ValueError, match="min_diversity must be in"):
+    with pytest.raises(ValueError, match="min_diversity and start_when_recognised must be in"):
         ClassMonitor(classifier, real_x, real_y, min_diversity=2)
     monitor = ClassMonitor(classifier, real_x[:4], torch.tensor([0, 0, 1, 2]))
     learn = _learner(data, Generator(3, latent_dim=8, width=4), monitor)

@@ -14,7 +14,10 @@ one) and asks an independent classifier, per class:
 The worst class's two figures become Recorder columns ("worst_recognised", "worst_diversity").
 A class whose diversity ratio falls below `min_diversity`, or that no sample of is recognised,
 has collapsed: the monitor warns (`ClassCollapseWarning`, naming the class and epoch) and keeps
-the event in `collapses`, for a report.
+the event in `collapses`, for a report. It starts checking once the generator has learned to
+draw the classes at all (the mean recognisability reaches `start_when_recognised`): before
+that every class fails both tests, and flagging them would bury a real collapse in noise (on
+scikit-learn's digits the default AC-GAN draws no class recognisably for its first 7 epochs).
 
 fastai adapter: imports fastai.
 """
@@ -86,6 +89,8 @@ class ClassMonitor(Callback):
         seed: seed of the fixed noise (the global random stream is not touched, so training
             runs the same with or without the monitor).
         min_diversity: a diversity ratio below this is a collapse.
+        start_when_recognised: collapses are looked for from the first epoch whose mean
+            recognisability over the classes reaches this; 0 looks from the first epoch.
         max_real_per_class: at most this many real images of a class in the reference.
         class_names: names for the warnings; default the data's vocab, else the indices.
 
@@ -93,6 +98,7 @@ class ClassMonitor(Callback):
         latest: the last epoch's {"worst_recognised", "worst_diversity"}.
         history: per epoch, {"epoch", "recognised": [per class], "diversity_ratio": [...]}.
         collapses: every `ClassCollapse` seen, in order.
+        checking_since: the epoch collapses began to be looked for; None if not yet.
 
     Raises:
         ValueError: for bad arguments, or (at the start of `fit`) a class with fewer than 2
@@ -117,6 +123,7 @@ class ClassMonitor(Callback):
         n_per_class: int = 20,
         seed: int = 0,
         min_diversity: float = 0.3,
+        start_when_recognised: float = 0.5,
         max_real_per_class: int = 200,
         class_names: Sequence[str] | None = None,
     ) -> None:
@@ -132,16 +139,21 @@ class ClassMonitor(Callback):
                 f"n_per_class and max_real_per_class must be >= 2 (a pairwise distance needs "
                 f"two samples), got {n_per_class}, {max_real_per_class}"
             )
-        if not 0 <= min_diversity <= 1:
-            raise ValueError(f"min_diversity must be in [0, 1], got {min_diversity}")
+        if not 0 <= min_diversity <= 1 or not 0 <= start_when_recognised <= 1:
+            raise ValueError(
+                f"min_diversity and start_when_recognised must be in [0, 1], got "
+                f"{min_diversity}, {start_when_recognised}"
+            )
         self.classifier = classifier
         self.real_images, self.real_labels = real_images, torch.as_tensor(real_labels).long()
         self.n_per_class, self.seed = n_per_class, seed
         self.min_diversity, self.max_real_per_class = min_diversity, max_real_per_class
+        self.start_when_recognised = start_when_recognised
         self.class_names = None if class_names is None else [str(n) for n in class_names]
         self.latest: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
         self.collapses: list[ClassCollapse] = []
+        self.checking_since: int | None = None
         self._columns = [_Column(self, "worst_recognised"), _Column(self, "worst_diversity")]
         self._real_spread: list[float] = []  # set at the start of fit, with the fixed batch
         self._labels = self._noise = torch.empty(0)
@@ -195,6 +207,10 @@ class ClassMonitor(Callback):
             "worst_recognised": min(recognised),
             "worst_diversity": min((r for r in ratios if not math.isnan(r)), default=math.nan),
         }
+        if self.checking_since is None:
+            if sum(recognised) / len(recognised) < self.start_when_recognised:
+                return row  # the generator does not draw the classes yet: nothing to collapse
+            self.checking_since = epoch
         for k, (share, ratio) in enumerate(zip(recognised, ratios, strict=True)):
             reasons = []
             if ratio < self.min_diversity:  # False for NaN
