@@ -1,0 +1,148 @@
+"""The independent classifier that judges generated images: its network, its training, and
+its accuracy on a labelled image set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from auxhead.gan._metric_checks import check_images, check_labels
+
+
+class SmallCNN(nn.Module):
+    """The independent classifier: three conv blocks, a `feature_dim` embedding, a linear layer.
+
+    `features(x)` returns the embedding (after ReLU) used for the Frechet distance and diversity.
+
+    Args:
+        n_classes: number of classes.
+        channels: image channels (1 or 3).
+        width: channels of the first conv block (then 2x, 4x).
+        feature_dim: size of the embedding.
+    """
+
+    def __init__(
+        self, n_classes: int, channels: int, *, width: int = 16, feature_dim: int = 128
+    ) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.body = nn.Sequential(
+            *block(channels, width),
+            nn.MaxPool2d(2),
+            *block(width, 2 * width),
+            nn.MaxPool2d(2),
+            *block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * width, feature_dim),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(feature_dim, n_classes)
+        self.num_features = feature_dim  # torchmetrics reads it instead of probing
+        self.n_classes = n_classes
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images * 2 - 1)  # [0, 1] -> [-1, 1]; (B, feature_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))  # (B, n_classes)
+
+
+class FeatureExtractor(nn.Module):
+    """`SmallCNN.features` as a module, in eval mode and without gradients, for torchmetrics."""
+
+    def __init__(self, classifier: SmallCNN) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.num_features
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.eval().features(images.float())
+
+
+def train_classifier(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    *,
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    width: int = 16,
+) -> SmallCNN:
+    """Train a `SmallCNN` on real images with Adam and a one-cycle schedule; returns it in eval.
+
+    Args:
+        images: (N, C, H, W) training images in [0, 1].
+        labels: (N,) int64 classes in [0, n_classes).
+        n_classes: number of classes.
+        epochs: passes over the data.
+        batch_size: images per step.
+        lr: peak learning rate.
+        seed: seed of the initialisation and the shuffling.
+        width: the network's width.
+    """
+    check_images(images, labels, "training images")
+    labels = labels.long()
+    check_labels(labels, n_classes, "labels")
+    rng = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SmallCNN(n_classes, images.shape[1], width=width)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    steps = epochs * -(-len(images) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=rng)
+        for i in range(0, len(images), batch_size):
+            idx = order[i : i + batch_size]
+            loss = F.cross_entropy(model(images[idx]), labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def batched(fn: Any, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def class_accuracy(
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_classes: int
+) -> dict[str, Any]:
+    """How often `classifier` predicts `labels`: overall and per class.
+
+    Args:
+        classifier: a module returning (N, n_classes) logits for images in [0, 1].
+        images: (N, C, H, W) images in [0, 1].
+        labels: (N,) the classes they belong to (or, for generated images, were asked for).
+        n_classes: number of classes.
+
+    Returns:
+        {"overall": float, "per_class": [float or None (no images of that class)]}.
+    """
+    check_images(images, labels, "images")
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        pred = batched(lambda x: classifier(x).argmax(dim=1), images)
+    finally:
+        classifier.train(was_training)
+    labels = labels.to(pred.device).long()
+    correct = (pred == labels).float()
+    per_class = [
+        correct[labels == k].mean().item() if (labels == k).any() else None
+        for k in range(n_classes)
+    ]
+    return {"overall": correct.mean().item(), "per_class": per_class}
