@@ -4,13 +4,17 @@ import torch
 from scipy import linalg
 from torch import nn
 
+from auxhead.gan import _metric_knn
 from auxhead.gan.metrics import (
     GANEvaluator,
     SmallCNN,
     class_accuracy,
+    classification_accuracy_score,
     frechet_distance,
     intra_class_diversity,
+    intra_class_frechet_distance,
     mean_pairwise_distance,
+    precision_recall,
     train_classifier,
 )
 
@@ -115,3 +119,140 @@ def test_evaluator_scores_real_test_images_like_the_reference():
     # a collapsed generator: every sample of a class is the same image
     collapsed = test_x[[0, 40]].repeat_interleave(40, dim=0)
     assert ev.evaluate(collapsed, test_y)["min_diversity_ratio"] == pytest.approx(0.0, abs=1e-6)
+
+
+# improved precision and recall ---------------------------------------------------------------
+
+
+def _reference_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple:
+    """Brute force: every pairwise distance, each vector's k-th nearest other vector."""
+
+    def distances(a, b):
+        return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))
+
+    def radii(x):
+        d = distances(x, x)
+        np.fill_diagonal(d, np.inf)  # a vector is not its own neighbour
+        return np.sort(d, axis=1)[:, k - 1]
+
+    def covered(points, centres):
+        return (distances(points, centres) <= radii(centres)[None, :]).any(axis=1).mean()
+
+    return covered(fake, real), covered(real, fake)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precision_recall_matches_brute_force_knn(seed, k, monkeypatch):
+    # tiny chunks: the radii and ball tests run in several row blocks with offsets
+    monkeypatch.setattr(_metric_knn, "_CHUNK_ELEMENTS", 64)
+    rng = np.random.default_rng(seed)
+    real = rng.normal(size=(60, 3))
+    fake = rng.normal(size=(45, 3)) * 0.7 + 1.0  # narrower and shifted: neither is 0 or 1
+    precision, recall = _reference_precision_recall(real, fake, k)
+    assert 0 < precision < 1 and 0 < recall < 1
+    got = precision_recall(torch.from_numpy(real).float(), torch.from_numpy(fake).float(), k=k)
+    assert got == {"precision": pytest.approx(precision), "recall": pytest.approx(recall)}
+
+
+def _clusters(centres, n, seed, spread=0.1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([c + spread * torch.randn(n, 2, generator=g) for c in torch.tensor(centres)])
+
+
+def test_precision_recall_hand_built_cases():
+    corners = [[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]]
+    real = _clusters(corners, 50, seed=0)
+    assert precision_recall(real, real.clone(), k=3) == {"precision": 1.0, "recall": 1.0}
+    far = real + 1000.0
+    assert precision_recall(real, far, k=3) == {"precision": 0.0, "recall": 0.0}
+    # the fake set is two of the four clusters: all of it looks real, half the real is covered
+    assert precision_recall(real, real[:100], k=3) == {"precision": 1.0, "recall": 0.5}
+    # new samples of the same two clusters: a few fall outside every ball at a cluster's edge
+    got = precision_recall(real, _clusters(corners[:2], 50, seed=1), k=3)
+    assert got["precision"] > 0.9
+    assert got["recall"] == pytest.approx(0.5, abs=0.05)
+
+
+def test_precision_recall_refuses_bad_input():
+    real, fake = torch.randn(10, 4), torch.randn(8, 4)
+    with pytest.raises(ValueError, match=r"k=3 needs at least 4 generated feature vectors.*got 3"):
+        precision_recall(real, fake[:3], k=3)
+    with pytest.raises(ValueError, match=r"k=10 needs at least 11 real"):
+        precision_recall(real, fake, k=10)
+    with pytest.raises(ValueError, match="k must be a positive integer.*got 0"):
+        precision_recall(real, fake, k=0)
+    with pytest.raises(ValueError, match="4 values, generated ones 3"):
+        precision_recall(real, fake[:, :3])
+    fake[2, 1] = float("nan")
+    with pytest.raises(ValueError, match="generated features hold 1 NaN"):
+        precision_recall(real, fake)
+
+
+# intra-class Frechet distance ----------------------------------------------------------------
+
+
+def test_intra_class_frechet_distance_is_frechet_distance_per_class():
+    g = torch.Generator().manual_seed(0)
+    real_y = torch.arange(3).repeat_interleave(60)
+    fake_y = torch.arange(3).repeat_interleave(40)
+    real = torch.randn(180, 2, generator=g, dtype=torch.float64) + real_y[:, None]
+    fake = torch.randn(120, 2, generator=g, dtype=torch.float64) * 1.3 + 2 * fake_y[:, None]
+    out = intra_class_frechet_distance(real, real_y, fake, fake_y, 3)
+    for c in range(3):
+        r, f = real[real_y == c], fake[fake_y == c]
+        by_hand = frechet_distance(_Flat(), r.view(-1, 1, 1, 2), f.view(-1, 1, 1, 2))
+        assert out["per_class"][c] == pytest.approx(by_hand, rel=1e-6)
+        assert out["per_class"][c] == pytest.approx(_reference_fid(r.numpy(), f.numpy()), rel=1e-5)
+    assert out["per_class"][1] > 0.5  # the classes really differ
+    assert out["mean"] == pytest.approx(sum(out["per_class"]) / 3)
+    assert out["why_none"] == [None, None, None]
+
+
+def test_intra_class_frechet_distance_names_a_class_too_small():
+    g = torch.Generator().manual_seed(0)
+    real, real_y = torch.randn(30, 2, generator=g), torch.arange(3).repeat_interleave(10)
+    fake, fake_y = torch.randn(11, 2, generator=g), torch.tensor([0] * 10 + [2])
+    out = intra_class_frechet_distance(real, real_y, fake, fake_y, 4)
+    assert out["per_class"][0] is not None and out["per_class"][1:] == [None, None, None]
+    assert out["mean"] == out["per_class"][0]
+    assert out["why_none"][0] is None
+    assert "class 1: 0 vector(s) in fake_features and 10 in real_features" in out["why_none"][1]
+    assert "class 2: 1 vector(s) in fake_features" in out["why_none"][2]
+    assert "at least 2" in out["why_none"][3]
+    with pytest.raises(ValueError, match=r"labels of fake_features must be in \[0, 2\)"):
+        intra_class_frechet_distance(real, real_y % 2, fake, fake_y, 2)
+    with pytest.raises(ValueError, match="min_samples must be an integer of at least 2"):
+        intra_class_frechet_distance(real, real_y, fake, fake_y, 4, min_samples=1)
+    fake[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="fake_features hold 1 NaN or infinite"):
+        intra_class_frechet_distance(real, real_y, fake, fake_y, 4)
+
+
+# classification accuracy score ---------------------------------------------------------------
+
+
+def _band_images(n_per_class=40, seed=0):
+    # three classes: a bright band at the top, the middle or the bottom, with noise
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3 * n_per_class, 1, 28, 28, generator=g) * 0.4
+    for c in range(3):
+        x[c * n_per_class : (c + 1) * n_per_class, :, 9 * c : 9 * c + 10] += 0.5
+    return x.clamp(0, 1), torch.arange(3).repeat_interleave(n_per_class)
+
+
+def test_classification_accuracy_score_on_hand_built_generators():
+    x, y = _band_images()
+    test_x, test_y = _band_images(seed=1)
+    options = {"epochs": 3, "batch_size": 16, "width": 4, "seed": 0}
+    real = class_accuracy(train_classifier(x, y, 3, **options), test_x, test_y, 3)["overall"]
+    assert real > 0.9
+    # a generator that returns real training images of the right class: CAS = real accuracy
+    faithful = classification_accuracy_score(x, y, test_x, test_y, 3, **options)
+    assert faithful["accuracy"] == pytest.approx(real)
+    assert faithful["n_train"] == 120 and faithful["epochs"] == 3
+    assert len(faithful["per_class"]) == 3
+    # one that draws class c + 1 when asked for class c: a classifier trained on it is wrong
+    swapped = classification_accuracy_score(x, (y + 1) % 3, test_x, test_y, 3, **options)
+    assert swapped["accuracy"] < 0.1
+    assert classification_accuracy_score(x, (y + 1) % 3, test_x, test_y, 3, **options) == swapped

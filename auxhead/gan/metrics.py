@@ -29,17 +29,22 @@ from auxhead.gan._metric_classifier import (
     SmallCNN,
     batched,
     class_accuracy,
+    classification_accuracy_score,
     train_classifier,
 )
-from auxhead.gan._metric_frechet import fid_metric, frechet_distance
+from auxhead.gan._metric_frechet import fid_metric, frechet_distance, intra_class_frechet_distance
+from auxhead.gan._metric_knn import precision_recall
 
 __all__ = [
     "GANEvaluator",
     "SmallCNN",
     "class_accuracy",
+    "classification_accuracy_score",
     "frechet_distance",
     "intra_class_diversity",
+    "intra_class_frechet_distance",
     "mean_pairwise_distance",
+    "precision_recall",
     "train_classifier",
 ]
 
