@@ -205,3 +205,24 @@ def test_ema_samples_updates_once_per_generator_step_and_saves(dls, tmp_path):
     # without an EMA the learner samples from the generator itself
     plain = acgan_learner(dls, *_nets())
     assert plain.sampler is plain.generator and plain.model.generator_ema is None
+
+
+def test_save_image_replaces_the_file_whole(tmp_path, monkeypatch):
+    """An interrupted save leaves the previous PNG and no temporary file."""
+    from PIL import Image
+
+    from auxhead.gan.learner import save_image
+
+    path = save_image(torch.zeros(1, 4, 4), tmp_path / "grid.png")
+    assert Image.open(path).size == (4, 4)
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_image(torch.ones(1, 8, 8), path)
+    monkeypatch.undo()
+    assert Image.open(path).size == (4, 4) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "grid.png"
+    ]

@@ -16,6 +16,7 @@ training is `auxhead.gan.monitor.ClassMonitor`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -279,15 +280,24 @@ class _TrainerStat(AvgMetric):
 
 
 def save_image(image: torch.Tensor, path: str | Path) -> Path:
-    """Save one (C, H, W) image in [0, 1] (C = 1 or 3) as a PNG; returns the path."""
+    """Save one (C, H, W) image in [0, 1] (C = 1 or 3) as a PNG; returns the path.
+
+    Written to a temporary name beside `path`, then renamed: an interrupted save (Ctrl-C, a
+    full disk) leaves no half-written PNG, only the previous file if there was one."""
     if image.dim() != 3 or image.shape[0] not in (1, 3):
         raise ValueError(f"need a (1 or 3, H, W) image, got shape {tuple(image.shape)}")
     pixels = (image.detach().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else np.ascontiguousarray(pixels)).save(
-        path
+    picture = Image.fromarray(
+        pixels[..., 0] if pixels.shape[2] == 1 else np.ascontiguousarray(pixels)
     )
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        picture.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
