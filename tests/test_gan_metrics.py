@@ -256,3 +256,55 @@ def test_classification_accuracy_score_on_hand_built_generators():
     swapped = classification_accuracy_score(x, (y + 1) % 3, test_x, test_y, 3, **options)
     assert swapped["accuracy"] < 0.1
     assert classification_accuracy_score(x, (y + 1) % 3, test_x, test_y, 3, **options) == swapped
+
+
+# the evaluator --------------------------------------------------------------------------------
+
+
+def test_evaluator_reports_the_new_measures_against_their_references():
+    x, y = _band_images()
+    test_x, test_y = _band_images(seed=1)
+    ev = GANEvaluator.fit(x, y, test_x, test_y, 3, epochs=10, floor_samples=60)  # 10 steps
+    ref = ev.reference()
+    assert ref["classifier_test_accuracy"]["overall"] > 0.9
+    assert ref["n_train"] == 120 and len(ref["intra_fid_floor"]["per_class"]) == 3
+    floor_features = ev.extractor(ev.floor_x)
+    assert ref["intra_fid_floor"] == intra_class_frechet_distance(
+        ev.test_features, test_y, floor_features, ev.floor_y, 3
+    )
+    assert (ref["precision"], ref["recall"]) == tuple(
+        precision_recall(ev.test_features, floor_features, k=3).values()
+    )
+    # "generated" = the real test set: no distance, full precision and recall
+    out = ev.evaluate(test_x, test_y, cas=False)
+    assert out["cas"] is None
+    assert out["intra_fid"]["per_class"] == pytest.approx([0.0] * 3, abs=1e-3)
+    assert (out["precision"], out["recall"]) == (1.0, 1.0)
+    assert out["intra_fid_floor"] == ref["intra_fid_floor"]
+    assert (out["real_precision"], out["real_recall"]) == (ref["precision"], ref["recall"])
+    # "generated" = the real training set: the CAS classifier gets the real one's recipe and
+    # number of steps, so it is the same network
+    cas = ev.evaluate(x, y)["cas"]
+    assert cas["accuracy"] == pytest.approx(ref["classifier_test_accuracy"]["overall"])
+    assert cas["real_accuracy"] == ref["classifier_test_accuracy"]["overall"]
+    assert (cas["n_train"], cas["real_n_train"], cas["epochs"]) == (120, 120, 10)
+    assert ev.evaluate(x, (y + 1) % 3)["cas"]["accuracy"] < 0.1
+
+
+def test_evaluator_survives_a_missing_class_and_refuses_too_few_images():
+    x, y = _band_images()
+    test_x, test_y = _band_images(seed=1)
+    ev = GANEvaluator.fit(x, y, test_x, test_y, 3, epochs=1, floor_samples=60, cas_epochs=1)
+    only_two = ev.evaluate(x[y < 2], y[y < 2])  # the generator never drew class 2
+    assert only_two["intra_fid"]["per_class"][2] is None
+    assert "class 2: 0 vector(s) in fake_features" in only_two["intra_fid"]["why_none"][2]
+    assert only_two["cas"]["epochs"] == 1 and only_two["diversity"][2] is None
+    too_few = r"need more than k=3 generated images \(precision and recall\), got 3"
+    with pytest.raises(ValueError, match=too_few):
+        ev.evaluate(x[:3], y[:3])
+    with pytest.raises(ValueError, match=r"generated labels must be in \[0, 3\)"):
+        ev.evaluate(x, y + 1)
+    with pytest.raises(ValueError, match="k must be a positive integer, got 0"):
+        GANEvaluator(ev.classifier, x, y, test_x, test_y, k=0)
+    with pytest.raises(ValueError, match="need more than k=3 real test images"):
+        GANEvaluator(ev.classifier, x, y, test_x[:3], test_y[:3])
