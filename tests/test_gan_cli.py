@@ -73,7 +73,8 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "grids").mkdir(parents=True)
     (out / "grids" / "grid_epoch_099.png").write_text("an earlier run's")
-    assert main(["acgan", *TINY, "--data", str(data), "--tac", "--out", str(out)]) == 0
+    args = ["--conditioning", "ac", "tac", "--out", str(out)]
+    assert main(["acgan", *TINY, "--data", str(data), *args]) == 0
     stdout = capsys.readouterr().out
     assert "wrote" in stdout
     assert not (out / "grids" / "grid_epoch_099.png").exists()  # the earlier run's: removed
@@ -90,7 +91,8 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     saved = json.loads((out / "report.json").read_text())
     assert [run["variant"] for run in saved["runs"]] == ["AC-GAN", "TAC-GAN"]
     assert [run["loss"]["class_on_fake"] for run in saved["runs"]] == [False, False]
-    assert [run["loss"]["tac"] for run in saved["runs"]] == [False, True]
+    assert [run["conditioning"] for run in saved["runs"]] == ["ac", "tac"]
+    assert [run["folder"] for run in saved["runs"]] == ["", "tac"]
     assert saved["config"]["epochs"] == 1 and saved["epochs_why"] == "--epochs given"
     assert 0 <= saved["reference"]["classifier_test_accuracy"]["overall"] <= 1
     for run in saved["runs"]:
@@ -123,6 +125,10 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
         (["--lr", "inf"], "--lr: must be a finite number, got inf"),
         (["--size", "30"], "--size: invalid choice: 30"),
         (["--epochs", "0"], "--epochs: must be at least 1, got 0"),
+        (["--conditioning", "acgan"], "--conditioning: invalid choice: 'acgan'"),
+        (["--loss", "wgan"], "--loss: invalid choice: 'wgan'"),
+        (["--ema", "1"], "--ema: must be in [0, 1)"),
+        (["--ema", "nan"], "--ema: must be a finite number, got nan"),
     ],
 )
 def test_bad_options_are_refused_by_the_parser(tmp_path, capsys, argv, expected):
@@ -146,6 +152,33 @@ def test_bad_input_one_clear_line(tmp_path, capsys):
     _image_folder(tmp_path / "one", classes=("only",), n=4)
     assert "single class" in error_line(capsys, ["acgan", "--data", tmp_path / "one", *out])
     assert "--out is empty" in error_line(capsys, ["acgan", "--out", ""])
+    assert "--augment flip: unknown" in error_line(capsys, ["acgan", "--augment", "flip", *out])
+
+
+def test_tiny_run_with_the_modern_ingredients(tmp_path):
+    """Spectral norm, hinge loss, EMA and DiffAugment, each conditioning that is not AC-GAN's;
+    the old --tac still adds a TAC-GAN; the EMA's weights are what generator.pth holds."""
+    data = _image_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    modern = ["--loss", "hinge", "--spectral-norm", "--ema", "0.9", "--augment", "translation"]
+    kinds = ["--conditioning", "reacgan", "adc", "projection", "--tac"]
+    argv = ["acgan", *TINY, "--epochs", "3", "--data", str(data), *modern, *kinds]
+    assert main([*argv, "--out", str(out)]) == 0
+    saved = json.loads((out / "report.json").read_text())
+    runs = saved["runs"]
+    assert [r["conditioning"] for r in runs] == ["reacgan", "adc", "projection", "tac"]
+    assert [r["folder"] for r in runs] == ["", "adc", "projection", "tac"]
+    assert all(r["loss"]["adversarial"] == "hinge" and r["loss"]["ema"] == 0.9 for r in runs)
+    for run in runs:
+        assert 0 <= run["accuracy"]["overall"] <= 1 and isinstance(run["collapses"], list)
+        folder = out / run["folder"]
+        checkpoint = torch.load(folder / "checkpoint.pth")
+        generator = torch.load(folder / "generator.pth")["state_dict"]
+        ema = {k.removeprefix("module."): v for k, v in checkpoint["generator_ema"].items()}
+        torch.testing.assert_close(generator, {k: ema[k] for k in generator})
+        assert not torch.equal(
+            generator["embed.weight"], checkpoint["generator"]["embed.weight"]
+        )  # the average, not the last step's weights
 
 
 def test_a_diverging_gan_stops_with_one_line(tmp_path, capsys):

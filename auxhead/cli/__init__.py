@@ -115,7 +115,8 @@ def _run_acgan(args: argparse.Namespace) -> int:
         try:
             result = run_acgan(config, say=lambda line: print(line, flush=True))
         except KeyboardInterrupt:
-            kept = out.existing(["checkpoint.pth", "tac/checkpoint.pth"])
+            folders = ["", *config.conditioning[1:]]
+            kept = out.existing([f"{f}/checkpoint.pth".lstrip("/") for f in folders])
             what = "the last completed epoch" + (" (both networks)" if kept else "")
             raise Interrupted(_kept(kept, what)) from None
         files = write_acgan_report(result, out.path)

@@ -89,6 +89,13 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def ema_decay(text: str) -> float:
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (e.g. 0.999; 0 for none), got {text}")
+    return value
+
+
 def fraction(text: str) -> float:
     value = _finite(text)
     if not 0 <= value <= 1:

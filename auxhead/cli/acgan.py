@@ -1,4 +1,4 @@
-"""`auxhead acgan`: train an AC-GAN (and with `--tac` a TAC-GAN beside it), evaluate, report.
+"""`auxhead acgan`: train an AC-GAN (or its variants, side by side), evaluate, report.
 
 `ACGANConfig` (the options) -> `run_acgan` -> `ACGANResult` -> `write_acgan_report`.
 
@@ -6,7 +6,8 @@ Files written to `--out`: `grid.png` (one row per class), `grids/grid_epoch_NNN.
 `checkpoint.pth` (both networks, after every epoch), `generator.pth` (config + weights),
 `learner.pth` (both networks and the optimizer, for `learn.load`), `samples.npz` (`images`
 float32 N x C x H x W in [0, 1], `labels` int64, `classes`), `report.md` and `report.json`.
-With `--tac` the TAC-GAN's own files go to `--out/tac/` and the report shows both side by side.
+With `--conditioning ac tac ...` each further variant's files go to `--out/<kind>/` and the
+report shows them side by side.
 
 The defaults were measured on Fashion-MNIST to meet the goals in `TARGETS` within about ten
 minutes on two CPU cores: the discriminator's class head learns from real images only (trained
@@ -38,15 +39,18 @@ from auxhead.cli._common import (
     UsageError,
     atomic_path,
     collect_warnings,
+    ema_decay,
     nonnegative_float,
     positive_float,
     positive_int,
 )
 from auxhead.data import ImageData, dataloaders, load_data
+from auxhead.gan.augment import AUGMENTATIONS
 from auxhead.gan.learner import acgan_learner, save_image
-from auxhead.gan.losses import ACGANLoss
+from auxhead.gan.losses import ADVERSARIAL_LOSSES, ACGANLoss
 from auxhead.gan.metrics import GANEvaluator
-from auxhead.gan.models import IMG_SIZES, Discriminator, Generator
+from auxhead.gan.models import CONDITIONINGS, IMG_SIZES, Discriminator, Generator
+from auxhead.gan.monitor import ClassMonitor
 
 __all__ = [
     "TARGETS",
@@ -81,8 +85,16 @@ OWNED_FILES = [  # what a run writes into --out: removed when the next run start
     "generator.pth",
     "learner.pth",
     "samples.npz",
-    "tac",
+    *CONDITIONINGS,  # the side-by-side runs' folders
 ]
+
+VARIANT_NAMES = {
+    "ac": "AC-GAN",
+    "tac": "TAC-GAN",
+    "adc": "ADC-GAN",
+    "reacgan": "ReACGAN",
+    "projection": "projection GAN",
+}
 
 
 @dataclass
@@ -94,7 +106,13 @@ class ACGANConfig:
     epochs: int | None = None  # None: `gan_epochs` decides
     seed: int = 0
     out: Path = Path("runs/acgan")
-    tac: bool = False  # also a TAC-GAN, side by side
+    # The discriminator's use of the class, one run each, side by side: the first writes to
+    # --out, each other one to --out/<name>/ (see auxhead.gan.models.CONDITIONINGS).
+    conditioning: tuple[str, ...] = ("ac",)
+    loss: str = "bce"  # the source term: "bce" (the paper's) or "hinge"
+    spectral_norm: bool = False  # in the discriminator (BatchNorm then dropped)
+    ema: float = 0.0  # decay of the generator's weight average that draws the samples; 0: none
+    augment: str = "none"  # DiffAugment policy for every discriminator input, or "none"
     bs: int = 128
     lr: float = 2e-4  # Adam, both networks
     latent_dim: int = 64
@@ -111,7 +129,9 @@ class ACGANConfig:
 class GANRun:
     """One trained GAN, evaluated."""
 
-    variant: str  # "AC-GAN" or "TAC-GAN"
+    variant: str  # VARIANT_NAMES[conditioning]
+    conditioning: str
+    folder: str  # relative to --out: "" for the first run, else the conditioning's name
     out: Path
     epochs: int
     loss: dict[str, Any]
@@ -119,16 +139,20 @@ class GANRun:
     eval_seconds: float
     history: list[dict[str, float | None]]
     figures: dict[str, Any]  # GANEvaluator.evaluate's
+    collapses: list[dict[str, Any]] = field(default_factory=list)  # ClassMonitor's events
 
     def as_json(self) -> dict[str, Any]:
         return {
             "variant": self.variant,
+            "conditioning": self.conditioning,
+            "folder": self.folder,
             "out": str(self.out),
             "epochs": self.epochs,
             "loss": self.loss,
             "train_seconds": round(self.train_seconds, 1),
             "eval_seconds": round(self.eval_seconds, 1),
             "history": self.history,
+            "collapses": self.collapses,
             **self.figures,
         }
 
@@ -196,7 +220,7 @@ EPILOG = f"""\
 examples:
   auxhead acgan                                  # Fashion-MNIST, 10 epochs
   auxhead acgan --data digits --out runs/digits  # 8x8 digits at 28x28, 300 epochs
-  auxhead acgan --tac --out runs/acgan-tac       # AC-GAN and TAC-GAN side by side
+  auxhead acgan --conditioning ac tac adc reacgan projection --out runs/all  # side by side
   auxhead acgan --mode-seeking 0 --class-weight 1 --fake-class-loss   # the paper's AC-GAN
 
 output files (in --out; an earlier run's are deleted when a run starts, and the report is
@@ -207,7 +231,7 @@ written only when the run completes):
   generator.pth            the generator's config and weights
   learner.pth              both networks and the optimizer, for fastai's learn.load
   samples.npz              N per class: images float32 N x C x H x W in [0, 1], labels int64
-  tac/                     the TAC-GAN's files, with --tac
+  KIND/                    each further --conditioning KIND's files
 
 {EXIT_CODES}"""
 
@@ -252,9 +276,43 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="output folder; the files this command writes are replaced",
     )
     parser.add_argument(
-        "--tac",
-        action="store_true",
-        help="also train a TAC-GAN (twin auxiliary classifier) and report both side by side",
+        "--conditioning",
+        nargs="+",
+        choices=list(CONDITIONINGS),
+        default=list(d.conditioning),
+        metavar="KIND",
+        help="how the discriminator uses the class, one GAN per KIND side by side (the first "
+        "in --out, the others in --out/KIND/): "
+        + "; ".join(f"{k}: {VARIANT_NAMES[k]}" for k in CONDITIONINGS)
+        + f" (default {' '.join(d.conditioning)})",
+    )
+    parser.add_argument("--tac", action="store_true", help=argparse.SUPPRESS)  # = ... tac
+    parser.add_argument(
+        "--loss",
+        choices=list(ADVERSARIAL_LOSSES),
+        default=d.loss,
+        help=f"real-vs-generated loss: bce (the paper's) or hinge (default {d.loss})",
+    )
+    parser.add_argument(
+        "--spectral-norm",
+        action=argparse.BooleanOptionalAction,
+        default=d.spectral_norm,
+        help="spectral normalisation of every discriminator layer",
+    )
+    parser.add_argument(
+        "--ema",
+        type=ema_decay,
+        default=d.ema,
+        metavar="DECAY",
+        help=f"draw samples from a moving average of the generator's weights with this decay, "
+        f"in [0, 1); 0: none (default {d.ema:g})",
+    )
+    parser.add_argument(
+        "--augment",
+        default=d.augment,
+        metavar="POLICY",
+        help="DiffAugment for every image the discriminator sees: 'none' or a comma list of "
+        f"{', '.join(AUGMENTATIONS)} (default {d.augment})",
     )
     parser.add_argument("--bs", type=positive_int, default=d.bs, help="batch size, at least 2")
     parser.add_argument("--lr", type=positive_float, default=d.lr, help="Adam learning rate")
@@ -307,6 +365,10 @@ def config_from_args(args: argparse.Namespace) -> ACGANConfig:
     names = [f.name for f in ACGANConfig.__dataclass_fields__.values()]
     values = {name: getattr(args, name) for name in names}
     values["out"] = Path(values["out"])
+    conditioning = list(dict.fromkeys(values["conditioning"]))  # in order, once each
+    if getattr(args, "tac", False) and "tac" not in conditioning:  # the old --tac
+        conditioning.append("tac")
+    values["conditioning"] = tuple(conditioning)
     return ACGANConfig(**values)
 
 
@@ -327,6 +389,24 @@ def check_config(config: ACGANConfig) -> None:
             )
     if config.size is not None and config.size not in IMG_SIZES:
         raise UsageError(f"--size must be one of {sorted(IMG_SIZES)}, got {config.size}")
+    unknown = [c for c in config.conditioning if c not in CONDITIONINGS]
+    if unknown or not config.conditioning:
+        raise UsageError(
+            f"--conditioning {' '.join(unknown) or '(none)'}: choose from "
+            f"{', '.join(CONDITIONINGS)}"
+        )
+    if config.loss not in ADVERSARIAL_LOSSES:
+        raise UsageError(f"--loss {config.loss}: choose from {', '.join(ADVERSARIAL_LOSSES)}")
+    if not 0 <= config.ema < 1:
+        raise UsageError(f"--ema {config.ema}: a decay in [0, 1), e.g. 0.999; 0 for none")
+    if config.augment != "none":
+        ops = [op.strip() for op in config.augment.split(",") if op.strip()]
+        unknown = [op for op in ops if op not in AUGMENTATIONS]
+        if unknown or not ops:
+            raise UsageError(
+                f"--augment {config.augment}: unknown operation {', '.join(unknown) or '(none)'}"
+                f"; give a comma list of {', '.join(AUGMENTATIONS)}, or none"
+            )
 
 
 def classifier_epochs(n_train: int, requested: int | None = None) -> int:
@@ -398,9 +478,11 @@ class GANCheckpoint(Callback):
 
     def after_epoch(self) -> None:
         model = self.learn.model
+        ema = model.generator_ema
         state = {
             "generator": model.generator.state_dict(),
             "discriminator": model.discriminator.state_dict(),
+            "generator_ema": None if ema is None else ema.state_dict(),
             "epoch": self.epoch + 1,
             **self.meta,
         }
@@ -413,10 +495,11 @@ def _train_variant(
     data: ImageData,
     evaluator: GANEvaluator,
     epochs: int,
-    tac: bool,
-    out: Path,
+    conditioning: str,
+    folder: str,
 ) -> GANRun:
-    """Train one GAN, write its files to `out`, and evaluate it."""
+    """Train one GAN, write its files to `--out/folder`, and evaluate it."""
+    out = Path(config.out) / folder
     _seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     networks = {
@@ -427,30 +510,37 @@ def _train_variant(
         "width": config.width,
     }
     generator = Generator(**networks)
-    conditioning = "tac" if tac else "ac"
     discriminator = Discriminator(
         data.c,
         img_size=data.size,
         channels=data.channels,
         width=config.width,
         conditioning=conditioning,
+        spectral_norm=config.spectral_norm,
     )
     loss = ACGANLoss(
         class_weight=config.class_weight,
-        fake_class_loss=config.fake_class_loss,
+        # ADC-GAN always learns generated classes; projection has no classifier
+        fake_class_loss=None if conditioning in ("adc", "projection") else config.fake_class_loss,
         conditioning=conditioning,
+        adversarial=config.loss,
         mode_seeking=config.mode_seeking,
     )
     dls = dataloaders(data, bs=config.bs, seed=config.seed, device="cpu")
-    meta = {"config": networks, "classes": data.classes, "tac": tac}
+    meta = {"config": networks, "classes": data.classes, "conditioning": conditioning}
+    monitor = ClassMonitor(
+        evaluator.classifier, data.valid_x, data.valid_y, seed=config.seed, class_names=data.classes
+    )
     learn = acgan_learner(
         dls,
         generator,
         discriminator,
         loss_func=loss,
+        ema_decay=config.ema or None,
+        augment=None if config.augment == "none" else config.augment,
         lr=config.lr,
         grid_dir=out / "grids",
-        cbs=[GANCheckpoint(out / "checkpoint.pth", meta)],
+        cbs=[GANCheckpoint(out / "checkpoint.pth", meta), monitor],
         path=out,
         model_dir=".",
     )
@@ -459,11 +549,9 @@ def _train_variant(
     train_seconds = time.perf_counter() - start
     with atomic_path(out / "learner.pth") as tmp:
         save_model(tmp, learn.model, getattr(learn, "opt", None))  # what learn.save writes
-    with atomic_path(out / "generator.pth") as tmp:
-        torch.save(
-            {"config": networks, "classes": data.classes, "state_dict": generator.state_dict()},
-            tmp,
-        )
+    with atomic_path(out / "generator.pth") as tmp:  # the weights that drew the samples
+        state = learn.sampler.state_dict()
+        torch.save({"config": networks, "classes": data.classes, "state_dict": state}, tmp)
     with atomic_path(out / "grid.png") as tmp:
         save_image(learn.sample_grid(10, seed=config.seed), tmp)
 
@@ -488,15 +576,22 @@ def _train_variant(
         for row in recorder_history(learn)
     ]
     return GANRun(
-        variant="TAC-GAN" if tac else "AC-GAN",
+        variant=VARIANT_NAMES[conditioning],
+        conditioning=conditioning,
+        folder=folder,
         out=out,
         epochs=epochs,
         loss={
+            "conditioning": conditioning,
+            "adversarial": loss.adversarial,
             "class_weight": loss.class_weight,
             "class_on_fake": loss.class_on_fake,
-            "tac": loss.tac,
             "mode_seeking": loss.mode_seeking,
+            "spectral_norm": config.spectral_norm,
+            "ema": config.ema,
+            "augment": config.augment,
         },
+        collapses=[event.as_dict() for event in monitor.collapses],
         train_seconds=train_seconds,
         eval_seconds=time.perf_counter() - start,
         history=history,
@@ -523,7 +618,6 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    out = Path(config.out)
     _seed_everything(config.seed)
     data = _load(config, say)
     say(f"data: {data}")
@@ -557,10 +651,11 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
         reference=reference,
         runs=[],
     )
-    for tac in [False, True] if config.tac else [False]:
-        name = "TAC-GAN" if tac else "AC-GAN"
+    for i, conditioning in enumerate(config.conditioning):
+        name = VARIANT_NAMES[conditioning]
         say(f"training the {name}: {epochs} epochs ({why})...")
-        run = _train_variant(config, data, evaluator, epochs, tac, out / "tac" if tac else out)
+        folder = "" if i == 0 else conditioning
+        run = _train_variant(config, data, evaluator, epochs, conditioning, folder)
         f = run.figures
         say(
             f"{name}: {f['accuracy']['overall']:.3f} classified as their class, Frechet "

@@ -281,7 +281,8 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         ["train time (s)", "", *[_seconds(r["train_seconds"]) for r in runs]],
     ]  # fmt: skip
     grids = [
-        f"![{r['variant']} samples]({'tac/' if r['loss']['tac'] else ''}grid.png)" for r in runs
+        f"![{r['variant']} samples]({r['folder'] + '/' if r['folder'] else ''}grid.png)"
+        for r in runs
     ]
     per_class = []
     for k, name in enumerate(classes):
@@ -313,7 +314,9 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         "## Samples",
         "",
         f"One row per class ({', '.join(classes)}), one column per fixed noise vector; the "
-        "grid of every epoch is in `grids/`" + (" and `tac/grids/`." if len(runs) > 1 else "."),
+        "grid of every epoch is in `grids/`"
+        + "".join(f" and `{r['folder']}/grids/`" for r in runs if r["folder"])
+        + ".",
         "",
         _table(names, [grids], markdown=True),
         "",
@@ -339,7 +342,8 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         "",
         f"Samples: `samples.npz` ({config['n_per_class']} per class; `images` float32 "
         "N x C x H x W in [0, 1], `labels` int64)"
-        + (", TAC-GAN's in `tac/samples.npz`." if len(runs) > 1 else "."),
+        + "".join(f", {r['variant']}'s in `{r['folder']}/samples.npz`" for r in runs if r["folder"])
+        + ".",
         f"Total time: {_seconds(report['total_seconds'])} s on {threads} CPU thread(s); timings "
         "depend on what else runs on the machine.",
         "",
