@@ -78,7 +78,7 @@ class _MeanThreshold(nn.Module):
 def test_class_accuracy_by_hand():
     images = torch.tensor([0.1, 0.9, 0.8, 0.2, 0.7]).view(5, 1, 1, 1).expand(5, 1, 2, 2)
     labels = torch.tensor([0, 1, 0, 0, 0])  # right, right, wrong, right, wrong
-    acc = class_accuracy(_MeanThreshold(), images, labels, n_classes=3)
+    acc = class_accuracy(_MeanThreshold(), images, labels, num_classes=3)
     assert acc["overall"] == pytest.approx(3 / 5)
     assert acc["per_class"] == [pytest.approx(2 / 4), 1.0, None]
 

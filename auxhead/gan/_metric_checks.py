@@ -28,10 +28,10 @@ def check_finite(values: torch.Tensor, what: str) -> None:
         )
 
 
-def check_labels(labels: torch.Tensor, n_classes: int, what: str) -> None:
-    """Integer classes in [0, n_classes)."""
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+def check_labels(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    """Integer classes in [0, num_classes)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise ValueError(
-            f"{what} must be in [0, {n_classes}), got [{int(labels.min())}, "
-            f"{int(labels.max())}]; pass the data's class count as n_classes"
+            f"{what} must be in [0, {num_classes}), got [{int(labels.min())}, "
+            f"{int(labels.max())}]; pass the data's class count as num_classes"
         )

@@ -18,14 +18,14 @@ class SmallCNN(nn.Module):
     `features(x)` returns the embedding (after ReLU) used for the Frechet distance and diversity.
 
     Args:
-        n_classes: number of classes.
+        num_classes: number of classes.
         channels: image channels (1 or 3).
         width: channels of the first conv block (then 2x, 4x).
         feature_dim: size of the embedding.
     """
 
     def __init__(
-        self, n_classes: int, channels: int, *, width: int = 16, feature_dim: int = 128
+        self, num_classes: int, channels: int, *, width: int = 16, feature_dim: int = 128
     ) -> None:
         super().__init__()
 
@@ -43,15 +43,15 @@ class SmallCNN(nn.Module):
             nn.Linear(16 * width, feature_dim),
             nn.ReLU(),
         )
-        self.head = nn.Linear(feature_dim, n_classes)
+        self.head = nn.Linear(feature_dim, num_classes)
         self.num_features = feature_dim  # torchmetrics reads it instead of probing
-        self.n_classes = n_classes
+        self.num_classes = num_classes
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.body(images * 2 - 1)  # [0, 1] -> [-1, 1]; (B, feature_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))  # (B, n_classes)
+        return self.head(self.features(images))  # (B, num_classes)
 
 
 class FeatureExtractor(nn.Module):
@@ -70,7 +70,7 @@ class FeatureExtractor(nn.Module):
 def train_classifier(
     images: torch.Tensor,
     labels: torch.Tensor,
-    n_classes: int,
+    num_classes: int,
     *,
     epochs: int = 3,
     batch_size: int = 128,
@@ -82,8 +82,8 @@ def train_classifier(
 
     Args:
         images: (N, C, H, W) training images in [0, 1].
-        labels: (N,) int64 classes in [0, n_classes).
-        n_classes: number of classes.
+        labels: (N,) int64 classes in [0, num_classes).
+        num_classes: number of classes.
         epochs: passes over the data.
         batch_size: images per step.
         lr: peak learning rate.
@@ -92,11 +92,11 @@ def train_classifier(
     """
     check_images(images, labels, "training images")
     labels = labels.long()
-    check_labels(labels, n_classes, "labels")
+    check_labels(labels, num_classes, "labels")
     rng = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SmallCNN(n_classes, images.shape[1], width=width)
+        model = SmallCNN(num_classes, images.shape[1], width=width)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * -(-len(images) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
@@ -119,15 +119,15 @@ def batched(fn: Any, images: torch.Tensor, batch_size: int = 1000) -> torch.Tens
 
 
 def class_accuracy(
-    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, n_classes: int
+    classifier: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> dict[str, Any]:
     """How often `classifier` predicts `labels`: overall and per class.
 
     Args:
-        classifier: a module returning (N, n_classes) logits for images in [0, 1].
+        classifier: a module returning (N, num_classes) logits for images in [0, 1].
         images: (N, C, H, W) images in [0, 1].
         labels: (N,) the classes they belong to (or, for generated images, were asked for).
-        n_classes: number of classes.
+        num_classes: number of classes.
 
     Returns:
         {"overall": float, "per_class": [float or None (no images of that class)]}.
@@ -143,7 +143,7 @@ def class_accuracy(
     correct = (pred == labels).float()
     per_class = [
         correct[labels == k].mean().item() if (labels == k).any() else None
-        for k in range(n_classes)
+        for k in range(num_classes)
     ]
     return {"overall": correct.mean().item(), "per_class": per_class}
 
@@ -153,7 +153,7 @@ def classification_accuracy_score(
     labels: torch.Tensor,
     test_x: torch.Tensor,
     test_y: torch.Tensor,
-    n_classes: int,
+    num_classes: int,
     *,
     epochs: int = 3,
     batch_size: int = 128,
@@ -173,7 +173,7 @@ def classification_accuracy_score(
         labels: (N,) the classes they were conditioned on.
         test_x: (M, C, H, W) real test images in [0, 1].
         test_y: (M,) their classes.
-        n_classes: number of classes.
+        num_classes: number of classes.
         epochs: passes over the generated images.
         batch_size: images per step.
         lr: peak learning rate.
@@ -194,14 +194,14 @@ def classification_accuracy_score(
     model = train_classifier(
         images,
         labels,
-        n_classes,
+        num_classes,
         epochs=epochs,
         batch_size=batch_size,
         lr=lr,
         seed=seed,
         width=width,
     )
-    accuracy = class_accuracy(model, test_x, test_y, n_classes)
+    accuracy = class_accuracy(model, test_x, test_y, num_classes)
     return {
         "accuracy": accuracy["overall"],
         "per_class": accuracy["per_class"],

@@ -76,7 +76,7 @@ def intra_class_frechet_distance(
     real_labels: torch.Tensor,
     fake_features: torch.Tensor,
     fake_labels: torch.Tensor,
-    n_classes: int,
+    num_classes: int,
     *,
     min_samples: int = 2,
 ) -> dict[str, Any]:
@@ -92,7 +92,7 @@ def intra_class_frechet_distance(
         real_labels: (N,) their classes.
         fake_features: (M, d) feature vectors of the images to score.
         fake_labels: (M,) the classes they were conditioned on.
-        n_classes: number of classes.
+        num_classes: number of classes.
         min_samples: a class with fewer vectors than this in either set gets no value; the
             distance needs at least 2.
 
@@ -103,7 +103,7 @@ def intra_class_frechet_distance(
             class has no value.
 
     Raises:
-        ValueError: min_samples below 2, labels out of [0, n_classes), mismatched lengths or
+        ValueError: min_samples below 2, labels out of [0, num_classes), mismatched lengths or
             vector sizes, NaN or infinite features.
     """
     if not isinstance(min_samples, int) or isinstance(min_samples, bool) or min_samples < 2:
@@ -119,7 +119,7 @@ def intra_class_frechet_distance(
         if len(features) != len(labels):
             raise ValueError(f"{name}: {len(features)} feature vectors but {len(labels)} labels")
         check_finite(features, name)
-        check_labels(labels, n_classes, f"the labels of {name}")
+        check_labels(labels, num_classes, f"the labels of {name}")
         sets[name] = (features.reshape(len(features), -1), labels.to(features.device).long())
     (real, real_y), (fake, fake_y) = sets["real_features"], sets["fake_features"]
     if real.shape[1] != fake.shape[1]:
@@ -129,7 +129,7 @@ def intra_class_frechet_distance(
         )
     per_class: list[float | None] = []
     why_none: list[str | None] = []
-    for c in range(n_classes):
+    for c in range(num_classes):
         real_c, fake_c = real[real_y == c], fake[fake_y == c]
         if min(len(real_c), len(fake_c)) < min_samples:
             per_class.append(None)

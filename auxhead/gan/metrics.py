@@ -75,7 +75,7 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
 def intra_class_diversity(
     features: torch.Tensor,
     labels: torch.Tensor,
-    n_classes: int,
+    num_classes: int,
     *,
     max_per_class: int = 1000,
     seed: int = 0,
@@ -85,7 +85,7 @@ def intra_class_diversity(
     Args:
         features: (N, ...) one feature vector (or image, in pixel space) per sample.
         labels: (N,) classes.
-        n_classes: number of classes.
+        num_classes: number of classes.
         max_per_class: at most this many samples per class, drawn at random, to bound the
             quadratic cost.
         seed: seed of that draw.
@@ -99,7 +99,7 @@ def intra_class_diversity(
     rng = torch.Generator().manual_seed(seed)
     labels = labels.cpu()
     out: list[float | None] = []
-    for k in range(n_classes):
+    for k in range(num_classes):
         idx = (labels == k).nonzero().flatten()
         if len(idx) > max_per_class:
             idx = idx[torch.randperm(len(idx), generator=rng)[:max_per_class]]
@@ -133,7 +133,7 @@ class GANEvaluator:
 
     Args:
         classifier: a trained `SmallCNN`, or any module with `features(images)`,
-            `num_features` and `n_classes`.
+            `num_features` and `num_classes`.
         train_x, train_y: real training images and labels (for the floors).
         test_x, test_y: real held-out images and labels: the reference distribution.
         floor_samples: real training images drawn for the floors; match it to the number of
@@ -148,7 +148,7 @@ class GANEvaluator:
         seed: seed of the draws and of the classification accuracy score's classifier.
 
     Example:
-        >>> ev = GANEvaluator.fit(train_x, train_y, test_x, test_y, n_classes=10)
+        >>> ev = GANEvaluator.fit(train_x, train_y, test_x, test_y, num_classes=10)
         >>> ev.reference()["fid_floor"]
         >>> ev.evaluate(generator.generate(labels), labels)["accuracy"]["overall"]
     """
@@ -180,7 +180,7 @@ class GANEvaluator:
                     f"{n}; pass more images or a smaller k"
                 )
         self.classifier = classifier.eval()
-        self.n_classes = classifier.n_classes
+        self.num_classes = classifier.num_classes
         self.test_x, self.test_y = test_x, test_y.long()
         self.k = k
         self.seed = seed
@@ -205,7 +205,7 @@ class GANEvaluator:
         train_y: torch.Tensor,
         test_x: torch.Tensor,
         test_y: torch.Tensor,
-        n_classes: int,
+        num_classes: int,
         *,
         epochs: int = 3,
         floor_samples: int = 5000,
@@ -216,7 +216,7 @@ class GANEvaluator:
         """Train the classifier on (train_x, train_y) for `epochs`, then build the evaluator;
         the other arguments are the constructor's."""
         classifier = train_classifier(
-            train_x, train_y, n_classes, epochs=epochs, batch_size=_CLASSIFIER_BATCH, seed=seed
+            train_x, train_y, num_classes, epochs=epochs, batch_size=_CLASSIFIER_BATCH, seed=seed
         )
         return cls(
             classifier,
@@ -244,7 +244,7 @@ class GANEvaluator:
 
     def _intra_fid(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         return intra_class_frechet_distance(
-            self.test_features, self.test_y, features, labels, self.n_classes
+            self.test_features, self.test_y, features, labels, self.num_classes
         )
 
     def reference(self) -> dict[str, Any]:
@@ -277,12 +277,12 @@ class GANEvaluator:
             real = self._precision_recall(floor_features, "real training")
             self._reference = {
                 "classifier_test_accuracy": class_accuracy(
-                    self.classifier, self.test_x, self.test_y, self.n_classes
+                    self.classifier, self.test_x, self.test_y, self.num_classes
                 ),
                 "fid_floor": self._distance_to_test(floor_features),
                 "floor_samples": len(self.floor_x),
                 "diversity": intra_class_diversity(
-                    self.test_features, self.test_y, self.n_classes, seed=self.seed
+                    self.test_features, self.test_y, self.num_classes, seed=self.seed
                 ),
                 "intra_fid_floor": self._intra_fid(floor_features, self.floor_y),
                 "precision": real["precision"],
@@ -348,16 +348,16 @@ class GANEvaluator:
                 f"{len(images)}; generate more"
             )
         labels = labels.long().cpu()
-        check_labels(labels, self.n_classes, "generated labels")
+        check_labels(labels, self.num_classes, "generated labels")
         reference = self.reference()
         features = batched(self.extractor, images)
-        diversity = intra_class_diversity(features, labels, self.n_classes, seed=self.seed)
+        diversity = intra_class_diversity(features, labels, self.num_classes, seed=self.seed)
         ratios = _ratios(diversity, reference["diversity"])
         known = [r for r in ratios if r is not None]
         pr = self._precision_recall(features, "generated")
         return {
             "n_samples": len(images),
-            "accuracy": class_accuracy(self.classifier, images, labels, self.n_classes),
+            "accuracy": class_accuracy(self.classifier, images, labels, self.num_classes),
             "fid": self._distance_to_test(features),
             "fid_floor": reference["fid_floor"],
             "intra_fid": self._intra_fid(features, labels),
@@ -378,7 +378,7 @@ class GANEvaluator:
             labels,
             self.test_x,
             self.test_y,
-            self.n_classes,
+            self.num_classes,
             epochs=self._cas_epochs(len(images)),
             batch_size=_CLASSIFIER_BATCH,
             seed=self.seed,
