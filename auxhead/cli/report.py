@@ -252,6 +252,10 @@ def terminal_summary(result: TrainResult) -> str:
 # auxhead acgan -------------------------------------------------------------------------------
 
 
+def _ratio(value: float | None, floor: float | None) -> str:
+    return "-" if value is None or not floor else f"{value / floor:.1f} x floor"
+
+
 def _gan_value(value: float | None, pct: bool = False) -> str:
     if value is None:
         return "-"
@@ -270,14 +274,29 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
     names = [run["variant"] for run in runs]
     classes = report["data"]["classes"]
     data = report["data"]
+    real_cas = runs[0]["cas"]["real_accuracy"] if runs and runs[0]["cas"] else None
     summary = [
         ["generated classified as their class", f">= {percent(TARGETS['accuracy'], 0)}",
          *[_gan_value(r["accuracy"]["overall"], True) for r in runs]],
-        [f"Frechet distance to real test (floor {ref['fid_floor']:.3f})", "near the floor",
-         *[_gan_value(r["fid"]) for r in runs]],
+        [f"Frechet distance to real test (floor {ref['fid_floor']:.3f})",
+         f"<= {TARGETS['fid_ratio']:g} x floor",
+         *[f"{_gan_value(r['fid'])} ({_ratio(r['fid'], ref['fid_floor'])})" for r in runs]],
+        [f"mean intra-class Frechet distance (floor {_gan_value(ref['intra_fid_floor']['mean'])})",
+         "near the floor",
+         *[f"{_gan_value(r['intra_fid']['mean'])} "
+           f"({_ratio(r['intra_fid']['mean'], ref['intra_fid_floor']['mean'])})" for r in runs]],
+        [f"precision, k = 3 (real: {_gan_value(ref['precision'])})", "",
+         *[_gan_value(r["precision"]) for r in runs]],
+        [f"recall, k = 3 (real: {_gan_value(ref['recall'])})", f">= {TARGETS['recall']:g}",
+         *[_gan_value(r["recall"]) for r in runs]],
+        [f"classification accuracy score (real-trained: {_gan_value(real_cas, True)})",
+         f">= {percent(TARGETS['cas'], 0)}",
+         *[_gan_value(r["cas"]["accuracy"] if r["cas"] else None, True) for r in runs]],
         ["min per-class diversity, generated / real",
          f">= {percent(TARGETS['diversity_ratio'], 0)}",
          *[_gan_value(r["min_diversity_ratio"], True) for r in runs]],
+        ["classes found collapsed during training", "0",
+         *[str(len(r["collapses"])) for r in runs]],
         ["train time (s)", "", *[_seconds(r["train_seconds"]) for r in runs]],
     ]  # fmt: skip
     grids = [
@@ -289,7 +308,8 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         cells = [name, _gan_value(ref["classifier_test_accuracy"]["per_class"][k], True)]
         for run in runs:
             cells += [_gan_value(run["accuracy"]["per_class"][k], True),
-                      _gan_value(run["diversity_ratio"][k], True)]  # fmt: skip
+                      _gan_value(run["diversity_ratio"][k], True),
+                      _gan_value(run["intra_fid"]["per_class"][k])]  # fmt: skip
         per_class.append(cells)
     lines = [
         "# AC-GAN report",
@@ -300,7 +320,9 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         f"class-loss weight {config['class_weight']}, mode-seeking weight "
         f"{config['mode_seeking']}, "
         "discriminator's class loss on "
-        f"{'real and generated' if config['fake_class_loss'] else 'real'} images.",
+        f"{'real and generated' if config['fake_class_loss'] else 'real'} images; "
+        f"{config['loss']} loss, spectral norm {'on' if config['spectral_norm'] else 'off'}, "
+        f"generator EMA {config['ema'] or 'off'}, DiffAugment {config['augment']}.",
         "",
         *[line for w in report["warnings"] for line in (f"**Warning:** {w}", "")],
         f"Independent classifier (trained on the real train split, "
@@ -324,10 +346,27 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         "",
         "Accuracy: share of generated samples classified as their conditioning class (the real "
         "test images' accuracy beside it). Diversity: mean pairwise distance of classifier "
-        "features within the class, generated / real.",
+        "features within the class, generated / real. Intra-FD: Frechet distance from the "
+        "class's samples to its real test images (its floor, real train vs real test: "
+        + ", ".join(_gan_value(v) for v in ref["intra_fid_floor"]["per_class"])
+        + ").",
         "",
+        *[
+            line
+            for r in runs
+            for c in r["collapses"]
+            for line in (
+                f"**{r['variant']}, epoch {c['epoch']}:** class {c['class_name']} "
+                f"collapsed ({c['reason']}).",
+                "",
+            )
+        ],
         _table(
-            ["class", "real acc", *[f"{n} {what}" for n in names for what in ("acc", "diversity")]],
+            [
+                "class",
+                "real acc",
+                *[f"{n} {what}" for n in names for what in ("acc", "diversity", "intra-FD")],
+            ],
             per_class,
             markdown=True,
         ),
