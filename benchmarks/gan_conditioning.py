@@ -44,12 +44,14 @@ from auxhead.cli.acgan import ACGANConfig, run_acgan
 from auxhead.cli.report import write_acgan_report
 from auxhead.data import load_data
 
-MODERN = {"loss": "hinge", "spectral_norm": True, "ema": 0.999}
+# Every group spells out all four ingredients, so it does not move with the CLI's defaults.
+CLASSIC = {"loss": "bce", "spectral_norm": False, "ema": 0.0, "augment": "none"}
+MODERN = {**CLASSIC, "loss": "hinge", "spectral_norm": True, "ema": 0.999}
 GROUPS = {
-    "classic": {"conditioning": ("ac",)},
+    "classic": {"conditioning": ("ac",), **CLASSIC},
     "modern": {"conditioning": ("ac", "tac", "adc", "reacgan", "projection"), **MODERN},
     "diffaug": {"conditioning": ("ac",), **MODERN, "augment": "translation,cutout"},
-    "ema": {"conditioning": ("ac", "adc"), "ema": 0.999},  # classic + the EMA alone
+    "ema": {"conditioning": ("ac", "adc"), **CLASSIC, "ema": 0.999},  # classic + the EMA alone
 }
 
 
