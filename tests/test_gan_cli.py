@@ -255,3 +255,29 @@ def test_report_seconds_never_round_a_short_run_to_zero():
         "10",
         "12",
     ]
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_a_folder_of_mixed_rgb_images_at_32_and_64_px(tmp_path, size):
+    """A user's own folder: RGB PNGs and JPEGs of different sizes, one greyscale image among
+    them; --size resizes all, and the networks are built for 3 channels at that size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "photos"
+    for k, name in enumerate(["red", "green", "blue"]):
+        (data / name).mkdir(parents=True)
+        for i in range(12):
+            pixels = rng.integers(0, 60, (30 + 3 * i, 40, 3)).astype(np.uint8)
+            pixels[..., k] += 180
+            image = Image.fromarray(pixels)
+            if i == 0 and k == 0:
+                image = image.convert("L")  # one grey image: read as RGB with the rest
+            image.save(data / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+    out = tmp_path / "out"
+    assert main(["acgan", *TINY, "--data", str(data), "--size", str(size), "--out", str(out)]) == 0
+    with np.load(out / "samples.npz") as samples:
+        assert samples["images"].shape == (300, 3, size, size)
+    assert Image.open(out / "grid.png").mode == "RGB"
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["shape"] == f"3x{size}x{size}" and report["runs"][0]["variant"]
