@@ -299,15 +299,43 @@ class EarlyExit(nn.Module):
             )
         return scores
 
+    def _exits_by_stage(self, plan: Plan) -> dict[int, list[int]]:
+        """stage position -> the exits (tap indices) decided after it; an exit at threshold 1
+        takes no one, so its head does not run."""
+        at_stage: dict[int, list[int]] = {}
+        for index, end in enumerate(plan.ends):
+            if self._thresholds[index] < 1.0:
+                at_stage.setdefault(end, []).append(index)
+        return at_stage
+
+    def _forward_one(self, x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch size 1: the decisions of `_forward_staged`, without the masks and index
+        copies a batch needs (about 0.1 ms an exit on a CPU): the sample leaves at the first
+        exit it passes, with that head's logits."""
+        taps, first = self.taps, None
+        at_stage = self._exits_by_stage(plan)
+        h: Any = x
+        for position, stage in enumerate(plan.stages):
+            h = stage.run(h)
+            for index in at_stage.get(position, ()):
+                logits, leave = self._exit_here(index, self.aux_model.head_input(taps[index], h))
+                first = logits if first is None else first
+                logits = self._like(logits, first, taps[index])
+                if bool(leave[0]):
+                    return logits, torch.full((1,), index, dtype=torch.long, device=x.device)
+        exits = torch.full((1,), len(taps), dtype=torch.long, device=x.device)
+        if first is None:  # no head ran: the model's own output, untouched
+            return h, exits
+        return self._like(h, first, MAIN).to(first.dtype), exits
+
     def _forward_staged(self, x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, torch.Tensor]:
         taps, batch = self.taps, x.shape[0]
+        if batch == 1:
+            return self._forward_one(x, plan)
         exits = torch.full((batch,), len(taps), dtype=torch.long, device=x.device)
         rows = torch.arange(batch, device=x.device)  # batch index of each sample still running
         out: torch.Tensor | None = None  # (B, K), filled as samples exit
-        at_stage: dict[int, list[int]] = {}
-        for index, end in enumerate(plan.ends):
-            if self._thresholds[index] < 1.0:  # an exit at 1 takes no one: skip its head
-                at_stage.setdefault(end, []).append(index)
+        at_stage = self._exits_by_stage(plan)
         h: Any = x
         for position, stage in enumerate(plan.stages):
             h = stage.run(h)

@@ -145,6 +145,16 @@ def test_fx_stages_are_exact(family, one_thread):
     # Later stages run on fewer samples: the same arithmetic, batched differently.
     torch.testing.assert_close(logits, picked, rtol=1e-4, atol=1e-5)
 
+    # Batch size 1 takes its own path (no masks, no index copies): each sample leaves where
+    # the rule says on its own scores, with that exit's logits.
+    for i in range(0, 6, 2):
+        one = _reference(aux, x[i : i + 1])  # (3, 1, K)
+        score = one[:2, 0].softmax(-1).amax(-1)
+        thresholds = early.thresholds
+        expected = 0 if score[0] > thresholds[0] else 1 if score[1] > thresholds[1] else 2
+        torch.testing.assert_close(early(x[i : i + 1]), one[expected], rtol=1e-4, atol=1e-5)
+        assert early.last_exits.tolist() == [expected]
+
 
 def test_a_value_crossing_a_cut_is_refused():
     class Skip(nn.Module):
