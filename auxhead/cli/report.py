@@ -320,7 +320,8 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         f"class-loss weight {config['class_weight']}, mode-seeking weight "
         f"{config['mode_seeking']}, "
         "discriminator's class loss on "
-        f"{'real and generated' if config['fake_class_loss'] else 'real'} images; "
+        f"{'real and generated' if runs and runs[0]['loss']['class_on_fake'] else 'real'} "
+        "images; "
         f"{config['loss']} loss, spectral norm {'on' if config['spectral_norm'] else 'off'}, "
         f"generator EMA {config['ema'] or 'off'}, DiffAugment {config['augment']}.",
         "",
