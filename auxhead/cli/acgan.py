@@ -48,7 +48,7 @@ from auxhead.cli._common import (
     positive_int,
 )
 from auxhead.data import ImageData, dataloaders, load_data
-from auxhead.gan.augment import AUGMENTATIONS
+from auxhead.gan.augment import AUGMENTATIONS, split_policy
 from auxhead.gan.learner import acgan_learner, save_image
 from auxhead.gan.losses import ADVERSARIAL_LOSSES, ACGANLoss
 from auxhead.gan.metrics import GANEvaluator
@@ -421,8 +421,7 @@ def check_config(config: ACGANConfig) -> None:
     if not 0 <= config.ema < 1:
         raise UsageError(f"--ema {config.ema}: a decay in [0, 1), e.g. 0.999; 0 for none")
     if config.augment != "none":
-        ops = [op.strip() for op in config.augment.split(",") if op.strip()]
-        unknown = [op for op in ops if op not in AUGMENTATIONS]
+        ops, unknown = split_policy(config.augment)
         if unknown or not ops:
             raise UsageError(
                 f"--augment {config.augment}: unknown operation {', '.join(unknown) or '(none)'}"

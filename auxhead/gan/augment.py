@@ -20,9 +20,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["AUGMENTATIONS", "DiffAugment"]
+__all__ = ["AUGMENTATIONS", "DiffAugment", "split_policy"]
 
 AUGMENTATIONS = ("color", "translation", "cutout")
+
+
+def split_policy(policy: str) -> tuple[list[str], list[str]]:
+    """(the operations a comma-separated policy names, those not in `AUGMENTATIONS`)."""
+    ops = [op.strip() for op in policy.split(",") if op.strip()]
+    return ops, [op for op in ops if op not in AUGMENTATIONS]
 
 
 def _rand(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -111,8 +117,7 @@ class DiffAugment(nn.Module):
         cutout_ratio: float = 0.5,
     ) -> None:
         super().__init__()
-        ops = [op.strip() for op in policy.split(",") if op.strip()]
-        unknown = [op for op in ops if op not in AUGMENTATIONS]
+        ops, unknown = split_policy(policy)
         if not ops or unknown:
             raise ValueError(
                 f"policy must name operations from {list(AUGMENTATIONS)}, comma-separated, "
