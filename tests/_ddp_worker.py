@@ -14,6 +14,7 @@ prevents. The test computes the single-process reference with `reference_run`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -124,6 +125,11 @@ def main(out_dir: Path) -> None:
         error = str(caught)
     (out_dir / f"naive_rank{rank}.txt").write_text(error)
     dist.destroy_process_group()
+    # Skip the interpreter's teardown, which can abort with torch's C++ threads still running
+    # (see _fastai_worker.py).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

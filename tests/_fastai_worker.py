@@ -11,6 +11,7 @@ same steps in one process with `reference_run`.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -107,6 +108,14 @@ def main(out_dir: Path) -> None:
         "state": learn.model.state_dict(),
     }
     torch.save(result, out_dir / f"rank{dist.get_rank()}.pt")
+    # Leave together, close the group, and skip the interpreter's teardown: a rank that tears
+    # down with torch's C++ threads still running can abort at exit ("terminate called without
+    # an active exception", SIGABRT) after its results are written, failing the launch.
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
