@@ -530,7 +530,7 @@ def _tensor_dl_type() -> type:
                 yield from super().create_batches(samps)
                 return
             x, y = self.arrays
-            idxs = np.fromiter(samps, dtype=np.int64)
+            idxs = np.fromiter(samps, dtype=np.int64) % len(y)  # `repeats` passes: n > len(y)
             for start in range(0, len(idxs), self.bs):
                 chunk = idxs[start : start + self.bs]
                 if self.drop_last and len(chunk) < self.bs:
@@ -538,6 +538,9 @@ def _tensor_dl_type() -> type:
                 # numpy's gather: torch's x[chunk] is 10-100x slower on a busy 2-core CPU.
                 images = self.image_type(torch.from_numpy(x[chunk]))
                 yield images, TensorCategory(torch.from_numpy(y[chunk]))
+
+        def create_item(self, s):
+            return super().create_item(s if s is None else s % len(self.dataset))
 
     TensorDL.__module__ = __name__
     return TensorDL
@@ -550,6 +553,7 @@ def dataloaders(
     seed: int = 0,
     device: str | torch.device | None = None,
     shuffle_train: bool = True,
+    repeats: int = 1,
 ) -> DataLoaders:
     """fastai DataLoaders over an `ImageData`, fast on many small images.
 
@@ -567,6 +571,10 @@ def dataloaders(
         seed: seeds the training shuffle; the same seed gives the same batches.
         device: where batches go; None picks fastai's default (the GPU if there is one).
         shuffle_train: shuffle the training set each epoch (and drop its last partial batch).
+        repeats: passes over the training set in one epoch, shuffled together (each image is
+            drawn exactly `repeats` times an epoch): fewer, longer epochs for a long schedule
+            on a small data set, such as a GAN's. Loaders derived with `dls.train.new(...)`
+            make one pass.
 
     Returns:
         A fastai `DataLoaders` with `train` and `valid` loaders.
@@ -580,8 +588,9 @@ def dataloaders(
     from fastai.data.transforms import Categorize, ItemGetter, Transform
     from fastai.torch_core import TensorImage, TensorImageBW, default_device
 
-    if bs < 1:
-        raise ValueError(f"bs must be at least 1, got {bs}")
+    for name, value in (("bs", bs), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     image_type = TensorImageBW if data.channels == 1 else TensorImage
     dl_type = _tensor_dl_type()
 
@@ -598,13 +607,15 @@ def dataloaders(
             split_idx=0 if train else 1,
         )
         shuffle = train and shuffle_train
+        n = len(y) * (repeats if train else 1)
         dl = dl_type(
             dataset,
             arrays=(x.detach().cpu().numpy(), y.detach().cpu().numpy()),
             image_type=image_type,
             bs=bs,
+            n=n,
             shuffle=shuffle,
-            drop_last=shuffle and len(y) > bs,
+            drop_last=shuffle and n > bs,
             num_workers=0,
         )
         dl.rng = random.Random(seed)

@@ -311,6 +311,26 @@ def test_dataloaders_are_deterministic(digits):
 
 
 @needs_fastai
+def test_dataloaders_repeats_pass_over_the_training_set_several_times_an_epoch():
+    x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 4, 4) / 10
+    y = torch.arange(10) % 2
+    toy = ImageData("toy", ["even", "odd"], x.clone(), y, x[:4].clone(), y[:4].clone())
+    dls = dataloaders(toy, bs=6, repeats=3, device="cpu")
+    assert len(dls.train) == 5 and len(dls.valid) == 1  # 30 draws an epoch; valid: one pass
+    for _ in range(2):
+        seen = torch.cat([xb[:, 0, 0, 0] for xb, _ in dls.train]) * 10
+        # every image exactly 3 times an epoch, shuffled together (not 3 runs of one order)
+        assert torch.equal(torch.bincount(seen.round().long(), minlength=10), torch.full((10,), 3))
+        assert not torch.equal(seen[:10], seen[10:20])
+    ordered = dataloaders(toy, bs=4, repeats=2, device="cpu", shuffle_train=False)
+    labels = torch.cat([yb for _, yb in ordered.train])
+    assert torch.equal(labels, torch.cat([y, y]))
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"repeats must be an integer >= 1, got {bad!r}"):
+            dataloaders(toy, repeats=bad)
+
+
+@needs_fastai
 def test_dataloaders_rgb_batches_are_tensor_images(tmp_path):
     from fastai.torch_core import TensorImage, TensorImageBW
 

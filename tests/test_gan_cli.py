@@ -10,7 +10,7 @@ import torch
 
 from auxhead.cli import main
 from auxhead.cli._common import LOCK_NAME
-from auxhead.cli.acgan import DEFAULT_EPOCHS, MIN_STEPS, classifier_epochs, gan_epochs
+from auxhead.cli.acgan import DEFAULT_EPOCHS, MIN_STEPS_PER_EPOCH, classifier_epochs, gan_budget
 from auxhead.gan.metrics import (
     SmallCNN,
     class_accuracy,
@@ -62,11 +62,23 @@ def test_classifier_epochs_scale_with_the_data():
     assert classifier_epochs(1_438, requested=3) == 3
 
 
-def test_gan_epochs_fit_the_data():
-    assert gan_epochs(60_000, 128)[0] == DEFAULT_EPOCHS  # 468 steps an epoch
-    epochs, why = gan_epochs(1_438, 128)  # digits: 11 steps an epoch
-    assert epochs == -(-MIN_STEPS // 11) == 300 and "11 steps an epoch" in why
-    assert gan_epochs(1_438, 128, requested=4) == (4, "--epochs given")
+def test_gan_budget_fits_the_data():
+    fmnist = gan_budget(60_000, 128)
+    assert fmnist == (DEFAULT_EPOCHS, 1, 468, 128, "the default, 7020 steps")
+    digits = gan_budget(1_438, 128)  # 11 steps a pass: 20 passes make 224 steps an epoch
+    assert digits.repeats == 20 and digits.steps_per_epoch == 1_438 * 20 // 128 == 224
+    assert digits.epochs == DEFAULT_EPOCHS and "passes 20 times over the 1438" in digits.why
+    for n in (3, 24, 50, 1_000):  # tiny folders: 15 epochs all the same, each long enough
+        budget = gan_budget(n, 128)
+        assert budget.epochs == DEFAULT_EPOCHS
+        bs = min(n, 128)
+        assert budget.bs == bs
+        assert budget.steps_per_epoch == n * budget.repeats // bs >= MIN_STEPS_PER_EPOCH
+        assert n * (budget.repeats - 1) // bs < MIN_STEPS_PER_EPOCH  # no more passes than needed
+    assert gan_budget(50, 128).bs == 50 and gan_budget(50, 128).steps_per_epoch == 220
+    assert gan_budget(50, 128).why.endswith(", all 50 in every batch")
+    given = gan_budget(1_438, 128, requested=4)
+    assert given.epochs == 4 and given.repeats == 20 and given.why.startswith("--epochs given")
 
 
 def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
@@ -94,7 +106,7 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     assert [run["loss"]["class_on_fake"] for run in saved["runs"]] == [False, False]
     assert [run["conditioning"] for run in saved["runs"]] == ["ac", "tac"]
     assert [run["folder"] for run in saved["runs"]] == ["", "tac"]
-    assert saved["config"]["epochs"] == 1 and saved["epochs_why"] == "--epochs given"
+    assert saved["config"]["epochs"] == 1 and saved["epochs_why"].startswith("--epochs given")
     assert 0 <= saved["reference"]["classifier_test_accuracy"]["overall"] <= 1
     for run in saved["runs"]:
         assert len(run["accuracy"]["per_class"]) == 3 and run["fid"] >= 0
@@ -104,7 +116,8 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert images == ["grid.png", "tac/grid.png"]
     assert all((out / image).is_file() for image in images)
-    assert "1 epoch (--epochs given)" in markdown
+    why = "1 epoch (--epochs given, 221 steps: each epoch passes 118 times over the 30 "
+    assert why in markdown
     train_time = next(line for line in markdown.splitlines() if line.startswith("| train time"))
     assert " 0 |" not in train_time  # a short run shows tenths of a second, not 0
     assert not list(out.glob(".*tmp*")) and not list((out / "tac").glob(".*tmp*"))
@@ -115,7 +128,10 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     assert g.generate([2]).shape == (1, 1, 28, 28)
     checkpoint = torch.load(out / "checkpoint.pth")
     assert checkpoint["epoch"] == 1 and set(checkpoint) >= {"generator", "discriminator"}
-    torch.testing.assert_close(checkpoint["generator"], ckpt["state_dict"])
+    # generator.pth holds the weights that drew the samples: the EMA's
+    ema = {k.removeprefix("module."): v for k, v in checkpoint["generator_ema"].items()}
+    torch.testing.assert_close(ckpt["state_dict"], {k: ema[k] for k in ckpt["state_dict"]})
+    assert checkpoint["generator"].keys() == ckpt["state_dict"].keys()
 
 
 @pytest.mark.parametrize(

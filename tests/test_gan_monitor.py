@@ -64,15 +64,16 @@ def test_a_collapsed_class_is_named_in_a_warning_columns_and_events(data):
     monitor = ClassMonitor(classifier, real_x, real_y, n_per_class=20)
     learn = _learner(data, _ToyGenerator(3, latent_dim=28 * 28, width=1), monitor)
     with pytest.warns(ClassCollapseWarning) as caught, learn.no_bar(), learn.no_logging():
-        learn.fit(2)
+        learn.fit(3)
     messages = [str(w.message) for w in caught]
     assert any("class 'mid' (index 1) collapsed at epoch 1: diversity 0.00" in m for m in messages)
-    assert any("class 'high' (index 2) collapsed at epoch 2" in m for m in messages)
+    assert any("class 'high' (index 2) collapsed at epoch 1" in m for m in messages)
     assert any("no sample recognised as the class; 0% of its samples" in m for m in messages)
     assert not any("'low'" in m for m in messages)
-    # one event per collapsed class and epoch, kept for the report
-    assert [(c.epoch, c.class_name) for c in monitor.collapses] == [
-        (1, "mid"), (1, "high"), (2, "mid"), (2, "high")
+    # one warning and one event per collapse, not per epoch: both stay collapsed to the end
+    assert len(messages) == 2
+    assert [(c.epoch, c.last_epoch, c.class_name) for c in monitor.collapses] == [
+        (1, 3, "mid"), (1, 3, "high")
     ]  # fmt: skip
     mid = monitor.collapses[0]
     assert isinstance(mid, ClassCollapse) and mid.diversity_ratio == 0 and mid.recognised == 1
@@ -84,7 +85,7 @@ def test_a_collapsed_class_is_named_in_a_warning_columns_and_events(data):
     assert worst_recognised == 0 and worst_diversity == 0
     # per class: class 0 is as varied as the real data (same noise level), all recognised
     row = monitor.history[-1]
-    assert row["epoch"] == 2 and row["recognised"] == [1.0, 1.0, 0.0]
+    assert row["epoch"] == 3 and row["recognised"] == [1.0, 1.0, 0.0]
     assert 0.8 < row["diversity_ratio"][0] < 1.25
     # the columns leave with the fit; the classifier is back in training mode
     assert "worst_diversity" not in [getattr(m, "name", "") for m in learn.metrics]
@@ -105,6 +106,38 @@ def test_collapses_are_looked_for_once_the_classes_are_drawn_at_all(data):
     with pytest.warns(ClassCollapseWarning), learn.no_bar(), learn.no_logging():
         learn.fit(1)
     assert monitor.checking_since == 1 and len(monitor.collapses) == 2
+
+
+class _MidFlickers(_ToyGenerator):
+    """Class 1 has the real data's variety unless `collapsed`; class 2 is drawn right."""
+
+    collapsed = False
+
+    def forward(self, noise, labels):
+        spread = torch.tensor([0.05, 0.0 if self.collapsed else 0.05, 0.05], device=noise.device)
+        level = LEVELS.to(noise.device)[labels]
+        images = level.view(-1, 1, 1, 1) + spread[labels].view(-1, 1, 1, 1) * noise.view(
+            -1, 1, 28, 28
+        )
+        return images.clamp(0, 1) * 2 - 1 + 0 * self.embed.weight.sum()
+
+
+def test_a_class_that_recovers_and_collapses_again_warns_again(data):
+    monitor = ClassMonitor(_BrightnessClassifier(), *_real(seed=1), class_names=["a", "b", "c"])
+    generator = _MidFlickers(3, latent_dim=28 * 28, width=1)
+    _learner(data, generator, monitor)
+    monitor.before_fit()
+    warned = []
+    for epoch, collapsed in enumerate([True, True, False, True, True, True], start=1):
+        generator.collapsed = collapsed
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            monitor.measure(epoch)
+        warned += [epoch for w in caught if issubclass(w.category, ClassCollapseWarning)]
+    assert warned == [1, 4]
+    assert [(c.epoch, c.last_epoch, c.class_name) for c in monitor.collapses] == [
+        (1, 2, "b"), (4, 6, "b")
+    ]  # fmt: skip
 
 
 def test_diversity_ratio_by_hand(data):

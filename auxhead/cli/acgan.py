@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,9 +59,10 @@ __all__ = [
     "TARGETS",
     "ACGANConfig",
     "ACGANResult",
+    "GANBudget",
     "add_parser",
     "classifier_epochs",
-    "gan_epochs",
+    "gan_budget",
     "run_acgan",
 ]
 
@@ -92,11 +93,13 @@ def passed(figures: dict[str, Any]) -> dict[str, bool]:
 CLASSIFIER_STEPS = 900
 MAX_CLASSIFIER_EPOCHS = 100
 # The GAN trains DEFAULT_EPOCHS epochs (Fashion-MNIST: 468 steps each; 15 epochs met 4 of the
-# 5 quality targets in 9 minutes, 10 epochs met 1), or more to make MIN_STEPS steps:
-# scikit-learn's digits (11 steps an epoch) then get 300 epochs, which measured 98.8% of the
-# samples recognised, against chance at 10 epochs.
+# 5 quality targets in 9 minutes, 10 epochs met 1) of at least MIN_STEPS_PER_EPOCH steps: on a
+# smaller data set an epoch passes over the training images several times (scikit-learn's
+# digits: 20 passes of 11 steps), so that every data set gets at least 3,300 steps (digits at
+# 10 epochs of one pass: samples at chance) and a few dozen images still make 15 epochs, each
+# with one grid, checkpoint and monitor check, not thousands.
 DEFAULT_EPOCHS = 15
-MIN_STEPS = 3300
+MIN_STEPS_PER_EPOCH = 220
 MIN_SAMPLES_PER_CLASS = 100  # fewer make the per-class figures noise
 
 OWNED_FILES = [  # what a run writes into --out: removed when the next run starts
@@ -126,7 +129,7 @@ class ACGANConfig:
 
     data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
     size: int | None = None  # None: the data's size, or the next one in IMG_SIZES
-    epochs: int | None = None  # None: `gan_epochs` decides
+    epochs: int | None = None  # None: DEFAULT_EPOCHS (see `gan_budget`)
     seed: int = 0
     out: Path = Path("runs/acgan")
     # The discriminator's use of the class, one run each, side by side: the first writes to
@@ -184,8 +187,7 @@ class GANRun:
 class ACGANResult:
     config: ACGANConfig
     data: ImageData
-    epochs: int
-    epochs_why: str
+    budget: GANBudget
     classifier_epochs: int
     classifier_seconds: float
     reference: dict[str, Any]
@@ -198,11 +200,14 @@ class ACGANResult:
 
     def as_json(self) -> dict[str, Any]:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
-        config.update(epochs=self.epochs, classifier_epochs=self.classifier_epochs)
+        config.update(epochs=self.budget.epochs, classifier_epochs=self.classifier_epochs)
         data = self.data
         return {
             "config": config,
-            "epochs_why": self.epochs_why,
+            "epochs_why": self.budget.why,
+            "steps_per_epoch": self.budget.steps_per_epoch,
+            "passes_per_epoch": self.budget.repeats,
+            "batch_size": self.budget.bs,  # --bs, or the training set's size if smaller
             "data": {
                 "name": data.name,
                 "classes": data.classes,
@@ -235,14 +240,15 @@ apart) with a moving average of the generator's weights drawing the samples: mea
 AC-GAN, TAC-GAN, ReACGAN and a projection discriminator (benchmarks/gan_conditioning.py), it
 had the lowest Frechet distances and the highest recall. --conditioning picks others.
 
-Defaults: Fashion-MNIST, 15 epochs (about 9 minutes on 2 CPU cores). A smaller data set
-trains for more epochs, to make at least 3300 optimizer steps (scikit-learn's digits: 300
-epochs, about 5 minutes); the run prints what it chose, and --epochs overrides it."""
+Defaults: Fashion-MNIST, 15 epochs (about 9 minutes on 2 CPU cores). An epoch has at least
+220 optimizer steps: on a smaller data set it passes over the images several times
+(scikit-learn's digits: 20 passes; 50 training images: 220 passes, all 50 in each batch).
+The run prints what it chose; --epochs sets the number of epochs."""
 
 EPILOG = f"""\
 examples:
   auxhead acgan                                  # Fashion-MNIST, 15 epochs
-  auxhead acgan --data digits --out runs/digits  # 8x8 digits at 28x28, 300 epochs
+  auxhead acgan --data digits --out runs/digits  # 8x8 digits at 28x28, 15 epochs of 20 passes
   auxhead acgan --conditioning ac tac adc reacgan projection --out runs/all  # side by side
   auxhead acgan --conditioning ac --ema 0 --mode-seeking 0 --class-weight 1 --fake-class-loss
                                                  # the paper's AC-GAN
@@ -291,7 +297,8 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--epochs",
         type=positive_int,
         default=None,
-        help=f"training epochs (default {DEFAULT_EPOCHS}, or more to make {MIN_STEPS} steps)",
+        help=f"training epochs (default {DEFAULT_EPOCHS}); an epoch has at least "
+        f"{MIN_STEPS_PER_EPOCH} steps, passing over a small data set several times",
     )
     parser.add_argument("--seed", type=int, default=d.seed, help="random seed")
     parser.add_argument(
@@ -443,18 +450,35 @@ def classifier_epochs(n_train: int, requested: int | None = None) -> int:
     return min(MAX_CLASSIFIER_EPOCHS, max(2, -(-CLASSIFIER_STEPS // steps_per_epoch)))
 
 
-def gan_epochs(n_train: int, bs: int, requested: int | None = None) -> tuple[int, str]:
-    """Epochs of GAN training and why: `requested`, or DEFAULT_EPOCHS, or more to make
-    MIN_STEPS steps of `bs` images (the last partial batch of an epoch is dropped)."""
-    if requested is not None:
-        return requested, "--epochs given"
-    steps_per_epoch = max(1, n_train // bs)
-    epochs = max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
-    if epochs == DEFAULT_EPOCHS:
-        return epochs, f"the default, {epochs * steps_per_epoch} steps"
-    return epochs, (
-        f"at least {MIN_STEPS} steps at {steps_per_epoch} steps an epoch (--epochs to change)"
-    )
+class GANBudget(NamedTuple):
+    """How long the GAN trains: `epochs` of `steps_per_epoch` optimizer steps of `bs` images,
+    each epoch `repeats` shuffled passes over the training images; `why`, in words."""
+
+    epochs: int
+    repeats: int
+    steps_per_epoch: int
+    bs: int
+    why: str
+
+
+def gan_budget(n_train: int, bs: int, requested: int | None = None) -> GANBudget:
+    """`requested` epochs or DEFAULT_EPOCHS, each at least MIN_STEPS_PER_EPOCH steps: as many
+    passes over the `n_train` training images as that takes (the last partial batch of an
+    epoch is dropped). The batch is `bs` images, or all of them if there are fewer: a batch
+    that holds each image several times costs more and teaches nothing more."""
+    bs = min(bs, n_train)
+    repeats = 1
+    if n_train // bs < MIN_STEPS_PER_EPOCH:
+        repeats = -(-MIN_STEPS_PER_EPOCH * bs // n_train)
+    steps = n_train * repeats // bs
+    epochs = DEFAULT_EPOCHS if requested is None else requested
+    why = "--epochs given" if requested is not None else "the default"
+    why += f", {epochs * steps} steps"
+    if repeats > 1:
+        why += f": each epoch passes {repeats} times over the {n_train} training images"
+    if bs == n_train:
+        why += f", all {n_train} in every batch"
+    return GANBudget(epochs, repeats, steps, bs, why)
 
 
 def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
@@ -520,7 +544,7 @@ def _train_variant(
     config: ACGANConfig,
     data: ImageData,
     evaluator: GANEvaluator,
-    epochs: int,
+    budget: GANBudget,
     conditioning: str,
     folder: str,
 ) -> GANRun:
@@ -552,7 +576,7 @@ def _train_variant(
         adversarial=config.loss,
         mode_seeking=config.mode_seeking,
     )
-    dls = dataloaders(data, bs=config.bs, seed=config.seed, device="cpu")
+    dls = dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu", repeats=budget.repeats)
     meta = {"config": networks, "classes": data.classes, "conditioning": conditioning}
     monitor = ClassMonitor(
         evaluator.classifier, data.valid_x, data.valid_y, seed=config.seed, class_names=data.classes
@@ -571,7 +595,7 @@ def _train_variant(
         model_dir=".",
     )
     start = time.perf_counter()
-    learn.fit(epochs)
+    learn.fit(budget.epochs)
     train_seconds = time.perf_counter() - start
     with atomic_path(out / "learner.pth") as tmp:
         save_model(tmp, learn.model, getattr(learn, "opt", None))  # what learn.save writes
@@ -606,7 +630,7 @@ def _train_variant(
         conditioning=conditioning,
         folder=folder,
         out=out,
-        epochs=epochs,
+        epochs=budget.epochs,
         loss={
             "conditioning": conditioning,
             "adversarial": loss.adversarial,
@@ -647,7 +671,7 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     _seed_everything(config.seed)
     data = _load(config, say)
     say(f"data: {data}")
-    epochs, why = gan_epochs(len(data.train_y), config.bs, config.epochs)
+    budget = gan_budget(len(data.train_y), config.bs, config.epochs)
     n_classifier = classifier_epochs(len(data.train_y), config.classifier_epochs)
     say(f"training the independent classifier ({n_classifier} epochs)...")
     t = time.perf_counter()
@@ -670,8 +694,7 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     result = ACGANResult(
         config=config,
         data=data,
-        epochs=epochs,
-        epochs_why=why,
+        budget=budget,
         classifier_epochs=n_classifier,
         classifier_seconds=classifier_seconds,
         reference=reference,
@@ -679,9 +702,9 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     )
     for i, conditioning in enumerate(config.conditioning):
         name = VARIANT_NAMES[conditioning]
-        say(f"training the {name}: {epochs} epochs ({why})...")
+        say(f"training the {name}: {budget.epochs} epochs ({budget.why})...")
         folder = "" if i == 0 else conditioning
-        run = _train_variant(config, data, evaluator, epochs, conditioning, folder)
+        run = _train_variant(config, data, evaluator, budget, conditioning, folder)
         f = run.figures
         say(
             f"{name}: {f['accuracy']['overall']:.3f} classified as their class, Frechet "

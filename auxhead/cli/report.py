@@ -256,6 +256,12 @@ def _ratio(value: float | None, floor: float | None) -> str:
     return "-" if value is None or not floor else f"{value / floor:.1f} x floor"
 
 
+def _epoch_span(collapse: dict[str, Any]) -> str:
+    """When a class was collapsed: "epoch 3" or "epochs 3-9" (old reports: one epoch each)."""
+    first, last = collapse["epoch"], collapse.get("last_epoch", collapse["epoch"])
+    return f"epoch {first}" if last == first else f"epochs {first}-{last}"
+
+
 def _gan_value(value: float | None, pct: bool = False) -> str:
     if value is None:
         return "-"
@@ -296,7 +302,7 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
          f">= {percent(TARGETS['diversity_ratio'], 0)}",
          *[_gan_value(r["min_diversity_ratio"], True) for r in runs]],
         ["classes found collapsed during training", "0",
-         *[str(len(r["collapses"])) for r in runs]],
+         *[str(len({c["class_index"] for c in r["collapses"]})) for r in runs]],
         ["train time (s)", "", *[_seconds(r["train_seconds"]) for r in runs]],
     ]  # fmt: skip
     grids = [
@@ -357,7 +363,7 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
             for r in runs
             for c in r["collapses"]
             for line in (
-                f"**{r['variant']}, epoch {c['epoch']}:** class {c['class_name']} "
+                f"**{r['variant']}, {_epoch_span(c)}:** class {c['class_name']} "
                 f"collapsed ({c['reason']}).",
                 "",
             )

@@ -14,10 +14,11 @@ one) and asks an independent classifier, per class:
 The worst class's two figures become Recorder columns ("worst_recognised", "worst_diversity").
 A class whose diversity ratio falls below `min_diversity`, or that no sample of is recognised,
 has collapsed: the monitor warns (`ClassCollapseWarning`, naming the class and epoch) and keeps
-the event in `collapses`, for a report. It starts checking once the generator has learned to
+the event in `collapses`, for a report; it warns once per collapse, and again only if the class
+recovers and collapses anew. It starts checking once the generator has learned to
 draw the classes at all (the mean recognisability reaches `start_when_recognised`): before
 that every class fails both tests, and flagging them would bury a real collapse in noise (on
-scikit-learn's digits the default AC-GAN draws no class recognisably for its first 7 epochs).
+scikit-learn's digits, AC-GAN with one-pass epochs drew no class recognisably for 7 epochs).
 
 fastai adapter: imports fastai.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -46,7 +47,8 @@ class ClassCollapseWarning(UserWarning):
 
 @dataclass(frozen=True)
 class ClassCollapse:
-    """One class found collapsed after one epoch."""
+    """One class found collapsed: the figures of the epoch it collapsed at, and how long it
+    stayed so."""
 
     epoch: int  # 1-based, as the grids are numbered
     class_index: int
@@ -54,6 +56,7 @@ class ClassCollapse:
     recognised: float  # share of the class's samples the classifier labels as the class
     diversity_ratio: float  # generated / real mean pairwise feature distance; NaN if unknown
     reason: str
+    last_epoch: int  # the last epoch it was still collapsed (the last seen if it never recovered)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -153,6 +156,7 @@ class ClassMonitor(Callback):
         self.latest: dict[str, float] = {}
         self.history: list[dict[str, Any]] = []
         self.collapses: list[ClassCollapse] = []
+        self._open: dict[int, int] = {}  # class index -> its ongoing collapse in `collapses`
         self.checking_since: int | None = None
         self._columns = [_Column(self, "worst_recognised"), _Column(self, "worst_diversity")]
         self._real_spread: list[float] = []  # set at the start of fit, with the fixed batch
@@ -161,6 +165,7 @@ class ClassMonitor(Callback):
     # fastai events ---------------------------------------------------------------------------
 
     def before_fit(self) -> None:
+        self._open = {}  # a new fit counts its epochs from 1 again
         sampler = self.learn.model.sampler
         num_classes = sampler.num_classes
         if self.class_names is not None and len(self.class_names) != num_classes:
@@ -217,9 +222,15 @@ class ClassMonitor(Callback):
                 reasons.append(f"diversity {ratio:.2f} of the real data's (< {self.min_diversity})")
             if share == 0:
                 reasons.append("no sample recognised as the class")
-            if reasons:
-                name = self.class_names[k]
-                self._collapse(ClassCollapse(epoch, k, name, share, ratio, "; ".join(reasons)))
+            if not reasons:
+                self._open.pop(k, None)  # recovered: a new collapse warns again
+            elif k in self._open:  # still collapsed: extend the event, no new warning
+                i = self._open[k]
+                self.collapses[i] = replace(self.collapses[i], last_epoch=epoch)
+            else:
+                name, reason = self.class_names[k], "; ".join(reasons)
+                self._open[k] = len(self.collapses)
+                self._collapse(ClassCollapse(epoch, k, name, share, ratio, reason, epoch))
         return row
 
     def _collapse(self, event: ClassCollapse) -> None:
