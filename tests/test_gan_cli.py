@@ -90,6 +90,7 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     assert main(["acgan", *TINY, "--data", str(data), *args]) == 0
     stdout = capsys.readouterr().out
     assert "wrote" in stdout
+    assert "tip: on few images (30 to train) --augment color,translation,cutout" in stdout
     assert not (out / "grids" / "grid_epoch_099.png").exists()  # the earlier run's: removed
     for folder in (out, out / "tac"):
         for name in ("grid.png", "generator.pth", "learner.pth", "samples.npz", "checkpoint.pth"):

@@ -101,6 +101,9 @@ MAX_CLASSIFIER_EPOCHS = 100
 DEFAULT_EPOCHS = 15
 MIN_STEPS_PER_EPOCH = 220
 MIN_SAMPLES_PER_CLASS = 100  # fewer make the per-class figures noise
+# Below this many training images the run suggests DiffAugment: on a folder of 39 it doubled
+# the smallest class's diversity on two seeds; on 480 it traded recognisability for FD.
+FEW_IMAGES = 200
 
 OWNED_FILES = [  # what a run writes into --out: removed when the next run starts
     "report.md",
@@ -672,6 +675,11 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     data = _load(config, say)
     say(f"data: {data}")
     budget = gan_budget(len(data.train_y), config.bs, config.epochs)
+    if len(data.train_y) < FEW_IMAGES and config.augment == "none":
+        say(
+            f"tip: on few images ({len(data.train_y)} to train) --augment "
+            "color,translation,cutout gave more varied samples (README: 'Your own few images')"
+        )
     n_classifier = classifier_epochs(len(data.train_y), config.classifier_epochs)
     say(f"training the independent classifier ({n_classifier} epochs)...")
     t = time.perf_counter()
