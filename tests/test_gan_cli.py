@@ -169,6 +169,9 @@ def test_bad_input_one_clear_line(tmp_path, capsys):
     )
     _image_folder(tmp_path / "one", classes=("only",), n=4)
     assert "single class" in error_line(capsys, ["acgan", "--data", tmp_path / "one", *out])
+    _image_folder(tmp_path / "few", n=4)  # 1 image of each class held out: too few to score
+    few = error_line(capsys, ["acgan", "--data", tmp_path / "few", *out])
+    assert "at least 2 held-out images of every class" in few and "(a: 1, b: 1, c: 1)" in few
     assert "--out is empty" in error_line(capsys, ["acgan", "--out", ""])
     assert "--augment flip: unknown" in error_line(capsys, ["acgan", "--augment", "flip", *out])
 
@@ -180,7 +183,7 @@ def test_tiny_run_with_the_modern_ingredients(tmp_path):
     out = tmp_path / "out"
     modern = ["--loss", "hinge", "--spectral-norm", "--ema", "0.9", "--augment", "translation"]
     kinds = ["--conditioning", "reacgan", "adc", "projection", "--tac"]
-    argv = ["acgan", *TINY, "--epochs", "3", "--data", str(data), *modern, *kinds]
+    argv = ["acgan", *TINY, "--data", str(data), *modern, *kinds]  # 1 epoch: 221 steps
     assert main([*argv, "--out", str(out)]) == 0
     saved = json.loads((out / "report.json").read_text())
     runs = saved["runs"]

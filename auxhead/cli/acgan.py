@@ -101,6 +101,9 @@ MAX_CLASSIFIER_EPOCHS = 100
 DEFAULT_EPOCHS = 15
 MIN_STEPS_PER_EPOCH = 220
 MIN_SAMPLES_PER_CLASS = 100  # fewer make the per-class figures noise
+# The held-out images each class needs: the monitor's and the evaluation's diversity compare
+# pairwise distances (2 at least), and precision/recall need more than k = 3 images in all.
+MIN_HELD_OUT_PER_CLASS = 2
 # Below this many training images the run suggests DiffAugment: on a folder of 39 it doubled
 # the smallest class's diversity on two seeds; on 480 it traded recognisability for FD.
 FEW_IMAGES = 200
@@ -501,6 +504,19 @@ def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
         raise UsageError(
             f"--data {data.name} has {min(data.c, n_seen)} class(es); an AC-GAN conditions on the "
             "class and needs at least 2"
+        )
+    held_out = torch.bincount(data.valid_y, minlength=data.c)
+    if int(held_out.min()) < MIN_HELD_OUT_PER_CLASS:
+        short = [
+            f"{data.classes[k]}: {int(n)}"
+            for k, n in enumerate(held_out)
+            if n < MIN_HELD_OUT_PER_CLASS
+        ]
+        raise UsageError(
+            f"--data {data.name}: the evaluation needs at least {MIN_HELD_OUT_PER_CLASS} held-out "
+            f"images of every class, and the split holds out too few ({', '.join(short)}); add "
+            "images (about 10 a class), or put at least 2 of each class in a valid/ folder "
+            "beside train/"
         )
     return data
 
