@@ -303,7 +303,13 @@ def test_options_that_cannot_work_are_refused_before_anything_is_written(tmp_pat
 
 def test_early_exit_needs_held_out_images(tmp_path, capsys):
     line = error_line(capsys, ["train", *QUICK, "--limit", "3", "--early-exit", "--out", tmp_path])
-    assert "--early-exit" in line and "--limit 250" in line
+    assert "--early-exit" in line and "raise --limit to 250 or more" in line
+    for k, name in enumerate(("cat", "dog")):  # a small folder: no --limit to raise
+        for i in range(6):
+            _png(tmp_path / "pets" / name / f"{i}.png", value=60 + 120 * k)
+    argv = ["train", "--data", tmp_path / "pets", "--early-exit", "--out", tmp_path / "o"]
+    line = error_line(capsys, argv)
+    assert "use a data set with at least 250 training images" in line and "--limit" not in line
 
 
 def test_non_finite_loss_stops_with_one_line(tmp_path, capsys):

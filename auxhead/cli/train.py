@@ -597,10 +597,14 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     if config.early_exit:
         n = min(config.holdout, len(data.train_y) // 5)
         if n < MIN_HOLDOUT:
+            more = (
+                f"raise --limit to {5 * MIN_HOLDOUT} or more"
+                if config.limit
+                else f"use a data set with at least {5 * MIN_HOLDOUT} training images"
+            )
             raise UsageError(
                 f"--early-exit calibrates on a fifth of the training images; {len(data.train_y)} "
-                f"leave {n}, fewer than {MIN_HOLDOUT}: use more data (--limit "
-                f"{5 * MIN_HOLDOUT} or more) or drop --early-exit"
+                f"leave {n}, fewer than {MIN_HOLDOUT}: {more}, or drop --early-exit"
             )
         if n < SMALL_HOLDOUT:
             warnings.warn(
