@@ -505,13 +505,10 @@ def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
             f"--data {data.name} has {min(data.c, n_seen)} class(es); an AC-GAN conditions on the "
             "class and needs at least 2"
         )
-    held_out = torch.bincount(data.valid_y, minlength=data.c)
-    if int(held_out.min()) < MIN_HELD_OUT_PER_CLASS:
-        short = [
-            f"{data.classes[k]}: {int(n)}"
-            for k, n in enumerate(held_out)
-            if n < MIN_HELD_OUT_PER_CLASS
-        ]
+    held_out = torch.bincount(data.valid_y, minlength=data.c).tolist()
+    pairs = zip(data.classes, held_out, strict=True)
+    short = [f"{name}: {n}" for name, n in pairs if n < MIN_HELD_OUT_PER_CLASS]
+    if short:
         raise UsageError(
             f"--data {data.name}: the evaluation needs at least {MIN_HELD_OUT_PER_CLASS} held-out "
             f"images of every class, and the split holds out too few ({', '.join(short)}); add "
@@ -690,13 +687,14 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     _seed_everything(config.seed)
     data = _load(config, say)
     say(f"data: {data}")
-    budget = gan_budget(len(data.train_y), config.bs, config.epochs)
-    if len(data.train_y) < FEW_IMAGES and config.augment == "none":
+    n_train = len(data.train_y)
+    budget = gan_budget(n_train, config.bs, config.epochs)
+    if n_train < FEW_IMAGES and config.augment == "none":
         say(
-            f"tip: on few images ({len(data.train_y)} to train) --augment "
+            f"tip: on few images ({n_train} to train) --augment "
             "color,translation,cutout gave more varied samples (README: 'Your own few images')"
         )
-    n_classifier = classifier_epochs(len(data.train_y), config.classifier_epochs)
+    n_classifier = classifier_epochs(n_train, config.classifier_epochs)
     say(f"training the independent classifier ({n_classifier} epochs)...")
     t = time.perf_counter()
     evaluator = GANEvaluator.fit(
