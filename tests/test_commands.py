@@ -1,14 +1,16 @@
-"""Every shell command in the README and the docs is checked as it is written.
+"""Every shell command in the README and the docs is checked as it is written, and the README
+carries the two set-up commands of a fresh machine.
 
 Each ```bash block is split into commands (continuation lines joined, comments and leading
 `VAR=value` settings dropped, `&&` chains split), and each command goes through the parser of
 the program it calls: `auxhead` through its own parser and its subcommand's config checks,
 `benchmarks/*.py` through the script's `build_parser()`, torchrun, `accelerate launch` and
-mkdocs through theirs. A renamed option or a script that moved fails here, not in a user's
-terminal. The cheap commands also run for real: ruff here, `auxhead train --data digits` and
-`auxhead layers` (on a small generated folder in place of `path/to/images`) with the slow
-tests. The long ones (the default training runs, the benchmarks, `bash scripts/install.sh &&
-... pytest`) are what `.ci/run` and the documented benchmark runs execute.
+mkdocs through theirs, `pip install -e` against the extras in pyproject.toml. A renamed option
+or a script that moved fails here, not in a user's terminal. The cheap commands also run for
+real: ruff here, `auxhead train --data digits` and `auxhead layers` (on a small generated
+folder in place of `path/to/images`) with the slow tests. The long ones (the default training
+runs, the benchmarks, `bash scripts/install.sh && ... pytest`) are what `.ci/run` and the
+documented benchmark runs execute.
 """
 
 from __future__ import annotations
@@ -128,8 +130,24 @@ def _check_python(args: list[str]) -> None:
                     f"pytest marker {args[i + 1]} is not registered"
                 )
         return
+    if args and args[0].startswith("examples/"):  # examples take no options
+        assert (ROOT / args[0]).is_file() and len(args) == 1, f"no such example {args}"
+        return
     assert args and args[0].startswith("benchmarks/"), f"no check for python {args}"
     _script_parser(args[0]).parse_args(args[1:])
+
+
+def _check_pip(args: list[str]) -> None:
+    """`pip install -e .` or `pip install -e '.[extra,...]'`, with extras pyproject.toml has."""
+    assert args[:2] == ["install", "-e"] and len(args) == 3, f"no check for pip {args}"
+    match = re.fullmatch(r"\.(?:\[(?P<extras>[\w,-]+)\])?", args[2])
+    assert match, f"pip install -e {args[2]}: expected . or .[extra]"
+    pyproject = (ROOT / "pyproject.toml").read_text()  # tomllib is Python >= 3.11
+    section = pyproject.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    known = re.findall(r"^([\w-]+) = \[", section, flags=re.M)
+    extras = match["extras"].split(",") if match["extras"] else []
+    missing = [extra for extra in extras if extra not in known]
+    assert not missing, f"pyproject.toml has no extra {missing}"
 
 
 def _check_mkdocs(args: list[str]) -> None:
@@ -175,6 +193,7 @@ CHECKS = {
     "torchrun": _check_torchrun,
     "accelerate": _check_accelerate,
     "bash": _check_bash,
+    "pip": _check_pip,
 }
 
 
@@ -197,6 +216,19 @@ def test_documented_command_parses(command, monkeypatch, tmp_path):
         pytest.fail(f"{command}: its parser refused it (exit {exit_.code})")
 
 
+def test_the_readme_has_the_two_setup_commands():
+    """A fresh machine: install everything, then run the main job, or the tests."""
+    lines: dict[str, list[tuple[str, ...]]] = {}
+    for command in COMMANDS:
+        if command.where.startswith("README.md:"):
+            lines.setdefault(command.where, []).append(command.argv)
+    install = ("bash", "scripts/install.sh")
+    for then in ((".venv/bin/auxhead", "train"), (".venv/bin/python", "-m", "pytest")):
+        assert [install, then] in lines.values(), (
+            f"README.md lacks `bash scripts/install.sh && {shlex.join(then)}`"
+        )
+
+
 def test_a_renamed_option_is_caught():
     """The checks can fail: a misspelt option, an unknown script, a bad value."""
     with pytest.raises(SystemExit):
@@ -205,6 +237,8 @@ def test_a_renamed_option_is_caught():
         _check_python(["benchmarks/exit_speed.py", "--no-such-option", "1"])
     with pytest.raises(AssertionError):
         _check_python(["benchmarks/no_such_benchmark.py"])
+    with pytest.raises(AssertionError):
+        _check_pip(["install", "-e", ".[no-such-extra]"])
     from auxhead.cli._common import UsageError
 
     with pytest.raises(UsageError):

@@ -74,6 +74,19 @@ def test_cli_page_covers_every_subcommand():
     assert not missing, f"docs/cli.md has no `<!-- auxhead-help NAME -->` for {missing}"
 
 
+def test_pages_hold_only_markers_the_build_knows():
+    """A page holds its own text: the only comments are `<!-- auxhead-help [COMMAND] -->`,
+    which the build replaces (docs/hooks/pages.py), and `<!-- not run: why -->`."""
+    known = re.compile(r" auxhead-help(?: [a-z-]+)? | not run: .*", re.S)
+    unknown = [
+        f"{page}: <!--{body}-->"
+        for page in PAGES
+        for body in re.findall(r"<!--(.*?)-->", (DOCS / page).read_text(), flags=re.S)
+        if not known.fullmatch(body)
+    ]
+    assert not unknown, f"comments the docs build does not replace: {unknown}"
+
+
 def test_every_page_is_in_the_nav():
     nav = (ROOT / "mkdocs.yml").read_text()
     assert [page for page in PAGES if f": {page}" not in nav] == []

@@ -2,9 +2,6 @@
 
 - `<!-- auxhead-help COMMAND -->` becomes that command's `--help` text, from the argparse
   parsers in `auxhead/cli/`; `<!-- auxhead-help -->` alone is the top-level `auxhead --help`.
-- `<!-- readme from="TEXT" -->` becomes the README from the line that starts with TEXT (a
-  heading line itself is left out) to the next heading, or to the line that starts with
-  `until="TEXT"` when given: the Results page shows the README's measured tables as they are.
 - Docstring brackets that Markdown mistook for reference links are put back (see below).
 """
 
@@ -13,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-from pathlib import Path
 
 MARKER = re.compile(r"<!-- auxhead-help(?: (?P<command>[a-z-]+))? -->")
 WIDTH = "78"  # argparse wraps to $COLUMNS: fix it so the page is the same on every machine
@@ -42,44 +38,11 @@ def help_text(command: str | None = None) -> str:
             os.environ["COLUMNS"] = saved
 
 
-README = Path(__file__).resolve().parents[2] / "README.md"
-README_PART = re.compile(r'<!-- readme from="(?P<start>[^"]+)"(?: until="(?P<end>[^"]+)")? -->')
-
-
-def readme_part(start: str, end: str | None = None) -> str:
-    """README lines from the one starting with `start` to the next heading (outside code
-    blocks) or the line starting with `end`; links into docs/ made relative to docs/."""
-    lines = README.read_text().splitlines()
-    first = next((i for i, line in enumerate(lines) if line.startswith(start)), None)
-    if first is None:
-        raise ValueError(f"README.md has no line starting with {start!r} (docs/results.md)")
-    part, fenced, ended = [], False, end is None
-    for line in lines[first + (1 if line_is_heading(lines[first]) else 0) :]:
-        if end is not None and line.startswith(end) and part:
-            ended = True
-            break
-        if not fenced and line_is_heading(line) and part:
-            break
-        if line.startswith("```"):
-            fenced = not fenced
-        part.append(line)
-    if not ended:
-        raise ValueError(f"README.md has no line starting with {end!r} after {start!r}")
-    return re.sub(r"\]\(docs/", "](", "\n".join(part).strip()) + "\n"
-
-
-def line_is_heading(line: str) -> bool:
-    return re.match(r"#{1,6} ", line) is not None
-
-
 def on_page_markdown(markdown: str, **kwargs: object) -> str:
     def cli(match: re.Match) -> str:
         return "```text\n" + help_text(match["command"]).rstrip() + "\n```"
 
-    def readme(match: re.Match) -> str:
-        return readme_part(match["start"], match["end"])
-
-    return README_PART.sub(readme, MARKER.sub(cli, markdown))
+    return MARKER.sub(cli, markdown)
 
 
 # A docstring that writes dict keys or optional items in brackets ({"loss"[, "twin"]},
