@@ -52,7 +52,7 @@ from auxhead.gan.augment import AUGMENTATIONS, split_policy
 from auxhead.gan.learner import acgan_learner, save_image
 from auxhead.gan.losses import ADVERSARIAL_LOSSES, ACGANLoss
 from auxhead.gan.metrics import GANEvaluator
-from auxhead.gan.models import CONDITIONINGS, IMG_SIZES, Discriminator, Generator
+from auxhead.gan.models import CONDITIONINGS, SIZES, Discriminator, Generator
 from auxhead.gan.monitor import ClassMonitor
 
 __all__ = [
@@ -134,7 +134,7 @@ class ACGANConfig:
     """Settings of one `auxhead acgan` run; the CLI's options, one for one."""
 
     data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
-    size: int | None = None  # None: the data's size, or the next one in IMG_SIZES
+    size: int | None = None  # None: the data's size, or the next one in SIZES
     epochs: int | None = None  # None: DEFAULT_EPOCHS (see `gan_budget`)
     seed: int = 0
     out: Path = Path("runs/acgan")
@@ -213,7 +213,7 @@ class ACGANResult:
             "epochs_why": self.budget.why,
             "steps_per_epoch": self.budget.steps_per_epoch,
             "passes_per_epoch": self.budget.repeats,
-            "batch_size": self.budget.bs,  # --bs, or the training set's size if smaller
+            "bs": self.budget.bs,  # --bs, or the training set's size if smaller
             "data": {
                 "name": data.name,
                 "classes": data.classes,
@@ -295,7 +295,7 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--size",
         type=int,
         default=None,
-        choices=sorted(IMG_SIZES),
+        choices=sorted(SIZES),
         help="resize images to SIZE x SIZE (default: the data's own size, or the next allowed "
         "one up; digits: 28)",
     )
@@ -426,8 +426,8 @@ def check_config(config: ACGANConfig) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
             )
-    if config.size is not None and config.size not in IMG_SIZES:
-        raise UsageError(f"--size must be one of {sorted(IMG_SIZES)}, got {config.size}")
+    if config.size is not None and config.size not in SIZES:
+        raise UsageError(f"--size must be one of {sorted(SIZES)}, got {config.size}")
     unknown = [c for c in config.conditioning if c not in CONDITIONINGS]
     if unknown or not config.conditioning:
         raise UsageError(
@@ -489,15 +489,15 @@ def gan_budget(n_train: int, bs: int, requested: int | None = None) -> GANBudget
 
 def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
     data = load_data(config.data, seed=config.seed, size=config.size)
-    if config.size is None and data.size not in IMG_SIZES:
+    if config.size is None and data.size not in SIZES:
         # e.g. digits (8 px): the smallest size the networks make that is not smaller
-        size = min((s for s in IMG_SIZES if s >= data.size), default=max(IMG_SIZES))
+        size = min((s for s in SIZES if s >= data.size), default=max(SIZES))
         say(f"resizing the {data.size}-pixel images to {size} (--size chooses)")
         data = load_data(config.data, seed=config.seed, size=size)
-    if data.train_x.shape[2] != data.train_x.shape[3] or data.size not in IMG_SIZES:
+    if data.train_x.shape[2] != data.train_x.shape[3] or data.size not in SIZES:
         raise UsageError(
             f"--data: the images are {data.train_x.shape[2]}x{data.train_x.shape[3]}; the AC-GAN "
-            f"makes square images of {sorted(IMG_SIZES)} pixels: pass --size N to resize them"
+            f"makes square images of {sorted(SIZES)} pixels: pass --size N to resize them"
         )
     n_seen = len(torch.unique(torch.cat([data.train_y, data.valid_y])))
     if data.c < 2 or n_seen < 2:
@@ -571,14 +571,14 @@ def _train_variant(
     networks = {
         "latent_dim": config.latent_dim,
         "num_classes": data.c,
-        "img_size": data.size,
+        "size": data.size,
         "channels": data.channels,
         "width": config.width,
     }
     generator = Generator(**networks)
     discriminator = Discriminator(
         data.c,
-        img_size=data.size,
+        size=data.size,
         channels=data.channels,
         width=config.width,
         conditioning=conditioning,

@@ -73,12 +73,12 @@ class ACGANModel(nn.Module):
         ema_decay: float | None = None,
     ) -> None:
         super().__init__()
-        for attr in ("num_classes", "img_size", "channels"):
+        for attr in ("num_classes", "size", "channels"):
             g, d = getattr(generator, attr), getattr(discriminator, attr)
             if g != d:
                 raise ValueError(
                     f"generator and discriminator disagree on {attr}: {g} vs {d}; "
-                    "build both with the same num_classes, img_size and channels"
+                    "build both with the same num_classes, size and channels"
                 )
         self.generator = generator
         self.discriminator = discriminator
@@ -170,11 +170,11 @@ class ACGANTrainer(Callback):
 
     def _check_batch(self, real: torch.Tensor, labels: torch.Tensor) -> None:
         gen = self.learn.model.generator
-        expected = (gen.channels, gen.img_size, gen.img_size)
+        expected = (gen.channels, gen.size, gen.size)
         if tuple(real.shape[1:]) != expected:
             raise ValueError(
                 f"the data's images are {tuple(real.shape[1:])} but the networks make "
-                f"{expected}; build them with channels={real.shape[1]}, img_size="
+                f"{expected}; build them with channels={real.shape[1]}, size="
                 f"{real.shape[-1]} or resize the data (auxhead.data.load_data(..., size=...))"
             )
         if labels.min() < 0 or labels.max() >= gen.num_classes:
@@ -436,8 +436,8 @@ def acgan_learner(
             or the data has fewer than 2 classes.
 
     Example:
-        >>> g = Generator(10, latent_dim=64, img_size=28, channels=1)
-        >>> d = Discriminator(10, img_size=28, channels=1)
+        >>> g = Generator(10, latent_dim=64, size=28, channels=1)
+        >>> d = Discriminator(10, size=28, channels=1)
         >>> learn = acgan_learner(dls, g, d, grid_dir="out/grids")
         >>> learn.fit(5)
         >>> images = learn.generate([0, 1, 2])  # (3, 1, 28, 28) in [0, 1]
