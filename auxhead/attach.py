@@ -303,7 +303,26 @@ def _normalise_at(at: Sequence[str] | Mapping[str, HeadSpec], default: HeadSpec)
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise ValueError(f"layer(s) {repeated} appear more than once in `at`; one head per layer")
+    _refuse_shared_modules(pairs)
     return pairs
+
+
+def _refuse_shared_modules(pairs: Sequence[tuple[str, HeadSpec]]) -> None:
+    """One `nn.Module` instance at several taps would be one head with one set of weights,
+    trained on every tap's features: almost never what was meant, so it is refused."""
+    taps_of: dict[int, list[str]] = {}
+    for name, spec in pairs:
+        if isinstance(spec, nn.Module):
+            taps_of.setdefault(id(spec), []).append(name)
+    for taps in taps_of.values():
+        if len(taps) > 1:
+            module = type(dict(pairs)[taps[0]]).__name__
+            raise ValueError(
+                f"one {module} instance is given as the head of the taps {taps}: they would "
+                "share it and its weights. Give one module per tap (at={tap: module, ...}), a "
+                "head kind name (head='inception'), or a factory that builds one per tap "
+                "(head=lambda tap_shape, num_classes: ...)."
+            )
 
 
 def _infer_num_classes(output: Any) -> int | None:
@@ -337,6 +356,12 @@ def _per_tap(value: Any, names: Sequence[str], what: str) -> dict[str, Any]:
             raise ValueError(f"`{what}` names {unknown}, which are not in `at`")
         return {name: value.get(name) for name in names}
     return dict.fromkeys(names, value)
+
+
+def _is_batchnorm_batch_of_one(model: nn.Module, error: Exception) -> bool:
+    """Whether `error` is BatchNorm refusing one value per channel in training mode."""
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return has_batchnorm and "Expected more than 1 value per channel when training" in str(error)
 
 
 # The permutation that puts an output of this rank and layout into the heads' layout.
@@ -477,7 +502,11 @@ def attach(
     Raises:
         ValueError: unknown or repeated layer names; a tap that does not run in training, runs
             twice, runs without gradients or folds other things into the batch; a layout that
-            cannot be told; a head whose output is not (B, num_classes); a bad `num_classes`.
+            cannot be told; a head whose output is not (B, num_classes); a bad `num_classes`;
+            one `nn.Module` given for several taps; a sample of one for a model with BatchNorm
+            (a tensor sample of one is doubled, a tuple or dict is not).
+        Exception: whatever the model itself raises on `sample`, as it is, with a note that
+            the dry run raised it.
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)
@@ -521,10 +550,18 @@ def attach(
     try:
         run = probe(model, sample, selects, train=True, watch=names)
     except Exception as error:
-        raise ValueError(
-            f"the dry run of {type(model).__name__} in training mode failed on the sample: "
-            f"{error} (a model with BatchNorm needs a sample of at least 2)"
-        ) from error
+        if _is_batchnorm_batch_of_one(model, error):
+            raise ValueError(
+                f"the dry run of {type(model).__name__} in training mode failed on the sample: "
+                f"{error}. BatchNorm needs at least 2 samples per batch in training: pass a "
+                "sample of 2 or more."
+            ) from error
+        # Whatever else failed is the model's own error on the sample: raised as it is.
+        error.add_note(
+            f"(raised while auxhead.attach ran {type(model).__name__} on the sample in training "
+            "mode, to size and check the heads)"
+        )
+        raise
     rows = {info.name: info for info in run.table}
     for name in names:
         _check_tap(name, run, batch, sample, model)
