@@ -423,6 +423,20 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, capsys, monke
     assert "please report it" in err and "auxhead: error:" not in err
 
 
+def test_a_bug_while_the_learner_is_built_is_not_reported_as_a_bad_at(tmp_path, capsys, monkeypatch):
+    import auxhead.fastai
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal failure in attach")
+
+    monkeypatch.setattr(auxhead.fastai, "attach", broken)
+    assert main(["train", *QUICK, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError" in err and "an internal failure" in err
+    assert "--at" not in err and "auxhead: error:" not in err
+    # A tap attach refuses is still one line, exit 2: test_bad_model_or_layer.
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_before_or_after_the_subcommand(tmp_path, capsys, where):
     argv = ["train", "--data", str(tmp_path / "nope")]

@@ -32,7 +32,7 @@ from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
 from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
-from auxhead.attach import AuxModel
+from auxhead.attach import AttachError, AuxModel
 from auxhead.cli._common import (
     EXIT_CODES,
     ManualFormatter,
@@ -527,6 +527,11 @@ def _model(config: TrainConfig, data: ImageData) -> nn.Module:
     return model
 
 
+# What a model raises on images it cannot take: torch's shape errors, and the AssertionError of
+# torchvision's and timm's `_assert` on the input size.
+_SHAPE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+
+
 def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
     """Run `model` once on `sample` (eval, no grad): an architecture that cannot take these
     images is a usage error naming --arch and --size, before anything else happens."""
@@ -535,7 +540,7 @@ def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
     try:
         with torch.no_grad():
             model(sample)
-    except Exception as error:  # the architecture cannot take these images
+    except _SHAPE_ERRORS as error:  # the architecture cannot take these images
         if is_out_of_memory(error):
             raise UsageError(
                 f"out of memory running --arch {arch} on "
@@ -645,7 +650,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     try:  # heads are attached (and sized) as the Learner is built
         cbs = [heads, log, StopOnNonFinite(causes), CheckHeadsTrain()]
         learn = _learner(dls, model, cbs, out, config.fine_tune)
-    except Exception as error:
+    except AttachError as error:  # attach refused a tap; anything else is a bug, raised
         message = one_line(error)
         raise UsageError(
             f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
