@@ -30,6 +30,7 @@ class AttachError(ValueError):
     (the model's own error on the sample, say) is not an `AttachError`.
     """
 
+
 HeadSpec = nn.Module | str | HeadFactory
 
 

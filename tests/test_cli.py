@@ -423,7 +423,7 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, capsys, monke
     assert "please report it" in err and "auxhead: error:" not in err
 
 
-def test_a_bug_while_the_learner_is_built_is_not_reported_as_a_bad_at(tmp_path, capsys, monkeypatch):
+def test_a_bug_while_the_learner_is_built_is_not_a_bad_at(tmp_path, capsys, monkeypatch):
     import auxhead.fastai
 
     def broken(*args, **kwargs):
