@@ -732,3 +732,48 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(capsys, monkeypatch):
     assert main(["train", "--help"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "auxhead: interrupted" and "Traceback" not in err
+
+
+# Warnings ------------------------------------------------------------------------------------
+
+
+def test_collect_warnings_keeps_runtime_warnings_and_passes_deprecations_on():
+    import warnings
+
+    from auxhead.cli._common import collect_warnings
+
+    deprecation = pytest.warns(DeprecationWarning, match="an old API")
+    with deprecation as passed_on, collect_warnings() as seen:
+        warnings.warn("overflow in  exp", RuntimeWarning, stacklevel=1)
+        warnings.warn("a head did not train", UserWarning, stacklevel=1)
+        warnings.warn("a head did not train", UserWarning, stacklevel=1)
+        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+    assert seen == ["overflow in exp", "a head did not train"]
+    assert [w.category for w in passed_on] == [DeprecationWarning]
+
+
+WARNS_TWICE = """
+import types, warnings, auxhead.cli.layers as layers
+from auxhead.cli import main
+
+def run_layers(config):
+    for _ in range(2):
+        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+        warnings.warn("an old API", FutureWarning, stacklevel=1)
+    return types.SimpleNamespace(table=lambda: "the layers")
+
+layers.run_layers = run_layers
+raise SystemExit(main(["layers"]))
+"""
+
+
+def test_the_cli_shows_each_warning_once_instead_of_silencing_it():
+    import warnings
+
+    before = list(warnings.filters)
+    out = subprocess.run([sys.executable, "-c", WARNS_TWICE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("DeprecationWarning: an old API") == 1, out.stderr
+    assert out.stderr.count("FutureWarning: an old API") == 1, out.stderr
+    main(["layers", "--help"])  # in process: the filters are put back
+    assert warnings.filters == before

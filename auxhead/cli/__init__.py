@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 
 from auxhead.cli._common import (
     EXIT_BUG,
@@ -28,6 +27,7 @@ from auxhead.cli._common import (
     is_disk_full,
     is_out_of_memory,
     one_line,
+    warnings_shown_once,
 )
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -133,13 +133,6 @@ def _run_layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quiet_imports() -> None:
-    """Deprecation notices from the libraries auxhead imports are for their maintainers, not
-    for users; the warnings a run raises are collected and reported by the run itself."""
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on `argv` (default `sys.argv[1:]`); returns the exit code."""
     try:
@@ -150,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_imports()
+    # Warnings are shown, each once: a run collects and reports the UserWarnings and
+    # RuntimeWarnings it raises (`collect_warnings`); the rest (deprecations) go to stderr.
+    with warnings_shown_once():
+        return _parse_and_run(list(sys.argv[1:] if argv is None else argv))
+
+
+def _parse_and_run(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
