@@ -107,7 +107,7 @@ class AuxHeads(Callback):
         num_classes: int | None = None,
         head: HeadSpec = "inception",
         weights: Weights = 0.3,
-        schedule: str | Schedule | None = None,
+        schedule: str | Schedule = "constant",
         head_metrics: bool = True,
         distill: float = 0.0,
         temperature: float = 3.0,
@@ -186,8 +186,8 @@ class AuxHeads(Callback):
         self.aux_loss = AuxLoss(
             learn.loss_func,
             aux_model,
-            self.weights,
-            self.schedule,
+            weights=self.weights,
+            schedule=self.schedule,
             distill=self.distill,
             temperature=self.temperature,
         )
