@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from auxhead._extras import raise_missing_extra
+
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
 
@@ -583,10 +585,14 @@ def dataloaders(
         >>> dls = dataloaders(load_data("digits"), bs=64)
         >>> learn = Learner(dls, model, metrics=accuracy)  # loss: CrossEntropyLossFlat
     """
-    import fastai.vision.data  # noqa: F401  (registers show_batch / show_results for images)
-    from fastai.data.core import DataLoaders, Datasets
-    from fastai.data.transforms import Categorize, ItemGetter, Transform
-    from fastai.torch_core import TensorImage, TensorImageBW, default_device
+    try:
+        import fastai.vision.data  # noqa: F401  (registers show_batch / show_results for images)
+        from fastai.data.core import DataLoaders, Datasets
+        from fastai.data.transforms import Categorize, ItemGetter, Transform
+        from fastai.torch_core import TensorImage, TensorImageBW, default_device
+    except ModuleNotFoundError as error:
+        raise_missing_extra(error, "auxhead.data.dataloaders")
+        raise
 
     for name, value in (("bs", bs), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

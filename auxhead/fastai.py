@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastai.callback.core import Callback, GatherPredsCallback
-from fastai.learner import AvgMetric, Learner
-from fastai.torch_core import find_bs
 from torch import nn
+
+from auxhead._extras import raise_missing_extra
+
+try:
+    from fastai.callback.core import Callback, GatherPredsCallback
+    from fastai.learner import AvgMetric, Learner
+    from fastai.torch_core import find_bs
+except ModuleNotFoundError as error:
+    raise_missing_extra(error, "auxhead.fastai")
+    raise
 
 from auxhead.attach import AuxModel, HeadSpec, attach
 from auxhead.distributed import check_ddp

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -44,10 +45,29 @@ def auxhead(*args, cwd=None, timeout=240):
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # --threads 1 sets torch's global
+def _threads_are_left_alone():
+    threads = torch.get_num_threads()  # --threads 1 sets them for the run only
     yield
-    torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
+def process_state() -> dict:
+    """What a run may change process-wide and must put back."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["threads"] == before["threads"]
+    assert after["cudnn"] == before["cudnn"]
+    assert torch.equal(after["torch_rng"], before["torch_rng"])
+    assert after["python_rng"] == before["python_rng"]
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
 def error_line(capsys, argv) -> str:
@@ -65,12 +85,11 @@ def error_line(capsys, argv) -> str:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
+    before = process_state()
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
         code = main(["train", *FULL, "--out", str(out)])
-    torch.set_num_threads(threads)
-    return code, stdout.getvalue(), out
+    return code, stdout.getvalue(), out, (before, process_state())
 
 
 # Budgets -------------------------------------------------------------------------------------
@@ -105,7 +124,7 @@ def test_budget_options_override():
 
 
 def test_train_writes_the_report(quick_run):
-    code, stdout, out = quick_run
+    code, stdout, out, _ = quick_run
     assert code == 0, stdout[-3000:]
     for name in ("report.md", "report.json", "heads.png", "compute.png", "model.pkl",
                  "checkpoint.pth"):  # fmt: skip
@@ -155,8 +174,29 @@ def test_warnings_that_matter_are_printed_and_reported(tmp_path, capsys):
     assert "fell back to the main head for every sample" in (tmp_path / "report.md").read_text()
 
 
+def test_a_run_puts_back_the_threads_seeds_and_cudnn_flags(quick_run):
+    _, _, _, (before, after) = quick_run  # --threads 1, seeded, cuDNN deterministic inside
+    assert_same_state(before, after)
+
+
+def test_seeded_and_torch_threads_put_back_what_they_change():
+    from auxhead.cli._state import seeded, torch_threads
+
+    before = process_state()
+    threads = 1 if before["threads"] != 1 else 2
+    with torch_threads(threads), seeded(3):
+        assert torch.get_num_threads() == threads
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        first = (torch.rand(2), random.random(), np.random.rand())
+    assert_same_state(before, process_state())
+    with seeded(3):
+        again = (torch.rand(2), random.random(), np.random.rand())
+    torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
+    assert again[1:] == first[1:]
+
+
 def test_checkpoint_has_heads(quick_run):
-    _, _, out = quick_run
+    _, _, out, _ = quick_run
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["taps"] == ["stage1", "stage2"]
     assert any(k.startswith("heads.") for k in checkpoint["state_dict"])
@@ -164,7 +204,7 @@ def test_checkpoint_has_heads(quick_run):
 
 @pytest.mark.slow
 def test_export_loads_without_auxhead(quick_run):
-    _, _, out = quick_run
+    _, _, out, _ = quick_run
     script = (
         "import sys; sys.modules['auxhead'] = None\n"
         "from fastai.learner import load_learner\n"
@@ -178,7 +218,7 @@ def test_export_loads_without_auxhead(quick_run):
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(quick_run, tmp_path):
-    _, _, first = quick_run
+    _, _, first, _ = quick_run
     again = auxhead("train", *FULL, "--out", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     a = json.loads((first / "report.json").read_text())
@@ -777,3 +817,22 @@ def test_the_cli_shows_each_warning_once_instead_of_silencing_it():
     assert out.stderr.count("FutureWarning: an old API") == 1, out.stderr
     main(["layers", "--help"])  # in process: the filters are put back
     assert warnings.filters == before
+
+
+# A missing extra ------------------------------------------------------------------------------
+
+WITHOUT_FASTAI = "import sys; sys.modules['fastai'] = None\n"  # `import fastai` now fails
+
+
+def test_without_fastai_the_command_says_which_extra_to_install(tmp_path):
+    code = WITHOUT_FASTAI + (
+        "from auxhead.cli import main\n"
+        f"raise SystemExit(main(['train', '--out', {str(tmp_path / 'o')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "auxhead: error: the auxhead command needs fastai, which is not installed: "
+        "pip install 'auxhead[fastai]'"
+    )

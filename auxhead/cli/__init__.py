@@ -16,6 +16,7 @@ import os
 import sys
 import traceback
 
+from auxhead._extras import missing_extra
 from auxhead.cli._common import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
@@ -68,13 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def _kept(kept: list, what: str) -> str:
     """The end of the Ctrl-C line: the checkpoints that exist, or that there are none."""
     if not kept:
@@ -88,7 +82,6 @@ def _run_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_config(config)  # before --out is touched
-    _threads(args.threads)
     print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, heads: "
           f"{config.head} -> {config.out}", flush=True)  # fmt: skip
     with OutputFolder(config.out, OWNED_FILES) as out:
@@ -146,7 +139,14 @@ def _main(argv: list[str] | None) -> int:
     # Warnings are shown, each once: a run collects and reports the UserWarnings and
     # RuntimeWarnings it raises (`collect_warnings`); the rest (deprecations) go to stderr.
     with warnings_shown_once():
-        return _parse_and_run(list(sys.argv[1:] if argv is None else argv))
+        try:
+            return _parse_and_run(list(sys.argv[1:] if argv is None else argv))
+        except ModuleNotFoundError as error:  # the commands import fastai as they are built
+            missing = missing_extra(error, "the auxhead command")
+            if missing is None:
+                raise
+            print(f"auxhead: error: {missing}", file=sys.stderr)
+            return EXIT_USAGE
 
 
 def _parse_and_run(argv: list[str]) -> int:
@@ -173,6 +173,10 @@ def _parse_and_run(argv: list[str]) -> int:
     except Exception as error:
         from auxhead.data import DataError
 
+        missing = missing_extra(error, "the auxhead command")
+        if missing is not None:  # a library imported on first use (matplotlib, say)
+            print(f"auxhead: error: {missing}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(error, (UsageError, DataError)):
             if args.debug:
                 traceback.print_exc()

@@ -23,7 +23,6 @@ AC-GAN.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +46,7 @@ from auxhead.cli._common import (
     positive_float,
     positive_int,
 )
+from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.gan.augment import AUGMENTATIONS, split_policy
 from auxhead.gan.learner import acgan_learner, save_image
@@ -518,12 +518,6 @@ def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
     return data
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 class GANCheckpoint(Callback):
     """After every epoch, save both networks (and the epoch) atomically to `path`, so an
     interrupted run keeps its last completed epoch; stop at a non-finite loss with one line."""
@@ -566,7 +560,6 @@ def _train_variant(
 ) -> GANRun:
     """Train one GAN, write its files to `--out/folder`, and evaluate it."""
     out = Path(config.out) / folder
-    _seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     networks = {
         "latent_dim": config.latent_dim,
@@ -673,7 +666,7 @@ def run_acgan(config: ACGANConfig, say: Callable[[str], None] = lambda line: Non
         UsageError: bad options or data, naming the option (before training), or a training
             run that diverged.
     """
-    with collect_warnings() as caught:
+    with collect_warnings() as caught, torch_threads(config.threads), seeded(config.seed):
         result = _run(config, say)
     result.warnings = caught
     return result
@@ -681,10 +674,7 @@ def run_acgan(config: ACGANConfig, say: Callable[[str], None] = lambda line: Non
 
 def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     check_config(config)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    _seed_everything(config.seed)
     data = _load(config, say)
     say(f"data: {data}")
     n_train = len(data.train_y)
@@ -726,7 +716,8 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
         name = VARIANT_NAMES[conditioning]
         say(f"training the {name}: {budget.epochs} epochs ({budget.why})...")
         folder = "" if i == 0 else conditioning
-        run = _train_variant(config, data, evaluator, budget, conditioning, folder)
+        with seeded(config.seed):  # each variant starts from the same seed
+            run = _train_variant(config, data, evaluator, budget, conditioning, folder)
         f = run.figures
         say(
             f"{name}: {f['accuracy']['overall']:.3f} classified as their class, Frechet "

@@ -25,7 +25,6 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learn
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.torch_core import set_seed
 from torch import nn
 
 from auxhead._calibrate import check_targets
@@ -47,6 +46,7 @@ from auxhead.cli._common import (
     positive_float,
     positive_int,
 )
+from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.fastai import AuxHeads, export_learner
@@ -112,6 +112,7 @@ class TrainConfig:
     holdout: int = 5000  # early exit: at most this many training images held out (a fifth)
     distill: float = 0.0
     limit: int | None = None  # use only this many training (and a quarter as many test) images
+    threads: int | None = None  # torch's CPU threads for the run; None: torch's choice
 
     @property
     def fine_tune(self) -> bool:
@@ -340,7 +341,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         size=args.size, pretrained=args.pretrained, init=args.init, seed=args.seed,
         out=Path(args.out), compare=args.compare, early_exit=args.early_exit,
         max_drop=args.max_drop, confidence=args.confidence, distill=args.distill,
-        limit=args.limit,
+        limit=args.limit, threads=args.threads,
     )  # fmt: skip
 
 
@@ -587,7 +588,7 @@ def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: Non
         UsageError: bad options or data, naming the option; all raised before training, but
             for a loss that becomes non-finite.
     """
-    with collect_warnings() as caught:
+    with collect_warnings() as caught, torch_threads(config.threads), seeded(config.seed):
         result = _run(config, say)
     result.warnings = caught
     return result
@@ -596,7 +597,6 @@ def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: Non
 def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     check_config(config)
     out = Path(config.out)
-    set_seed(config.seed, reproducible=True)
     data = _load(config)
     holdout = None
     if config.early_exit:
@@ -742,12 +742,12 @@ def _early_exit(
 
 def _baseline(result: TrainResult, dls, data: ImageData, config: TrainConfig, out: Path) -> None:
     """The same architecture, seed, starting weights and budget without heads."""
-    set_seed(config.seed, reproducible=True)
-    model = _model(config, data)
-    learn = _learner(dls, model, [], out, config.fine_tune)
-    start = time.perf_counter()
-    _fit(learn, result.budget, config.fine_tune)
-    result.baseline_seconds = time.perf_counter() - start
+    with seeded(config.seed):  # as the run with heads started
+        model = _model(config, data)
+        learn = _learner(dls, model, [], out, config.fine_tune)
+        start = time.perf_counter()
+        _fit(learn, result.budget, config.fine_tune)
+        result.baseline_seconds = time.perf_counter() - start
     result.baseline_history = recorder_history(learn)  # before get_preds resets the Recorder
     preds, targets = learn.get_preds()
     result.baseline_accuracy = float((preds.argmax(1) == targets).float().mean())

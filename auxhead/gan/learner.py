@@ -23,15 +23,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import fastai.callback.progress  # noqa: F401  (makes progress bars a default callback)
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelBatchException
-from fastai.data.core import DataLoaders
-from fastai.learner import AvgMetric, Learner
-from fastai.optimizer import OptimWrapper
-from PIL import Image
 from torch import nn
+
+from auxhead._extras import raise_missing_extra
+
+try:
+    import fastai.callback.progress  # noqa: F401  (makes progress bars a default callback)
+    from fastai.callback.core import Callback, CancelBatchException
+    from fastai.data.core import DataLoaders
+    from fastai.learner import AvgMetric, Learner
+    from fastai.optimizer import OptimWrapper
+    from PIL import Image
+except ModuleNotFoundError as error:
+    raise_missing_extra(error, "auxhead.gan.learner")
+    raise
 
 from auxhead.gan.augment import DiffAugment
 from auxhead.gan.ema import generator_ema
