@@ -128,7 +128,7 @@ class ImageData:
         """Image height in pixels (the images are square unless a folder's were not)."""
         return int(self.train_x.shape[2])
 
-    def subset(self, n_train: int, n_valid: int | None = None, seed: int = 0) -> ImageData:
+    def subset(self, n_train: int, n_valid: int | None = None, *, seed: int = 0) -> ImageData:
         """A random subset for quick runs: `n_train` training and `n_valid` validation images.
 
         Args:
@@ -443,7 +443,7 @@ def _load_path(path: Path, valid_pct: float, seed: int, size: int | None) -> Ima
 
 
 def load_data(
-    spec: str | os.PathLike | None = None,
+    spec: str | os.PathLike = "fashion-mnist",
     *,
     valid_pct: float = 0.2,
     seed: int = 0,
@@ -453,8 +453,9 @@ def load_data(
 
     Args:
         spec: what to load:
-            - None or "fashion-mnist": Fashion-MNIST from `FASHION_MNIST_DIR` (60,000 train and
-              10,000 test images, 28x28 grayscale; `apt-get install dataset-fashion-mnist`).
+            - "fashion-mnist" (the default): Fashion-MNIST from `FASHION_MNIST_DIR` (60,000
+              train and 10,000 test images, 28x28 grayscale; `apt-get install
+              dataset-fashion-mnist`).
             - "digits": scikit-learn's bundled 8x8 digits (1,797 images).
             - a folder with the four idx files (`train-images-idx3-ubyte[.gz]`, ...), like
               MNIST's; the t10k files become the validation split. Classes are named "0", "1",
@@ -483,9 +484,9 @@ def load_data(
     _check_valid_pct(valid_pct)
     if size is not None and (not isinstance(size, int) or size < 1):
         raise DataError(f"size must be a positive number of pixels, got {size!r}")
-    key = None if spec is None else str(spec).strip()
-    name = "" if key is None else key.lower().replace("_", "-")
-    if key is None or name in ("fashion-mnist", "fashionmnist"):
+    key = str(spec).strip()
+    name = key.lower().replace("_", "-")
+    if name in ("fashion-mnist", "fashionmnist"):
         if not FASHION_MNIST_DIR.is_dir():
             raise DataError(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}. {_GET_DATA}")
         data = _load_idx_folder(FASHION_MNIST_DIR, "fashion-mnist")

@@ -290,7 +290,7 @@ class AuxHeads(Callback):
         values = [_maybe_float(v) for v in self.learn.recorder.log[1 : len(names) + 1]]
         self.history.append(dict(zip(names, values, strict=False)))
 
-    def plot_heads(self, metric: str = "acc", ax: Any = None):
+    def plot_heads(self, *, metric: str = "acc", ax: Any = None):
         """Each head's validation accuracy (or loss) per epoch, beside the main model's
         `accuracy` when that metric is recorded, like a Keras per-output history."""
         return plot_heads(self.learn, metric=metric, ax=ax)
@@ -432,7 +432,7 @@ def export_learner(learn: Learner, fname: str | Path = "export.pkl") -> Path:
     return Path(learn.path) / fname
 
 
-def plot_heads(learn: Learner, metric: str = "acc", ax: Any = None):
+def plot_heads(learn: Learner, *, metric: str = "acc", ax: Any = None):
     """Per-epoch validation accuracy (or loss) of every head, and of the main model.
 
     Args:

@@ -57,7 +57,7 @@ def _set_reduction(funcs: Sequence[LossFunc], value: str) -> None:
 
 
 def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str = "mean"
+    student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, reduction: str = "mean"
 ) -> torch.Tensor:
     """Hinton's knowledge-distillation term T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
@@ -232,7 +232,9 @@ class AuxLoss:
                     f"self-distillation needs the main output shaped like head {name!r}'s "
                     f"logits {tuple(logits.shape)}"
                 )
-            kd = distillation_loss(logits, teacher, self.temperature, self.reduction or "mean")
+            kd = distillation_loss(
+                logits, teacher, temperature=self.temperature, reduction=self.reduction or "mean"
+            )
             term = (1 - self.distill) * term + self.distill * kd
         return term
 
@@ -266,7 +268,7 @@ class MultiLoss:
 
     Args:
         losses: one loss for every output, a list in output order, or a dict by output key.
-        weights: 1 for every output by default; a number, a list or a dict by key.
+        weights: one number for every output, a list, or a dict by key.
         targets: which targets each output is scored against: a list or dict by key of target
             indices (an int or a tuple of ints). Default: every output against all targets if
             there is one target, output i against target i if there are as many targets as
@@ -284,7 +286,7 @@ class MultiLoss:
         self,
         losses: LossFunc | Sequence[LossFunc] | Mapping[str, LossFunc],
         *,
-        weights: Weights | None = None,
+        weights: Weights = 1.0,
         targets: Sequence[int | tuple[int, ...]]
         | Mapping[str, int | tuple[int, ...]]
         | None = None,
@@ -343,7 +345,7 @@ class MultiLoss:
             losses = per_name(self.losses, names, "losses")
         else:
             losses = dict.fromkeys(names, self.losses)
-        weights = _check_weights(per_name(self.weights, names, "weights", default=1.0))
+        weights = _check_weights(per_name(self.weights, names, "weights"))
         indices = self._target_indices(names, len(targets))
         total: torch.Tensor | None = None
         self.components = {}

@@ -578,7 +578,7 @@ def test_pretrained_without_network_says_how_to_provide_the_weights(tmp_path, ca
 def test_init_starts_from_a_state_dict(tmp_path, capsys):
     from auxhead.models import build_model
 
-    start = build_model("small_cnn", 10, 1, 8).state_dict()
+    start = build_model("small_cnn", 10, channels=1, size=8).state_dict()
     torch.save(start, tmp_path / "start.pth")
     out = tmp_path / "run"
     argv = ["train", *QUICK, "--limit", "64", "--init", tmp_path / "start.pth", "--out", out]
@@ -621,7 +621,9 @@ def test_ctrl_c_leaves_the_last_epoch_checkpoint(tmp_path):
     import auxhead
     from auxhead.models import build_model
 
-    model = build_model(saved["arch"], len(saved["classes"]), saved["channels"], saved["size"])
+    model = build_model(
+        saved["arch"], len(saved["classes"]), channels=saved["channels"], size=saved["size"]
+    )
     aux = auxhead.attach(
         model, saved["taps"], head=saved["head"], sample=torch.zeros(2, saved["channels"], 8, 8)
     )

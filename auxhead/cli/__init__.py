@@ -82,7 +82,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_config(config)  # before --out is touched
-    print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, heads: "
+    print(f"auxhead train: {config.arch} on {config.data}, heads: "
           f"{config.head} -> {config.out}", flush=True)  # fmt: skip
     with OutputFolder(config.out, OWNED_FILES) as out:
         try:

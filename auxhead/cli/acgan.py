@@ -129,11 +129,11 @@ VARIANT_NAMES = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ACGANConfig:
     """Settings of one `auxhead acgan` run; the CLI's options, one for one."""
 
-    data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
+    data: str = "fashion-mnist"  # or "digits", or a folder
     size: int | None = None  # None: the data's size, or the next one in SIZES
     epochs: int | None = None  # None: DEFAULT_EPOCHS (see `gan_budget`)
     seed: int = 0
@@ -288,7 +288,7 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     d = ACGANConfig()
     parser.add_argument(
         "--data",
-        default=None,
+        default=d.data,
         help="'fashion-mnist' (default), 'digits', a folder of idx files or of class subfolders",
     )
     parser.add_argument(

@@ -86,11 +86,11 @@ OWNED_FILES = [  # what a run writes into --out: removed when the next run start
 ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Settings of one `auxhead train` run; the CLI's options, one for one."""
 
-    data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
+    data: str = "fashion-mnist"  # or "digits", or a folder
     arch: str = "small_cnn"
     at: list[str] | None = None  # None: `default_taps` of the model
     head: str = "inception"
@@ -272,7 +272,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=ManualFormatter,
     )
-    p.add_argument("--data", default=None, metavar="DATA",
+    p.add_argument("--data", default=d.data, metavar="DATA",
                    help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
                    "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
                    "works), or a folder of images with one subfolder per class")  # fmt: skip
@@ -507,7 +507,11 @@ def _load(config: TrainConfig) -> ImageData:
 def _model(config: TrainConfig, data: ImageData) -> nn.Module:
     try:
         model = build_model(
-            config.arch, data.c, data.channels, data.size, pretrained=config.pretrained
+            config.arch,
+            data.c,
+            channels=data.channels,
+            size=data.size,
+            pretrained=config.pretrained,
         )
     except WeightsUnavailable as error:
         raise UsageError(f"--pretrained: {error}") from None

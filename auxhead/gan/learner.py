@@ -326,6 +326,7 @@ class SaveGridCallback(Callback):
     def __init__(
         self,
         folder: str | Path,
+        *,
         n_per_class: int = 10,
         seed: int = 0,
         fname: str = "grid_epoch_{epoch:03d}.png",
@@ -473,7 +474,7 @@ def acgan_learner(
     columns = STATS[:2] if discriminator.conditioning == "projection" else STATS
     callbacks: list[Callback] = [trainer]
     if grid_dir is not None:
-        callbacks.append(SaveGridCallback(grid_dir, grid_per_class, grid_seed))
+        callbacks.append(SaveGridCallback(grid_dir, n_per_class=grid_per_class, seed=grid_seed))
     return ACGANLearner(
         dls,
         model,

@@ -305,7 +305,9 @@ def _dual(out: Outputs) -> torch.Tensor:
     return torch.cat([out["class"], out["fake_class"]], dim=1)  # (B, 2K)
 
 
-def mode_seeking_term(images: torch.Tensor, noise: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def mode_seeking_term(
+    images: torch.Tensor, noise: torch.Tensor, *, eps: float = 1e-5
+) -> torch.Tensor:
     """MSGAN's term 1 / (mean|G(z1) - G(z2)| / mean|z1 - z2| + eps) over pairs (i, i + h).
 
     Small when two noise vectors give different images, large when the generator ignores its
