@@ -6,7 +6,7 @@ inference (`AuxModel.strip`). fastai support lives in `auxhead.fastai`.
 
 from auxhead._flops import exit_flops
 from auxhead._probe import LayerInfo, LayerTable, list_layers
-from auxhead.attach import AuxModel, attach
+from auxhead.attach import AttachError, AuxModel, attach
 from auxhead.distributed import check_ddp
 from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.heads import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HEAD_KINDS",
     "SCHEDULES",
+    "AttachError",
     "AuxLoss",
     "AuxModel",
     "EarlyExit",

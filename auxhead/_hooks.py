@@ -64,13 +64,14 @@ class HookSet:
 
 def _all_in_mode(model: nn.Module, mode: bool) -> bool:
     """Whether every module is in `mode`: a plain walk over the children, about 4x quicker than
-    `model.modules()` (no names, no memo), which matters at batch size 1 (early exits)."""
+    `model.modules()` (no names, no memo), which matters at batch size 1 (early exits). A
+    child set to None (`model.aux_classifier = None`) is skipped, as `modules()` skips it."""
     stack = [model]
     while stack:
         module = stack.pop()
         if module.training != mode:
             return False
-        stack.extend(module._modules.values())
+        stack.extend(child for child in module._modules.values() if child is not None)
     return True
 
 

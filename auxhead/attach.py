@@ -20,7 +20,16 @@ from auxhead._probe import LAYOUTS, Probe, Select, batch_size, first_tensor, pro
 from auxhead._rng import RngStream, generator_state, stream_seed
 from auxhead.heads import HeadFactory, build_head, check_num_classes
 
-__all__ = ["AuxModel", "attach"]
+__all__ = ["AttachError", "AuxModel", "attach"]
+
+
+class AttachError(ValueError):
+    """`attach` refuses a layer, a head or an argument: the message names it and the way out.
+
+    A `ValueError`, so code that catches those keeps working; anything else `attach` raises
+    (the model's own error on the sample, say) is not an `AttachError`.
+    """
+
 
 HeadSpec = nn.Module | str | HeadFactory
 
@@ -50,8 +59,8 @@ class AuxModel(nn.Module):
         self,
         model: nn.Module,
         heads: Mapping[str, nn.Module],
-        select: Mapping[str, Select | None] | None = None,
         *,
+        select: Mapping[str, Select | None] | None = None,
         permute: Mapping[str, tuple[int, ...] | None] | None = None,
         copy: Collection[str] | None = None,
         random: Collection[str] | None = None,
@@ -298,12 +307,31 @@ def _normalise_at(at: Sequence[str] | Mapping[str, HeadSpec], default: HeadSpec)
             f"`at` must be a list of layer names or a dict name -> head, got {type(at).__name__}"
         )
     if not pairs:
-        raise ValueError("`at` is empty: name at least one layer (see auxhead.list_layers)")
+        raise AttachError("`at` is empty: name at least one layer (see auxhead.list_layers)")
     names = [name for name, _ in pairs]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise ValueError(f"layer(s) {repeated} appear more than once in `at`; one head per layer")
+        raise AttachError(f"layer(s) {repeated} appear more than once in `at`; one head per layer")
+    _refuse_shared_modules(pairs)
     return pairs
+
+
+def _refuse_shared_modules(pairs: Sequence[tuple[str, HeadSpec]]) -> None:
+    """One `nn.Module` instance at several taps would be one head with one set of weights,
+    trained on every tap's features: almost never what was meant, so it is refused."""
+    taps_of: dict[int, list[str]] = {}
+    for name, spec in pairs:
+        if isinstance(spec, nn.Module):
+            taps_of.setdefault(id(spec), []).append(name)
+    for taps in taps_of.values():
+        if len(taps) > 1:
+            module = type(dict(pairs)[taps[0]]).__name__
+            raise AttachError(
+                f"one {module} instance is given as the head of the taps {taps}: they would "
+                "share it and its weights. Give one module per tap (at={tap: module, ...}), a "
+                "head kind name (head='inception'), or a factory that builds one per tap "
+                "(head=lambda tap_shape, num_classes: ...)."
+            )
 
 
 def _infer_num_classes(output: Any) -> int | None:
@@ -323,7 +351,7 @@ def _check_keys(names: Sequence[str]) -> None:
     for name in names:
         other = by_key.setdefault(_key(name), name)
         if other != name:
-            raise ValueError(
+            raise AttachError(
                 f"layers {other!r} and {name!r} would share one head: heads are stored under "
                 f"the name with '.' written '__' ({_key(name)!r}). Attach at one of them, or "
                 "at the block around them."
@@ -334,9 +362,15 @@ def _per_tap(value: Any, names: Sequence[str], what: str) -> dict[str, Any]:
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(names))
         if unknown:
-            raise ValueError(f"`{what}` names {unknown}, which are not in `at`")
+            raise AttachError(f"`{what}` names {unknown}, which are not in `at`")
         return {name: value.get(name) for name in names}
     return dict.fromkeys(names, value)
+
+
+def _is_batchnorm_batch_of_one(model: nn.Module, error: Exception) -> bool:
+    """Whether `error` is BatchNorm refusing one value per channel in training mode."""
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return has_batchnorm and "Expected more than 1 value per channel when training" in str(error)
 
 
 # The permutation that puts an output of this rank and layout into the heads' layout.
@@ -355,18 +389,20 @@ def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module)
                 f" (its children ran, e.g. {children[0]!r}: the model calls them one by one, "
                 "as timm's activation checkpointing does: tap one of them)"
             )
-        raise ValueError(
+        raise AttachError(
             f"layer {name!r} {where}, so a head there would never train. See "
             "auxhead.list_layers(model, sample) for the layers that run."
         )
     info = rows[name]
     if info.calls > 1:
-        raise ValueError(
+        raise AttachError(
             f"layer {name!r} runs {info.calls} times per forward (a shared module); "
             "a head needs a layer that runs once. Pick a distinct layer."
         )
     if info.shape is None:
-        raise TypeError(f"layer {name!r} outputs no tensor to classify; pass `select=` to pick one")
+        raise AttachError(
+            f"layer {name!r} outputs no tensor to classify; pass `select=` to pick one"
+        )
     if not info.shape or info.shape[0] != batch:
         per_sample = [
             other.name
@@ -374,14 +410,14 @@ def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module)
             if name.startswith(other.name + ".") and other.shape and other.shape[0] == batch
         ]
         hint = f" (the innermost is {per_sample[-1]!r})" if per_sample else ""
-        raise ValueError(
+        raise AttachError(
             f"layer {name!r} outputs shape {info.shape}, whose first dimension is not the "
             f"batch ({batch}): it folds something else into the batch (window attention, "
             f"say) or puts the sequence first (nn.LSTM without batch_first=True), so its rows "
             f"are not samples. Tap a block around it whose output is one row per sample{hint}."
         )
     if not run.checks[name].grad:
-        raise ValueError(
+        raise AttachError(
             f"layer {name!r} runs with gradients off (under torch.no_grad() in the model, or "
             "inside a reentrant activation checkpoint: use checkpoint(..., "
             "use_reentrant=False)), so a head there would never train. Tap a layer that runs "
@@ -405,7 +441,7 @@ def _dry_run_head(
             logits = head(features)
             random = not torch.equal(rng, generator_state(features.device))
         except (RuntimeError, ValueError, TypeError, IndexError) as error:
-            raise ValueError(
+            raise AttachError(
                 f"the head at {name!r} failed on its tap's output {tuple(features.shape)}: "
                 f"{error}. Give a head that takes this shape (or a kind name, sized for it)."
             ) from error
@@ -421,7 +457,7 @@ def _dry_run_head(
             expected = f"({batch}, {num_classes}) logits, num_classes being {num_classes}"
     if not fits:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(
+        raise AttachError(
             f"the head at {name!r} outputs {got} on its tap's output, not {expected}. "
             "Check num_classes, or give a head that fits the tap."
         )
@@ -475,9 +511,14 @@ def attach(
         An `AuxModel` wrapping `model`.
 
     Raises:
-        ValueError: unknown or repeated layer names; a tap that does not run in training, runs
-            twice, runs without gradients or folds other things into the batch; a layout that
-            cannot be told; a head whose output is not (B, num_classes); a bad `num_classes`.
+        AttachError: (a `ValueError`) unknown or repeated layer names; a tap that does not
+            run in training, runs twice, runs without gradients or folds other things into the
+            batch; a layout that cannot be told; a head whose output is not (B, num_classes);
+            one `nn.Module` given for several taps; a sample of one for a model with BatchNorm
+            (a tensor sample of one is doubled, a tuple or dict is not).
+        ValueError: a `num_classes` that is not a whole number >= 1.
+        Exception: whatever the model itself raises on `sample`, as it is, with a note that
+            the dry run raised it.
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=10)
@@ -489,13 +530,16 @@ def attach(
     if isinstance(model, AuxModel):
         raise TypeError("this model already has heads; pass aux_model.model or strip() it first")
     if any(isinstance(h, _RunHead) for m in model.modules() for h in m._forward_hooks.values()):
-        raise ValueError(
+        raise AttachError(
             "this model already has auxiliary heads from an earlier attach (a notebook cell run "
             "twice?): strip() that AuxModel first, or attach to a fresh model."
         )
     pairs = _normalise_at(at, head)
     names = [name for name, _ in pairs]
-    resolve(model, names)  # unknown names fail before any dry run
+    try:
+        resolve(model, names)  # unknown names fail before any dry run
+    except ValueError as error:
+        raise AttachError(str(error)) from None
     _check_keys(names)
     if num_classes is not None:
         num_classes = check_num_classes(num_classes)
@@ -503,12 +547,12 @@ def attach(
     layouts = _per_tap(layout, names, "layout")
     bad = {name: value for name, value in layouts.items() if value not in (None, *LAYOUTS)}
     if bad:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {bad}")
+        raise AttachError(f"layout must be one of {list(LAYOUTS)}; got {bad}")
 
     needs_sizing = [name for name, spec in pairs if not isinstance(spec, nn.Module)]
     if sample is None:
         if needs_sizing:
-            raise ValueError(
+            raise AttachError(
                 f"heads at {needs_sizing} are sized from the tap's output: pass `sample=` (an "
                 "input batch) so auxhead can do a dry run, or give an nn.Module for each layer."
             )
@@ -521,17 +565,25 @@ def attach(
     try:
         run = probe(model, sample, selects, train=True, watch=names)
     except Exception as error:
-        raise ValueError(
-            f"the dry run of {type(model).__name__} in training mode failed on the sample: "
-            f"{error} (a model with BatchNorm needs a sample of at least 2)"
-        ) from error
+        if _is_batchnorm_batch_of_one(model, error):
+            raise AttachError(
+                f"the dry run of {type(model).__name__} in training mode failed on the sample: "
+                f"{error}. BatchNorm needs at least 2 samples per batch in training: pass a "
+                "sample of 2 or more."
+            ) from error
+        # Whatever else failed is the model's own error on the sample: raised as it is.
+        error.add_note(
+            f"(raised while auxhead.attach ran {type(model).__name__} on the sample in training "
+            "mode, to size and check the heads)"
+        )
+        raise
     rows = {info.name: info for info in run.table}
     for name in names:
         _check_tap(name, run, batch, sample, model)
     if num_classes is None:
         num_classes = _infer_num_classes(run.output)
         if num_classes is None and needs_sizing:
-            raise ValueError(
+            raise AttachError(
                 "pass `num_classes=`: the built-in heads need it, and the model's output on "
                 "the sample is not a (batch, classes) tensor to read it from."
             )
@@ -548,7 +600,7 @@ def attach(
         else:
             found = layouts[name] or rows[name].layout
             if len(shape) in (3, 4) and found is None:
-                raise ValueError(
+                raise AttachError(
                     f"layer {name!r} outputs {shape}, and the layers around it do not tell "
                     "where its channels are: pass layout='channels_first' ((B, C, H, W) or "
                     "(B, C, L)) or 'channels_last' ((B, H, W, C) or (B, N, C)) for it, or tap "

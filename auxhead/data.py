@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from auxhead._extras import raise_missing_extra
+
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
 
@@ -126,7 +128,7 @@ class ImageData:
         """Image height in pixels (the images are square unless a folder's were not)."""
         return int(self.train_x.shape[2])
 
-    def subset(self, n_train: int, n_valid: int | None = None, seed: int = 0) -> ImageData:
+    def subset(self, n_train: int, n_valid: int | None = None, *, seed: int = 0) -> ImageData:
         """A random subset for quick runs: `n_train` training and `n_valid` validation images.
 
         Args:
@@ -441,7 +443,7 @@ def _load_path(path: Path, valid_pct: float, seed: int, size: int | None) -> Ima
 
 
 def load_data(
-    spec: str | os.PathLike | None = None,
+    spec: str | os.PathLike = "fashion-mnist",
     *,
     valid_pct: float = 0.2,
     seed: int = 0,
@@ -451,8 +453,9 @@ def load_data(
 
     Args:
         spec: what to load:
-            - None or "fashion-mnist": Fashion-MNIST from `FASHION_MNIST_DIR` (60,000 train and
-              10,000 test images, 28x28 grayscale; `apt-get install dataset-fashion-mnist`).
+            - "fashion-mnist" (the default): Fashion-MNIST from `FASHION_MNIST_DIR` (60,000
+              train and 10,000 test images, 28x28 grayscale; `apt-get install
+              dataset-fashion-mnist`).
             - "digits": scikit-learn's bundled 8x8 digits (1,797 images).
             - a folder with the four idx files (`train-images-idx3-ubyte[.gz]`, ...), like
               MNIST's; the t10k files become the validation split. Classes are named "0", "1",
@@ -481,9 +484,9 @@ def load_data(
     _check_valid_pct(valid_pct)
     if size is not None and (not isinstance(size, int) or size < 1):
         raise DataError(f"size must be a positive number of pixels, got {size!r}")
-    key = None if spec is None else str(spec).strip()
-    name = "" if key is None else key.lower().replace("_", "-")
-    if key is None or name in ("fashion-mnist", "fashionmnist"):
+    key = str(spec).strip()
+    name = key.lower().replace("_", "-")
+    if name in ("fashion-mnist", "fashionmnist"):
         if not FASHION_MNIST_DIR.is_dir():
             raise DataError(f"Fashion-MNIST is not installed at {FASHION_MNIST_DIR}. {_GET_DATA}")
         data = _load_idx_folder(FASHION_MNIST_DIR, "fashion-mnist")
@@ -583,10 +586,14 @@ def dataloaders(
         >>> dls = dataloaders(load_data("digits"), bs=64)
         >>> learn = Learner(dls, model, metrics=accuracy)  # loss: CrossEntropyLossFlat
     """
-    import fastai.vision.data  # noqa: F401  (registers show_batch / show_results for images)
-    from fastai.data.core import DataLoaders, Datasets
-    from fastai.data.transforms import Categorize, ItemGetter, Transform
-    from fastai.torch_core import TensorImage, TensorImageBW, default_device
+    try:
+        import fastai.vision.data  # noqa: F401  (registers show_batch / show_results for images)
+        from fastai.data.core import DataLoaders, Datasets
+        from fastai.data.transforms import Categorize, ItemGetter, Transform
+        from fastai.torch_core import TensorImage, TensorImageBW, default_device
+    except ModuleNotFoundError as error:
+        raise_missing_extra(error, "auxhead.data.dataloaders")
+        raise
 
     for name, value in (("bs", bs), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -19,10 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from fastai.callback.core import Callback, GatherPredsCallback
-from fastai.learner import AvgMetric, Learner
-from fastai.torch_core import find_bs
 from torch import nn
+
+from auxhead._extras import raise_missing_extra
+
+try:
+    from fastai.callback.core import Callback, GatherPredsCallback
+    from fastai.learner import AvgMetric, Learner
+    from fastai.torch_core import find_bs
+except ModuleNotFoundError as error:
+    raise_missing_extra(error, "auxhead.fastai")
+    raise
 
 from auxhead.attach import AuxModel, HeadSpec, attach
 from auxhead.distributed import check_ddp
@@ -107,7 +114,7 @@ class AuxHeads(Callback):
         num_classes: int | None = None,
         head: HeadSpec = "inception",
         weights: Weights = 0.3,
-        schedule: str | Schedule | None = None,
+        schedule: str | Schedule = "constant",
         head_metrics: bool = True,
         distill: float = 0.0,
         temperature: float = 3.0,
@@ -186,8 +193,8 @@ class AuxHeads(Callback):
         self.aux_loss = AuxLoss(
             learn.loss_func,
             aux_model,
-            self.weights,
-            self.schedule,
+            weights=self.weights,
+            schedule=self.schedule,
             distill=self.distill,
             temperature=self.temperature,
         )
@@ -283,7 +290,7 @@ class AuxHeads(Callback):
         values = [_maybe_float(v) for v in self.learn.recorder.log[1 : len(names) + 1]]
         self.history.append(dict(zip(names, values, strict=False)))
 
-    def plot_heads(self, metric: str = "acc", ax: Any = None):
+    def plot_heads(self, *, metric: str = "acc", ax: Any = None):
         """Each head's validation accuracy (or loss) per epoch, beside the main model's
         `accuracy` when that metric is recorded, like a Keras per-output history."""
         return plot_heads(self.learn, metric=metric, ax=ax)
@@ -425,7 +432,7 @@ def export_learner(learn: Learner, fname: str | Path = "export.pkl") -> Path:
     return Path(learn.path) / fname
 
 
-def plot_heads(learn: Learner, metric: str = "acc", ax: Any = None):
+def plot_heads(learn: Learner, *, metric: str = "acc", ax: Any = None):
     """Per-epoch validation accuracy (or loss) of every head, and of the main model.
 
     Args:

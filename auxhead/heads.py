@@ -67,7 +67,7 @@ class InceptionHead(nn.Module):
     Sequences and vectors skip the pooling and conv: token mean, then the same two FC layers.
     """
 
-    def __init__(self, shape: Sequence[int], num_classes: int, dropout: float = 0.7) -> None:
+    def __init__(self, shape: Sequence[int], num_classes: int, *, dropout: float = 0.7) -> None:
         super().__init__()
         _check_shape(shape, "inception")
         channels = _channels(shape)

@@ -57,7 +57,7 @@ def _set_reduction(funcs: Sequence[LossFunc], value: str) -> None:
 
 
 def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, temperature: float, reduction: str = "mean"
+    student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, reduction: str = "mean"
 ) -> torch.Tensor:
     """Hinton's knowledge-distillation term T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
@@ -87,12 +87,13 @@ class AuxLoss:
             GoogLeNet used 0.3, Inception v3 0.4.
         schedule: multiplier s(t) of training progress t in [0, 1] (set `.progress`): a name
             from `auxhead.SCHEDULES` ("constant", "linear_decay", "linear_ramp", "cosine") or a
-            callable. Default constant.
-        head_loss: loss for the heads, if not `loss_func`.
+            callable.
+        head_loss: loss for the heads; None: `loss_func`.
         distill: weight alpha of self-distillation (BYOT): each head's term becomes
             (1 - alpha) * head_loss + alpha * T^2 * KL(main || head). 0 turns it off.
         temperature: the distillation temperature T.
-        check_finite: raise naming the head if an aux loss is NaN or infinite.
+        check_finite: raise naming the head if an aux loss is NaN or infinite. Costs one
+            device synchronisation per step (one check over every head's term).
 
     Attributes:
         progress: training progress t in [0, 1]; a trainer sets it (the fastai callback does).
@@ -107,9 +108,9 @@ class AuxLoss:
         self,
         loss_func: LossFunc,
         aux_model: AuxModel,
-        weights: Weights = 0.3,
-        schedule: str | Schedule | None = None,
         *,
+        weights: Weights = 0.3,
+        schedule: str | Schedule = "constant",
         head_loss: LossFunc | None = None,
         distill: float = 0.0,
         temperature: float = 3.0,
@@ -181,7 +182,23 @@ class AuxLoss:
             # gradient and DistributedDataParallel sees no unused parameters.
             weighted = (self.weights[name] * scale) * term
             total = weighted if total is None else total + weighted
+        if self.check_finite and aux:
+            self._check_finite({name: self.components[name] for name in aux})
         return total
+
+    @staticmethod
+    def _check_finite(terms: Mapping[str, torch.Tensor]) -> None:
+        """Raise naming the first head whose term is NaN or infinite. One reading of one bool
+        for all heads: on an accelerator, one synchronisation per step, not one per head."""
+        finite = torch.stack([torch.isfinite(term).all() for term in terms.values()])
+        if bool(finite.all()):
+            return
+        pairs = zip(terms.items(), finite.tolist(), strict=True)
+        name, term = next(named for named, ok in pairs if not ok)
+        raise FloatingPointError(
+            f"the aux loss of head {name!r} is not finite ({term.flatten()[:4]}); "
+            "lower the learning rate or the head's weight, or check its inputs"
+        )
 
     def _zero_term(self, names: list[str]) -> torch.Tensor | None:
         """0 * (sum of the trainable parameters of the heads at `names`): adds nothing to the
@@ -215,13 +232,10 @@ class AuxLoss:
                     f"self-distillation needs the main output shaped like head {name!r}'s "
                     f"logits {tuple(logits.shape)}"
                 )
-            kd = distillation_loss(logits, teacher, self.temperature, self.reduction or "mean")
-            term = (1 - self.distill) * term + self.distill * kd
-        if self.check_finite and not bool(torch.isfinite(term).all()):
-            raise FloatingPointError(
-                f"the aux loss of head {name!r} is not finite ({term.detach().flatten()[:4]}); "
-                "lower the learning rate or the head's weight, or check its inputs"
+            kd = distillation_loss(
+                logits, teacher, temperature=self.temperature, reduction=self.reduction or "mean"
             )
+            term = (1 - self.distill) * term + self.distill * kd
         return term
 
     @property
@@ -254,7 +268,7 @@ class MultiLoss:
 
     Args:
         losses: one loss for every output, a list in output order, or a dict by output key.
-        weights: 1 for every output by default; a number, a list or a dict by key.
+        weights: one number for every output, a list, or a dict by key.
         targets: which targets each output is scored against: a list or dict by key of target
             indices (an int or a tuple of ints). Default: every output against all targets if
             there is one target, output i against target i if there are as many targets as
@@ -272,7 +286,7 @@ class MultiLoss:
         self,
         losses: LossFunc | Sequence[LossFunc] | Mapping[str, LossFunc],
         *,
-        weights: Weights | None = None,
+        weights: Weights = 1.0,
         targets: Sequence[int | tuple[int, ...]]
         | Mapping[str, int | tuple[int, ...]]
         | None = None,
@@ -331,7 +345,7 @@ class MultiLoss:
             losses = per_name(self.losses, names, "losses")
         else:
             losses = dict.fromkeys(names, self.losses)
-        weights = _check_weights(per_name(self.weights, names, "weights", default=1.0))
+        weights = _check_weights(per_name(self.weights, names, "weights"))
         indices = self._target_indices(names, len(targets))
         total: torch.Tensor | None = None
         self.components = {}

@@ -44,9 +44,9 @@ def _conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequent
 
 def small_cnn(
     num_classes: int = 10,
+    *,
     channels: int = 1,
     size: int = 28,
-    *,
     widths: Sequence[int] = SMALL_CNN_WIDTHS,
     depth: int = SMALL_CNN_DEPTH,
     channels_last: bool = True,
@@ -299,9 +299,9 @@ def _torchvision_pretrained(name: str) -> dict[str, torch.Tensor]:
 def build_model(
     arch: str = "small_cnn",
     num_classes: int = 10,
+    *,
     channels: int = 1,
     size: int = 28,
-    *,
     pretrained: bool = False,
 ) -> nn.Module:
     """A classifier by name, freshly initialised or with pretrained weights.
@@ -339,7 +339,7 @@ def build_model(
             raise ValueError(
                 "small_cnn has no pretrained weights; choose a torchvision or timm model"
             )
-        return small_cnn(num_classes, channels, size)
+        return small_cnn(num_classes, channels=channels, size=size)
     if source in ("", "torchvision") and name in _torchvision_names():
         import torchvision
 

@@ -47,10 +47,8 @@ SCHEDULES: dict[str, Schedule] = {
 }
 
 
-def get_schedule(schedule: str | Schedule | None) -> Schedule:
-    """A schedule from its name, a callable, or None (constant)."""
-    if schedule is None:
-        return constant
+def get_schedule(schedule: str | Schedule) -> Schedule:
+    """A schedule from its name (see `SCHEDULES`) or a callable t -> float."""
     if isinstance(schedule, str):
         if schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")

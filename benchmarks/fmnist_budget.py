@@ -62,7 +62,7 @@ def run(
 ) -> dict[str, float]:
     set_seed(seed)
     dls = dataloaders(data, bs=bs, seed=seed, device="cpu")
-    model = small_cnn(data.c, data.channels, data.size, widths=widths, depth=depth)
+    model = small_cnn(data.c, channels=data.channels, size=data.size, widths=widths, depth=depth)
     loss_func = CrossEntropyLossFlat()
     if heads:
         model = auxhead.attach(model, default_taps(model), sample=data.train_x[:2])
@@ -87,7 +87,7 @@ def probe(data: ImageData, *, bs: int, widths, depth: int, heads: bool) -> float
     """Seconds per epoch from the median of the first 10% of an epoch's batches, no accuracy:
     a quick check to run when the machine is idle."""
     dls = dataloaders(data, bs=bs, device="cpu")
-    model = small_cnn(data.c, data.channels, data.size, widths=widths, depth=depth)
+    model = small_cnn(data.c, channels=data.channels, size=data.size, widths=widths, depth=depth)
     loss_func = CrossEntropyLossFlat()
     if heads:
         model = auxhead.attach(model, default_taps(model), sample=data.train_x[:2])

@@ -57,12 +57,12 @@ GROUPS = {
 
 def epochs_for(data: str, steps: int, bs: int) -> int:
     """Epochs that make at least `steps` optimizer steps of `bs` images on `data`."""
-    n_train = len(load_data(None if data == "fashion-mnist" else data).train_y)
+    n_train = len(load_data(data).train_y)
     return max(1, math.ceil(steps / max(1, n_train // bs)))
 
 
 def run(data: str, seed: int, steps: int, groups: Sequence[str], out: Path, n_per_class: int):
-    base = ACGANConfig(data=None if data == "fashion-mnist" else data, seed=seed, threads=1)
+    base = ACGANConfig(data=data, seed=seed, threads=1)
     base = replace(base, epochs=epochs_for(data, steps, base.bs), n_per_class=n_per_class)
     folder = out / f"{data}-seed{seed}"
     rows = []

@@ -9,7 +9,7 @@ Rows:
   `InceptionAux` heads attached at inception4a and inception4d, against torchvision's
   `googlenet(aux_logits=True)` with the same weights, inputs and loss (main + 0.3 * each head).
   Target ratio <= 1.03. The auxhead row uses `AuxLoss` as shipped (check_finite=True, which
-  reads one bool per head per step, a device sync on a GPU); the `check_finite=False` row shows
+  reads one bool per step for all heads, a device sync on a GPU); the `check_finite=False` row shows
   what that check costs.
 - GoogLeNet, inference: the stripped model against a bare `googlenet(aux_logits=False)` with the
   same weights. Target ratio <= 1.01.

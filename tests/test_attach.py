@@ -110,6 +110,19 @@ def test_builtin_kinds_and_module_and_factory(cnn, x, kind):
     assert [v.shape for v in aux.aux_outputs.values()] == [(4, 5)] * 3
 
 
+def test_one_module_for_several_taps_is_refused_naming_the_ways_out(cnn, x):
+    shared = nn.Sequential(nn.Flatten(), nn.LazyLinear(5))
+    ways_out = r"\['1', '3'\].*share it and its weights.*at=\{tap: module.*head='inception'.*lambda"
+    with pytest.raises(ValueError, match=ways_out):
+        auxhead.attach(cnn, ["1", "3"], head=shared, sample=x)
+    with pytest.raises(ValueError, match=ways_out):
+        auxhead.attach(cnn, {"1": shared, "3": shared, "5": "linear"}, sample=x)
+    assert hook_count(cnn) == 0
+    # One module for one tap is fine.
+    aux = auxhead.attach(cnn, ["5"], head=nn.Linear(32, 5), sample=x)
+    assert aux.taps == ["5"]
+
+
 def test_module_heads_need_no_sample(cnn, x):
     aux = auxhead.attach(cnn, {"5": nn.Linear(32, 5)}).train()
     aux(x)
@@ -444,6 +457,51 @@ def test_dry_run_leaves_batchnorm_statistics_alone(cnn, x):
         assert torch.equal(model.state_dict()[key], value), key
 
 
+def test_the_batchnorm_hint_only_for_batchnorm_refusing_a_batch_of_one(x):
+    bn = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 8), nn.BatchNorm1d(8), nn.Linear(8, 5))
+    # A tuple sample of one is not doubled (only a tensor is): BatchNorm refuses it.
+    with pytest.raises(ValueError, match="BatchNorm needs at least 2 samples") as caught:
+        auxhead.attach(bn, ["2"], head="linear", sample=(x[:1],))
+    assert "Expected more than 1 value per channel" in str(caught.value.__cause__)
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            raise RuntimeError("the model's own failure")
+
+    for model in (Broken(), nn.Sequential(nn.BatchNorm2d(3), Broken())):
+        with pytest.raises(RuntimeError, match="the model's own failure") as caught:
+            auxhead.attach(model, ["fc"] if isinstance(model, Broken) else ["0"], sample=x)
+        assert "BatchNorm" not in str(caught.value)
+        assert any("auxhead.attach ran" in note for note in caught.value.__notes__)
+        assert hook_count(model) == 0
+
+
+def test_a_submodule_set_to_none_is_skipped(x):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = tiny_cnn()
+            self.aux_classifier = nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = Net()
+    model.aux_classifier = None  # stays in _modules, as None (torchvision: model.AuxLogits = None)
+    assert "aux_classifier" in model._modules
+    aux = auxhead.attach(model, ["body.1"], sample=x)
+    assert "unused" not in auxhead.list_layers(model, x).names
+    aux.train()
+    aux(x)
+    aux.eval()
+    assert aux(x).shape == (4, 5)
+    assert set(aux.aux_outputs) == set()
+
+
 class Windows(nn.Module):
     """Window attention folds windows into the batch: (B * 4, N, C)."""
 
@@ -550,7 +608,7 @@ def test_names_that_would_share_a_head_key_are_refused(x):
 def test_a_module_head_that_does_not_fit_is_refused_at_attach(cnn, x):
     _no_hooks_after(
         cnn,
-        lambda: auxhead.attach(cnn, ["5", "3"], head=nn.Linear(32, 5), sample=x),
+        lambda: auxhead.attach(cnn, {"5": nn.Linear(32, 5), "3": nn.Linear(32, 5)}, sample=x),
         ValueError,
         r"the head at '3' failed on its tap's output \(4, 16, 4, 4\)",
     )

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -44,10 +45,29 @@ def auxhead(*args, cwd=None, timeout=240):
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()  # --threads 1 sets torch's global
+def _threads_are_left_alone():
+    threads = torch.get_num_threads()  # --threads 1 sets them for the run only
     yield
-    torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
+def process_state() -> dict:
+    """What a run may change process-wide and must put back."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["threads"] == before["threads"]
+    assert after["cudnn"] == before["cudnn"]
+    assert torch.equal(after["torch_rng"], before["torch_rng"])
+    assert after["python_rng"] == before["python_rng"]
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
 def error_line(capsys, argv) -> str:
@@ -65,12 +85,11 @@ def error_line(capsys, argv) -> str:
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
+    before = process_state()
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
         code = main(["train", *FULL, "--out", str(out)])
-    torch.set_num_threads(threads)
-    return code, stdout.getvalue(), out
+    return code, stdout.getvalue(), out, (before, process_state())
 
 
 # Budgets -------------------------------------------------------------------------------------
@@ -105,7 +124,7 @@ def test_budget_options_override():
 
 
 def test_train_writes_the_report(quick_run):
-    code, stdout, out = quick_run
+    code, stdout, out, _ = quick_run
     assert code == 0, stdout[-3000:]
     for name in ("report.md", "report.json", "heads.png", "compute.png", "model.pkl",
                  "checkpoint.pth"):  # fmt: skip
@@ -155,8 +174,29 @@ def test_warnings_that_matter_are_printed_and_reported(tmp_path, capsys):
     assert "fell back to the main head for every sample" in (tmp_path / "report.md").read_text()
 
 
+def test_a_run_puts_back_the_threads_seeds_and_cudnn_flags(quick_run):
+    _, _, _, (before, after) = quick_run  # --threads 1, seeded, cuDNN deterministic inside
+    assert_same_state(before, after)
+
+
+def test_seeded_and_torch_threads_put_back_what_they_change():
+    from auxhead.cli._state import seeded, torch_threads
+
+    before = process_state()
+    threads = 1 if before["threads"] != 1 else 2
+    with torch_threads(threads), seeded(3):
+        assert torch.get_num_threads() == threads
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        first = (torch.rand(2), random.random(), np.random.rand())
+    assert_same_state(before, process_state())
+    with seeded(3):
+        again = (torch.rand(2), random.random(), np.random.rand())
+    torch.testing.assert_close(again[0], first[0], rtol=0, atol=0)
+    assert again[1:] == first[1:]
+
+
 def test_checkpoint_has_heads(quick_run):
-    _, _, out = quick_run
+    _, _, out, _ = quick_run
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
     assert checkpoint["epoch"] == 1 and checkpoint["taps"] == ["stage1", "stage2"]
     assert any(k.startswith("heads.") for k in checkpoint["state_dict"])
@@ -164,7 +204,7 @@ def test_checkpoint_has_heads(quick_run):
 
 @pytest.mark.slow
 def test_export_loads_without_auxhead(quick_run):
-    _, _, out = quick_run
+    _, _, out, _ = quick_run
     script = (
         "import sys; sys.modules['auxhead'] = None\n"
         "from fastai.learner import load_learner\n"
@@ -178,7 +218,7 @@ def test_export_loads_without_auxhead(quick_run):
 
 @pytest.mark.slow
 def test_same_seed_same_numbers(quick_run, tmp_path):
-    _, _, first = quick_run
+    _, _, first, _ = quick_run
     again = auxhead("train", *FULL, "--out", tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     a = json.loads((first / "report.json").read_text())
@@ -423,6 +463,20 @@ def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, capsys, monke
     assert "please report it" in err and "auxhead: error:" not in err
 
 
+def test_a_bug_while_the_learner_is_built_is_not_a_bad_at(tmp_path, capsys, monkeypatch):
+    import auxhead.fastai
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal failure in attach")
+
+    monkeypatch.setattr(auxhead.fastai, "attach", broken)
+    assert main(["train", *QUICK, "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "RuntimeError" in err and "an internal failure" in err
+    assert "--at" not in err and "auxhead: error:" not in err
+    # A tap attach refuses is still one line, exit 2: test_bad_model_or_layer.
+
+
 @pytest.mark.parametrize("where", ["before", "after"])
 def test_debug_before_or_after_the_subcommand(tmp_path, capsys, where):
     argv = ["train", "--data", str(tmp_path / "nope")]
@@ -524,7 +578,7 @@ def test_pretrained_without_network_says_how_to_provide_the_weights(tmp_path, ca
 def test_init_starts_from_a_state_dict(tmp_path, capsys):
     from auxhead.models import build_model
 
-    start = build_model("small_cnn", 10, 1, 8).state_dict()
+    start = build_model("small_cnn", 10, channels=1, size=8).state_dict()
     torch.save(start, tmp_path / "start.pth")
     out = tmp_path / "run"
     argv = ["train", *QUICK, "--limit", "64", "--init", tmp_path / "start.pth", "--out", out]
@@ -567,7 +621,9 @@ def test_ctrl_c_leaves_the_last_epoch_checkpoint(tmp_path):
     import auxhead
     from auxhead.models import build_model
 
-    model = build_model(saved["arch"], len(saved["classes"]), saved["channels"], saved["size"])
+    model = build_model(
+        saved["arch"], len(saved["classes"]), channels=saved["channels"], size=saved["size"]
+    )
     aux = auxhead.attach(
         model, saved["taps"], head=saved["head"], sample=torch.zeros(2, saved["channels"], 8, 8)
     )
@@ -718,3 +774,67 @@ def test_ctrl_c_while_the_libraries_import_is_one_line(capsys, monkeypatch):
     assert main(["train", "--help"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "auxhead: interrupted" and "Traceback" not in err
+
+
+# Warnings ------------------------------------------------------------------------------------
+
+
+def test_collect_warnings_keeps_runtime_warnings_and_passes_deprecations_on():
+    import warnings
+
+    from auxhead.cli._common import collect_warnings
+
+    deprecation = pytest.warns(DeprecationWarning, match="an old API")
+    with deprecation as passed_on, collect_warnings() as seen:
+        warnings.warn("overflow in  exp", RuntimeWarning, stacklevel=1)
+        warnings.warn("a head did not train", UserWarning, stacklevel=1)
+        warnings.warn("a head did not train", UserWarning, stacklevel=1)
+        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+    assert seen == ["overflow in exp", "a head did not train"]
+    assert [w.category for w in passed_on] == [DeprecationWarning]
+
+
+WARNS_TWICE = """
+import types, warnings, auxhead.cli.layers as layers
+from auxhead.cli import main
+
+def run_layers(config):
+    for _ in range(2):
+        warnings.warn("an old API", DeprecationWarning, stacklevel=1)
+        warnings.warn("an old API", FutureWarning, stacklevel=1)
+    return types.SimpleNamespace(table=lambda: "the layers")
+
+layers.run_layers = run_layers
+raise SystemExit(main(["layers"]))
+"""
+
+
+def test_the_cli_shows_each_warning_once_instead_of_silencing_it():
+    import warnings
+
+    before = list(warnings.filters)
+    out = subprocess.run([sys.executable, "-c", WARNS_TWICE], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.count("DeprecationWarning: an old API") == 1, out.stderr
+    assert out.stderr.count("FutureWarning: an old API") == 1, out.stderr
+    main(["layers", "--help"])  # in process: the filters are put back
+    assert warnings.filters == before
+
+
+# A missing extra ------------------------------------------------------------------------------
+
+WITHOUT_FASTAI = "import sys; sys.modules['fastai'] = None\n"  # `import fastai` now fails
+
+
+def test_without_fastai_the_command_says_which_extra_to_install(tmp_path):
+    code = WITHOUT_FASTAI + (
+        "from auxhead.cli import main\n"
+        f"raise SystemExit(main(['train', '--out', {str(tmp_path / 'o')!r}]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "auxhead: error: the auxhead command needs fastai, which is not installed: "
+        "pip install 'auxhead[fastai]'"
+    )

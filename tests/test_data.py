@@ -350,7 +350,9 @@ def learner(digits):
 
     torch.manual_seed(0)
     dls = dataloaders(digits, bs=64, device="cpu")
-    learn = Learner(dls, small_cnn(10, 1, 8), metrics=accuracy)  # loss from Categorize
+    learn = Learner(
+        dls, small_cnn(10, channels=1, size=8), metrics=accuracy
+    )  # loss from Categorize
     # One thread: a tiny model gains nothing from more, and on a busy CPU they spin.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

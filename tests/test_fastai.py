@@ -326,3 +326,25 @@ def test_head_loss_for_a_model_whose_output_is_a_dict(dls):
     learn.fit(1, 1e-3)
     assert "acc_body_3" in learn.recorder.metric_names
     assert learn.aux_heads.aux_model.head("body.3").fc.weight.grad is not None
+
+
+# Without fastai ---------------------------------------------------------------------------------
+
+WITHOUT_FASTAI = "import sys; sys.modules['fastai'] = None\n"  # `import fastai` now fails
+
+
+@pytest.mark.parametrize("module", ["auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"])
+def test_without_fastai_the_adapters_name_the_extra(module):
+    code = WITHOUT_FASTAI + (
+        "import auxhead, auxhead.gan  # the core and the GAN's networks need torch alone\n"
+        "try:\n"
+        f"    import {module}\n"
+        "except ModuleNotFoundError as error:\n"
+        "    print(error.name, '|', error, '|', type(error.__cause__).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (
+        f"fastai | {module} needs fastai, which is not installed: pip install 'auxhead[fastai]' "
+        "| ModuleNotFoundError"
+    )

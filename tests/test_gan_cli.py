@@ -2,6 +2,7 @@
 the GAN metrics' refusal of non-finite samples."""
 
 import json
+import random
 import re
 
 import numpy as np
@@ -25,10 +26,29 @@ TINY += ["--n-per-class", "100", "--classifier-epochs", "1"]
 
 
 @pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
+def _threads_are_left_alone():
+    threads = torch.get_num_threads()  # --threads 1 sets them for the run only
     yield
-    torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
+def process_state() -> dict:
+    """What a run may change process-wide and must put back."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["threads"] == before["threads"]
+    assert after["cudnn"] == before["cudnn"]
+    assert torch.equal(after["torch_rng"], before["torch_rng"])
+    assert after["python_rng"] == before["python_rng"]
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
 def _image_folder(root, classes=("a", "b", "c"), n=12, size=(28, 28)):
@@ -87,7 +107,9 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     (out / "grids").mkdir(parents=True)
     (out / "grids" / "grid_epoch_099.png").write_text("an earlier run's")
     args = ["--conditioning", "ac", "tac", "--out", str(out)]
+    before = process_state()
     assert main(["acgan", *TINY, "--data", str(data), *args]) == 0
+    assert_same_state(before, process_state())  # threads, seeds and cuDNN flags put back
     stdout = capsys.readouterr().out
     assert "wrote" in stdout
     assert "tip: on few images (30 to train) --augment color,translation,cutout" in stdout

@@ -17,9 +17,9 @@ def _data(n=48, size=28, channels=1, classes=("a", "b", "c")):
 
 def _nets(num_classes=3, size=28, channels=1, conditioning="ac", **disc):
     return (
-        Generator(num_classes, latent_dim=8, img_size=size, channels=channels, width=4),
+        Generator(num_classes, latent_dim=8, size=size, channels=channels, width=4),
         Discriminator(
-            num_classes, img_size=size, channels=channels, width=4, conditioning=conditioning,
+            num_classes, size=size, channels=channels, width=4, conditioning=conditioning,
             embed_dim=8, **disc,
         ),
     )  # fmt: skip
@@ -105,8 +105,8 @@ def test_save_load_roundtrip_and_sampling(dls, tmp_path):
 def test_mismatches_are_clear_errors(dls):
     with pytest.raises(ValueError, match="the data has 3 classes but the networks have 4"):
         acgan_learner(dls, *_nets(num_classes=4))
-    with pytest.raises(ValueError, match="disagree on img_size: 28 vs 32"):
-        acgan_learner(dls, Generator(3, img_size=28), Discriminator(3, img_size=32))
+    with pytest.raises(ValueError, match="disagree on size: 28 vs 32"):
+        acgan_learner(dls, Generator(3, size=28), Discriminator(3, size=32))
     with pytest.raises(
         ValueError, match=r"ACGANLoss\(conditioning='tac'\) does not fit .* conditioning='ac'"
     ):

@@ -79,8 +79,6 @@ def test_missing_outputs_and_bad_settings_are_refused():
         ACGANLoss(conditioning="cgan")
     with pytest.raises(ValueError, match="fake_class_loss does not apply"):
         ACGANLoss(conditioning="adc", fake_class_loss=True)
-    with pytest.raises(TypeError, match=r"`tac=True` is now `conditioning='tac'`"):
-        ACGANLoss(tac=True)
 
 
 # The variants' terms by hand on tiny tensors --------------------------------------------------

@@ -94,11 +94,11 @@ def _toy_images(n_per_class=40, seed=0):
 
 def test_train_classifier_learns_a_toy_task_and_is_seeded():
     x, y = _toy_images()
-    model = train_classifier(x, y, 2, epochs=3, batch_size=16, seed=0, width=4)
+    model = train_classifier(x, y, 2, epochs=3, bs=16, seed=0, width=4)
     assert isinstance(model, SmallCNN) and not model.training
     test_x, test_y = _toy_images(seed=1)
     assert class_accuracy(model, test_x, test_y, 2)["overall"] == 1.0
-    again = train_classifier(x, y, 2, epochs=3, batch_size=16, seed=0, width=4)
+    again = train_classifier(x, y, 2, epochs=3, bs=16, seed=0, width=4)
     torch.testing.assert_close(model(test_x), again(test_x))
     with pytest.raises(ValueError, match=r"labels must be in \[0, 2\)"):
         train_classifier(x, y + 1, 2)
@@ -244,7 +244,7 @@ def _band_images(n_per_class=40, seed=0):
 def test_classification_accuracy_score_on_hand_built_generators():
     x, y = _band_images()
     test_x, test_y = _band_images(seed=1)
-    options = {"epochs": 3, "batch_size": 16, "width": 4, "seed": 0}
+    options = {"epochs": 3, "bs": 16, "width": 4, "seed": 0}
     real = class_accuracy(train_classifier(x, y, 3, **options), test_x, test_y, 3)["overall"]
     assert real > 0.9
     # a generator that returns real training images of the right class: CAS = real accuracy

@@ -15,7 +15,7 @@ OUTPUTS = {
 
 def _disc(conditioning="ac", size=28, channels=1, **kwargs):
     return Discriminator(
-        3, img_size=size, channels=channels, width=4, conditioning=conditioning, embed_dim=16,
+        3, size=size, channels=channels, width=4, conditioning=conditioning, embed_dim=16,
         **kwargs,
     )  # fmt: skip
 
@@ -27,7 +27,7 @@ def test_every_conditioning_is_covered():
 @pytest.mark.parametrize("size", [28, 32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_shapes_for_every_size(size, channels):
-    g = Generator(3, latent_dim=8, img_size=size, channels=channels, width=4)
+    g = Generator(3, latent_dim=8, size=size, channels=channels, width=4)
     d = _disc("tac", size, channels)
     images = g(torch.randn(5, 8), torch.tensor([0, 1, 2, 0, 1]))
     assert images.shape == (5, channels, size, size)
@@ -152,12 +152,12 @@ def test_generate_rejects_bad_labels_and_noise():
     ("kwargs", "match"),
     [
         ({"num_classes": 1}, "at least 2 classes"),
-        ({"img_size": 30}, r"img_size must be one of \[28, 32, 64\], got 30"),
+        ({"size": 30}, r"size must be one of \[28, 32, 64\], got 30"),
         ({"channels": 2}, "channels must be 1"),
     ],
 )
 def test_bad_configuration_is_refused(kwargs, match):
-    args = {"num_classes": 3, "img_size": 28, "channels": 1, **kwargs}
+    args = {"num_classes": 3, "size": 28, "channels": 1, **kwargs}
     num_classes = args.pop("num_classes")
     with pytest.raises(ValueError, match=match):
         Generator(num_classes, **args)
@@ -170,40 +170,6 @@ def test_unknown_conditioning_names_the_valid_ones():
         Discriminator(3, conditioning="cgan")
 
 
-@pytest.mark.parametrize(
-    ("build", "match"),
-    [
-        (
-            lambda: Generator(64, 10, 28, 1),
-            r"Generator takes only num_classes positionally.*"
-            r"write Generator\(10, latent_dim=64, img_size=28, channels=1\)",
-        ),
-        (
-            lambda: Generator(64, n_classes=10, img_size=28, channels=1, width=32),
-            r"`n_classes=10` is now `num_classes=10`: "
-            r"write Generator\(10, latent_dim=64, img_size=28, channels=1, width=32\)",
-        ),
-        (
-            lambda: Generator(latent_dim=8, n_classes=3, img_size=28, channels=1),
-            r"write Generator\(3, latent_dim=8, img_size=28, channels=1\)",
-        ),
-        (
-            lambda: Discriminator(10, 28, 1, width=32, twin=True),
-            r"`twin=True` is now `conditioning='tac'`; Discriminator takes only num_classes "
-            r"positionally.*write Discriminator\(10, img_size=28, channels=1, width=32, "
-            r"conditioning='tac'\)",
-        ),
-        (
-            lambda: Discriminator(n_classes=10),
-            r"`n_classes=10` is now `num_classes=10`: write Discriminator\(10\)",
-        ),
-    ],
-)
-def test_old_spellings_name_the_call_to_write(build, match):
-    with pytest.raises(TypeError, match=match):
-        build()
-
-
 def test_signatures_show_keyword_only_configuration():
     import inspect
 
@@ -213,15 +179,12 @@ def test_signatures_show_keyword_only_configuration():
         assert all(p.kind is p.KEYWORD_ONLY for p in params[1:]), cls
 
 
-def test_from_checkpoint_reads_new_and_old_config_keys(tmp_path):
+def test_from_checkpoint_rebuilds_the_generator(tmp_path):
     g = Generator(3, latent_dim=8, width=4)
-    config = {"latent_dim": 8, "num_classes": 3, "img_size": 28, "channels": 1, "width": 4}
-    torch.save({"config": config, "state_dict": g.state_dict()}, tmp_path / "new.pth")
-    old = {**config, "n_classes": config.pop("num_classes")}  # written before the rename
-    torch.save({"config": old, "state_dict": g.state_dict()}, tmp_path / "old.pth")
-    for name in ("new.pth", "old.pth"):
-        loaded = Generator.from_checkpoint(tmp_path / name)
-        torch.testing.assert_close(loaded.generate([0, 2], seed=1), g.generate([0, 2], seed=1))
+    config = {"latent_dim": 8, "num_classes": 3, "size": 28, "channels": 1, "width": 4}
+    torch.save({"config": config, "state_dict": g.state_dict()}, tmp_path / "generator.pth")
+    loaded = Generator.from_checkpoint(tmp_path / "generator.pth")
+    torch.testing.assert_close(loaded.generate([0, 2], seed=1), g.generate([0, 2], seed=1))
     with pytest.raises(ValueError, match=r"lacks \['state_dict'\]"):
         Generator.from_checkpoint({"config": config})
 

@@ -138,6 +138,51 @@ def test_non_finite_aux_loss_names_the_head(setup):
         loss_func(aux(x), y)
 
 
+def _host_reads(monkeypatch) -> list[str]:
+    """Every reading of a tensor's value on the host (what synchronises with an accelerator),
+    recorded by name."""
+    reads: list[str] = []
+    for method in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _name=method, **kwargs):
+            reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    return reads
+
+
+def test_check_finite_reads_the_device_once_per_step_for_all_heads(monkeypatch):
+    x = torch.randn(6, 3, 16, 16)
+    y = torch.randint(0, 5, (6,))
+    aux = auxhead.attach(tiny_cnn(), ["1", "3", "5"], head="linear", sample=x).train()
+    out = aux(x)
+    checked = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux)
+    unchecked = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux, check_finite=False)
+    reads = _host_reads(monkeypatch)
+    unchecked(out, y)
+    assert reads == []
+    checked(out, y)
+    assert reads == ["__bool__"]  # one, for three heads
+
+
+def test_check_finite_names_the_head_that_is_not_finite_among_three():
+    x = torch.randn(6, 3, 16, 16)
+    y = torch.randint(0, 5, (6,))
+    aux = auxhead.attach(tiny_cnn(), ["1", "3", "5"], head="linear", sample=x).train()
+    with torch.no_grad():
+        aux.head("5").fc.bias.fill_(math.nan)
+    with pytest.raises(FloatingPointError, match="head '5' is not finite"):
+        auxhead.AuxLoss(nn.CrossEntropyLoss(), aux)(aux(x), y)
+
+
+def test_configuration_is_keyword_only(setup):
+    aux, _, _ = setup
+    with pytest.raises(TypeError, match="positional"):
+        auxhead.AuxLoss(nn.CrossEntropyLoss(), aux, 0.3)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

@@ -197,7 +197,7 @@ def test_timm_weights_that_cannot_be_fetched_say_how_to_provide_them(monkeypatch
     ],
 )
 def test_default_taps_found_from_the_layers_that_run(arch, expected):
-    model = build_model(arch, 10, 3, 64)
+    model = build_model(arch, 10, channels=3, size=64)
     sample = torch.zeros(2, 3, 64, 64)
     assert default_taps(model, sample) == expected
     with pytest.raises(ValueError, match="without a sample batch"):
@@ -215,7 +215,7 @@ def test_every_torchvision_classifier_has_default_taps():
         size = 96 if arch == "inception_v3" else 64
         if arch.startswith(("vit_h", "vit_l", "regnet_y_128", "regnet_y_32", "regnet_y_16")):
             continue  # gigabytes of parameters: the same code paths as their smaller siblings
-        model = build_model(arch, 10, 3, size)
+        model = build_model(arch, 10, channels=3, size=size)
         taps = default_taps(model, torch.zeros(2, 3, size, size))
         assert len(taps) == 2 and taps[0] != taps[1], arch
         resolve(model, taps)

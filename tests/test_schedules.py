@@ -20,7 +20,7 @@ def test_schedules_by_hand(name, at0, at_half, at1):
 
 
 def test_get_schedule_forms():
-    assert get_schedule(None) is auxhead.constant
+    assert get_schedule("constant") is auxhead.constant
     fn = lambda t: t * t  # noqa: E731
     assert get_schedule(fn) is fn
     with pytest.raises(ValueError, match="unknown schedule 'warmup'.*constant"):

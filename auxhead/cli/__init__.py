@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 import traceback
-import warnings
 
+from auxhead._extras import missing_extra
 from auxhead.cli._common import (
     EXIT_BUG,
     EXIT_INTERRUPTED,
@@ -28,6 +28,7 @@ from auxhead.cli._common import (
     is_disk_full,
     is_out_of_memory,
     one_line,
+    warnings_shown_once,
 )
 
 __all__ = ["UsageError", "build_parser", "main"]
@@ -68,13 +69,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _threads(n: int | None) -> None:
-    if n is not None:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def _kept(kept: list, what: str) -> str:
     """The end of the Ctrl-C line: the checkpoints that exist, or that there are none."""
     if not kept:
@@ -88,8 +82,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_config(config)  # before --out is touched
-    _threads(args.threads)
-    print(f"auxhead train: {config.arch} on {config.data or 'fashion-mnist'}, heads: "
+    print(f"auxhead train: {config.arch} on {config.data}, heads: "
           f"{config.head} -> {config.out}", flush=True)  # fmt: skip
     with OutputFolder(config.out, OWNED_FILES) as out:
         try:
@@ -133,13 +126,6 @@ def _run_layers(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quiet_imports() -> None:
-    """Deprecation notices from the libraries auxhead imports are for their maintainers, not
-    for users; the warnings a run raises are collected and reported by the run itself."""
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the command line on `argv` (default `sys.argv[1:]`); returns the exit code."""
     try:
@@ -150,8 +136,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    _quiet_imports()
+    # Warnings are shown, each once: a run collects and reports the UserWarnings and
+    # RuntimeWarnings it raises (`collect_warnings`); the rest (deprecations) go to stderr.
+    with warnings_shown_once():
+        try:
+            return _parse_and_run(list(sys.argv[1:] if argv is None else argv))
+        except ModuleNotFoundError as error:  # the commands import fastai as they are built
+            missing = missing_extra(error, "the auxhead command")
+            if missing is None:
+                raise
+            print(f"auxhead: error: {missing}", file=sys.stderr)
+            return EXIT_USAGE
+
+
+def _parse_and_run(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -175,6 +173,10 @@ def _main(argv: list[str] | None) -> int:
     except Exception as error:
         from auxhead.data import DataError
 
+        missing = missing_extra(error, "the auxhead command")
+        if missing is not None:  # a library imported on first use (matplotlib, say)
+            print(f"auxhead: error: {missing}", file=sys.stderr)
+            return EXIT_USAGE
         if isinstance(error, (UsageError, DataError)):
             if args.debug:
                 traceback.print_exc()

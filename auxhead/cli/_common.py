@@ -12,6 +12,7 @@ import errno
 import math
 import os
 import shutil
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -279,18 +280,43 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def collect_warnings() -> Iterator[list[str]]:
-    """Record the `UserWarning`s raised inside (auxhead's own, torch's, fastai's), one message
-    each, deduplicated, in order; other categories (deprecations) are left to the filters."""
+    """Record the `UserWarning`s and `RuntimeWarning`s raised inside (auxhead's own, torch's,
+    fastai's: what a run reports), one message each, deduplicated, in order. Other categories
+    (deprecations) go on to the filters and `warnings.showwarning` in force outside."""
     seen: list[str] = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():
+        shown_outside = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None) -> None:
+            if issubclass(category, (UserWarning, RuntimeWarning)):
+                text = " ".join(str(message).split())
+                if text not in seen:
+                    seen.append(text)
+            else:
+                shown_outside(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = record
         warnings.simplefilter("always", UserWarning)
-        try:
-            yield seen
-        finally:
-            for item in caught:
-                if not issubclass(item.category, UserWarning):
-                    continue
-                message = " ".join(str(item.message).split())
-                if message not in seen:
-                    seen.append(message)
+        warnings.simplefilter("always", RuntimeWarning)
+        yield seen
+
+
+@contextlib.contextmanager
+def warnings_shown_once() -> Iterator[None]:
+    """Inside, every warning is shown (on stderr), once per message and category, whatever its
+    category or where it comes from; `-W` or `PYTHONWARNINGS`, when given, choose instead.
+    Filters and `showwarning` are put back afterwards."""
+    seen: set[tuple[str, type]] = set()
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("always")
+        shown = warnings.showwarning
+
+        def once(message, category, filename, lineno, file=None, line=None) -> None:
+            key = (str(message), category)
+            if key not in seen:
+                seen.add(key)
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = once
+        yield

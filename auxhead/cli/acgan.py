@@ -23,7 +23,6 @@ AC-GAN.
 from __future__ import annotations
 
 import argparse
-import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,12 +46,13 @@ from auxhead.cli._common import (
     positive_float,
     positive_int,
 )
+from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.gan.augment import AUGMENTATIONS, split_policy
 from auxhead.gan.learner import acgan_learner, save_image
 from auxhead.gan.losses import ADVERSARIAL_LOSSES, ACGANLoss
 from auxhead.gan.metrics import GANEvaluator
-from auxhead.gan.models import CONDITIONINGS, IMG_SIZES, Discriminator, Generator
+from auxhead.gan.models import CONDITIONINGS, SIZES, Discriminator, Generator
 from auxhead.gan.monitor import ClassMonitor
 
 __all__ = [
@@ -129,12 +129,12 @@ VARIANT_NAMES = {
 }
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ACGANConfig:
     """Settings of one `auxhead acgan` run; the CLI's options, one for one."""
 
-    data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
-    size: int | None = None  # None: the data's size, or the next one in IMG_SIZES
+    data: str = "fashion-mnist"  # or "digits", or a folder
+    size: int | None = None  # None: the data's size, or the next one in SIZES
     epochs: int | None = None  # None: DEFAULT_EPOCHS (see `gan_budget`)
     seed: int = 0
     out: Path = Path("runs/acgan")
@@ -213,7 +213,7 @@ class ACGANResult:
             "epochs_why": self.budget.why,
             "steps_per_epoch": self.budget.steps_per_epoch,
             "passes_per_epoch": self.budget.repeats,
-            "batch_size": self.budget.bs,  # --bs, or the training set's size if smaller
+            "bs": self.budget.bs,  # --bs, or the training set's size if smaller
             "data": {
                 "name": data.name,
                 "classes": data.classes,
@@ -288,14 +288,14 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     d = ACGANConfig()
     parser.add_argument(
         "--data",
-        default=None,
+        default=d.data,
         help="'fashion-mnist' (default), 'digits', a folder of idx files or of class subfolders",
     )
     parser.add_argument(
         "--size",
         type=int,
         default=None,
-        choices=sorted(IMG_SIZES),
+        choices=sorted(SIZES),
         help="resize images to SIZE x SIZE (default: the data's own size, or the next allowed "
         "one up; digits: 28)",
     )
@@ -426,8 +426,8 @@ def check_config(config: ACGANConfig) -> None:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
             )
-    if config.size is not None and config.size not in IMG_SIZES:
-        raise UsageError(f"--size must be one of {sorted(IMG_SIZES)}, got {config.size}")
+    if config.size is not None and config.size not in SIZES:
+        raise UsageError(f"--size must be one of {sorted(SIZES)}, got {config.size}")
     unknown = [c for c in config.conditioning if c not in CONDITIONINGS]
     if unknown or not config.conditioning:
         raise UsageError(
@@ -489,15 +489,15 @@ def gan_budget(n_train: int, bs: int, requested: int | None = None) -> GANBudget
 
 def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
     data = load_data(config.data, seed=config.seed, size=config.size)
-    if config.size is None and data.size not in IMG_SIZES:
+    if config.size is None and data.size not in SIZES:
         # e.g. digits (8 px): the smallest size the networks make that is not smaller
-        size = min((s for s in IMG_SIZES if s >= data.size), default=max(IMG_SIZES))
+        size = min((s for s in SIZES if s >= data.size), default=max(SIZES))
         say(f"resizing the {data.size}-pixel images to {size} (--size chooses)")
         data = load_data(config.data, seed=config.seed, size=size)
-    if data.train_x.shape[2] != data.train_x.shape[3] or data.size not in IMG_SIZES:
+    if data.train_x.shape[2] != data.train_x.shape[3] or data.size not in SIZES:
         raise UsageError(
             f"--data: the images are {data.train_x.shape[2]}x{data.train_x.shape[3]}; the AC-GAN "
-            f"makes square images of {sorted(IMG_SIZES)} pixels: pass --size N to resize them"
+            f"makes square images of {sorted(SIZES)} pixels: pass --size N to resize them"
         )
     n_seen = len(torch.unique(torch.cat([data.train_y, data.valid_y])))
     if data.c < 2 or n_seen < 2:
@@ -516,12 +516,6 @@ def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
             "beside train/"
         )
     return data
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 class GANCheckpoint(Callback):
@@ -566,19 +560,18 @@ def _train_variant(
 ) -> GANRun:
     """Train one GAN, write its files to `--out/folder`, and evaluate it."""
     out = Path(config.out) / folder
-    _seed_everything(config.seed)
     out.mkdir(parents=True, exist_ok=True)
     networks = {
         "latent_dim": config.latent_dim,
         "num_classes": data.c,
-        "img_size": data.size,
+        "size": data.size,
         "channels": data.channels,
         "width": config.width,
     }
     generator = Generator(**networks)
     discriminator = Discriminator(
         data.c,
-        img_size=data.size,
+        size=data.size,
         channels=data.channels,
         width=config.width,
         conditioning=conditioning,
@@ -673,7 +666,7 @@ def run_acgan(config: ACGANConfig, say: Callable[[str], None] = lambda line: Non
         UsageError: bad options or data, naming the option (before training), or a training
             run that diverged.
     """
-    with collect_warnings() as caught:
+    with collect_warnings() as caught, torch_threads(config.threads), seeded(config.seed):
         result = _run(config, say)
     result.warnings = caught
     return result
@@ -681,10 +674,7 @@ def run_acgan(config: ACGANConfig, say: Callable[[str], None] = lambda line: Non
 
 def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     check_config(config)
-    if config.threads is not None:
-        torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    _seed_everything(config.seed)
     data = _load(config, say)
     say(f"data: {data}")
     n_train = len(data.train_y)
@@ -726,7 +716,8 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
         name = VARIANT_NAMES[conditioning]
         say(f"training the {name}: {budget.epochs} epochs ({budget.why})...")
         folder = "" if i == 0 else conditioning
-        run = _train_variant(config, data, evaluator, budget, conditioning, folder)
+        with seeded(config.seed):  # each variant starts from the same seed
+            run = _train_variant(config, data, evaluator, budget, conditioning, folder)
         f = run.figures
         say(
             f"{name}: {f['accuracy']['overall']:.3f} classified as their class, Frechet "

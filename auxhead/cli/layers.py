@@ -50,7 +50,7 @@ exit codes:
 """
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayersConfig:
     arch: str = "small_cnn"
     data: str | None = None  # the input shape of this data set (with --size: resized)
@@ -126,7 +126,7 @@ def run_layers(config: LayersConfig) -> LayersResult:
         size = config.size or DEFAULT_SIZE.get(config.arch, IMAGENET_SIZE)
         n_classes = NUM_CLASSES
     try:
-        model = build_model(config.arch, n_classes, channels, size)
+        model = build_model(config.arch, n_classes, channels=channels, size=size)
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
     sample = torch.zeros(2, channels, size, size)

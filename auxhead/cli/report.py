@@ -20,7 +20,7 @@ from auxhead.cli.train import TrainResult
 __all__ = ["exit_table", "terminal_summary", "write_acgan_report", "write_report"]
 
 
-def exit_table(result: TrainResult, markdown: bool = False) -> str:
+def exit_table(result: TrainResult, *, markdown: bool = False) -> str:
     """Each exit's test accuracy, FLOPs and parameters up to it, and its share of the full
     model's compute."""
     full = result.main.flops

@@ -25,14 +25,13 @@ from fastai.callback.schedule import fit_one_cycle  # noqa: F401  (patches Learn
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
-from fastai.torch_core import set_seed
 from torch import nn
 
 from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
 from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
-from auxhead.attach import AuxModel
+from auxhead.attach import AttachError, AuxModel
 from auxhead.cli._common import (
     EXIT_CODES,
     ManualFormatter,
@@ -47,6 +46,7 @@ from auxhead.cli._common import (
     positive_float,
     positive_int,
 )
+from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders, load_data
 from auxhead.exits import EarlyExit, ExitSummary
 from auxhead.fastai import AuxHeads, export_learner
@@ -86,11 +86,11 @@ OWNED_FILES = [  # what a run writes into --out: removed when the next run start
 ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     """Settings of one `auxhead train` run; the CLI's options, one for one."""
 
-    data: str | None = None  # None: Fashion-MNIST; "digits"; or a folder
+    data: str = "fashion-mnist"  # or "digits", or a folder
     arch: str = "small_cnn"
     at: list[str] | None = None  # None: `default_taps` of the model
     head: str = "inception"
@@ -112,6 +112,7 @@ class TrainConfig:
     holdout: int = 5000  # early exit: at most this many training images held out (a fifth)
     distill: float = 0.0
     limit: int | None = None  # use only this many training (and a quarter as many test) images
+    threads: int | None = None  # torch's CPU threads for the run; None: torch's choice
 
     @property
     def fine_tune(self) -> bool:
@@ -271,7 +272,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=ManualFormatter,
     )
-    p.add_argument("--data", default=None, metavar="DATA",
+    p.add_argument("--data", default=d.data, metavar="DATA",
                    help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
                    "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
                    "works), or a folder of images with one subfolder per class")  # fmt: skip
@@ -340,7 +341,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         size=args.size, pretrained=args.pretrained, init=args.init, seed=args.seed,
         out=Path(args.out), compare=args.compare, early_exit=args.early_exit,
         max_drop=args.max_drop, confidence=args.confidence, distill=args.distill,
-        limit=args.limit,
+        limit=args.limit, threads=args.threads,
     )  # fmt: skip
 
 
@@ -506,7 +507,11 @@ def _load(config: TrainConfig) -> ImageData:
 def _model(config: TrainConfig, data: ImageData) -> nn.Module:
     try:
         model = build_model(
-            config.arch, data.c, data.channels, data.size, pretrained=config.pretrained
+            config.arch,
+            data.c,
+            channels=data.channels,
+            size=data.size,
+            pretrained=config.pretrained,
         )
     except WeightsUnavailable as error:
         raise UsageError(f"--pretrained: {error}") from None
@@ -527,6 +532,11 @@ def _model(config: TrainConfig, data: ImageData) -> nn.Module:
     return model
 
 
+# What a model raises on images it cannot take: torch's shape errors, and the AssertionError of
+# torchvision's and timm's `_assert` on the input size.
+_SHAPE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+
+
 def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
     """Run `model` once on `sample` (eval, no grad): an architecture that cannot take these
     images is a usage error naming --arch and --size, before anything else happens."""
@@ -535,7 +545,7 @@ def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
     try:
         with torch.no_grad():
             model(sample)
-    except Exception as error:  # the architecture cannot take these images
+    except _SHAPE_ERRORS as error:  # the architecture cannot take these images
         if is_out_of_memory(error):
             raise UsageError(
                 f"out of memory running --arch {arch} on "
@@ -582,7 +592,7 @@ def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: Non
         UsageError: bad options or data, naming the option; all raised before training, but
             for a loss that becomes non-finite.
     """
-    with collect_warnings() as caught:
+    with collect_warnings() as caught, torch_threads(config.threads), seeded(config.seed):
         result = _run(config, say)
     result.warnings = caught
     return result
@@ -591,7 +601,6 @@ def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: Non
 def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     check_config(config)
     out = Path(config.out)
-    set_seed(config.seed, reproducible=True)
     data = _load(config)
     holdout = None
     if config.early_exit:
@@ -645,7 +654,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     try:  # heads are attached (and sized) as the Learner is built
         cbs = [heads, log, StopOnNonFinite(causes), CheckHeadsTrain()]
         learn = _learner(dls, model, cbs, out, config.fine_tune)
-    except Exception as error:
+    except AttachError as error:  # attach refused a tap; anything else is a bug, raised
         message = one_line(error)
         raise UsageError(
             f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
@@ -737,12 +746,12 @@ def _early_exit(
 
 def _baseline(result: TrainResult, dls, data: ImageData, config: TrainConfig, out: Path) -> None:
     """The same architecture, seed, starting weights and budget without heads."""
-    set_seed(config.seed, reproducible=True)
-    model = _model(config, data)
-    learn = _learner(dls, model, [], out, config.fine_tune)
-    start = time.perf_counter()
-    _fit(learn, result.budget, config.fine_tune)
-    result.baseline_seconds = time.perf_counter() - start
+    with seeded(config.seed):  # as the run with heads started
+        model = _model(config, data)
+        learn = _learner(dls, model, [], out, config.fine_tune)
+        start = time.perf_counter()
+        _fit(learn, result.budget, config.fine_tune)
+        result.baseline_seconds = time.perf_counter() - start
     result.baseline_history = recorder_history(learn)  # before get_preds resets the Recorder
     preds, targets = learn.get_preds()
     result.baseline_accuracy = float((preds.argmax(1) == targets).float().mean())

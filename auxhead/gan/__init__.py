@@ -3,63 +3,44 @@ classifier head, with the modern variants as options: TAC-GAN, ADC-GAN and ReACG
 conditioning, a projection discriminator, spectral normalisation, the hinge loss, DiffAugment
 (`auxhead.gan.augment`) and a generator EMA (`auxhead.gan.ema`).
 
-Torch only: networks (`Generator`, `Discriminator`), objectives (`ACGANLoss`) and evaluation
-with an independent classifier (`GANEvaluator`). fastai training lives in
-`auxhead.gan.learner` (`acgan_learner`), per-class collapse monitoring in
-`auxhead.gan.monitor` (`ClassMonitor`), the command line in `auxhead.cli.acgan`.
+Here: the networks (`Generator`, `Discriminator`; `Generator.generate` and `make_grid` to
+sample), the objectives (`ACGANLoss`), evaluation with an independent classifier
+(`GANEvaluator`) and fastai training (`acgan_learner`, which imports fastai on first use; the
+rest is torch only). The parts (the metrics one by one, augmentation, the EMA, per-class
+collapse monitoring) stay importable from their modules: `auxhead.gan.metrics`,
+`auxhead.gan.augment`, `auxhead.gan.ema`, `auxhead.gan.monitor`. The command line is
+`auxhead.cli.acgan`.
 
 Example:
-    >>> from auxhead.gan import Discriminator, Generator
-    >>> from auxhead.gan.learner import acgan_learner
+    >>> from auxhead.gan import Discriminator, Generator, acgan_learner
     >>> learn = acgan_learner(dls, Generator(10), Discriminator(10))  # 28 px, grey
     >>> learn.fit(10)
     >>> images = learn.generate([0, 1, 2])  # (3, 1, 28, 28) in [0, 1]
 """
 
-from auxhead.gan.augment import AUGMENTATIONS, DiffAugment
-from auxhead.gan.ema import EMADecay, generator_ema
-from auxhead.gan.losses import (
-    ADVERSARIAL_LOSSES,
-    ACGANLoss,
-    data_to_data_cross_entropy,
-    mode_seeking_term,
-)
-from auxhead.gan.metrics import (
-    GANEvaluator,
-    SmallCNN,
-    class_accuracy,
-    classification_accuracy_score,
-    frechet_distance,
-    intra_class_diversity,
-    intra_class_frechet_distance,
-    mean_pairwise_distance,
-    precision_recall,
-    train_classifier,
-)
-from auxhead.gan.models import CONDITIONINGS, IMG_SIZES, Discriminator, Generator, make_grid
+from typing import Any
+
+from auxhead.gan.losses import ACGANLoss
+from auxhead.gan.metrics import GANEvaluator
+from auxhead.gan.models import CONDITIONINGS, SIZES, Discriminator, Generator, make_grid
 
 __all__ = [
-    "ADVERSARIAL_LOSSES",
-    "AUGMENTATIONS",
     "CONDITIONINGS",
-    "IMG_SIZES",
+    "SIZES",
     "ACGANLoss",
-    "DiffAugment",
     "Discriminator",
-    "EMADecay",
     "GANEvaluator",
     "Generator",
-    "SmallCNN",
-    "class_accuracy",
-    "classification_accuracy_score",
-    "data_to_data_cross_entropy",
-    "frechet_distance",
-    "generator_ema",
-    "intra_class_diversity",
-    "intra_class_frechet_distance",
+    "acgan_learner",
     "make_grid",
-    "mean_pairwise_distance",
-    "mode_seeking_term",
-    "precision_recall",
-    "train_classifier",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # The learner needs fastai; the rest of auxhead.gan needs only torch, so it is imported on
+    # first use (`from auxhead.gan import acgan_learner`), not with the package.
+    if name == "acgan_learner":
+        from auxhead.gan.learner import acgan_learner
+
+        return acgan_learner
+    raise AttributeError(f"module 'auxhead.gan' has no attribute {name!r}")

@@ -73,7 +73,7 @@ def train_classifier(
     num_classes: int,
     *,
     epochs: int = 3,
-    batch_size: int = 128,
+    bs: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
     width: int = 16,
@@ -85,7 +85,7 @@ def train_classifier(
         labels: (N,) int64 classes in [0, num_classes).
         num_classes: number of classes.
         epochs: passes over the data.
-        batch_size: images per step.
+        bs: images per step.
         lr: peak learning rate.
         seed: seed of the initialisation and the shuffling.
         width: the network's width.
@@ -98,13 +98,13 @@ def train_classifier(
         torch.manual_seed(seed)
         model = SmallCNN(num_classes, images.shape[1], width=width)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = epochs * -(-len(images) // batch_size)
+    steps = epochs * -(-len(images) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1))
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=rng)
-        for i in range(0, len(images), batch_size):
-            idx = order[i : i + batch_size]
+        for i in range(0, len(images), bs):
+            idx = order[i : i + bs]
             loss = F.cross_entropy(model(images[idx]), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -114,8 +114,8 @@ def train_classifier(
 
 
 @torch.no_grad()
-def batched(fn: Any, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+def batched(fn: Any, images: torch.Tensor, bs: int = 1000) -> torch.Tensor:
+    return torch.cat([fn(images[i : i + bs]) for i in range(0, len(images), bs)])
 
 
 def class_accuracy(
@@ -156,7 +156,7 @@ def classification_accuracy_score(
     num_classes: int,
     *,
     epochs: int = 3,
-    batch_size: int = 128,
+    bs: int = 128,
     lr: float = 2e-3,
     seed: int = 0,
     width: int = 16,
@@ -175,7 +175,7 @@ def classification_accuracy_score(
         test_y: (M,) their classes.
         num_classes: number of classes.
         epochs: passes over the generated images.
-        batch_size: images per step.
+        bs: images per step.
         lr: peak learning rate.
         seed: seed of the classifier's initialisation and shuffling; the score is
             deterministic given it.
@@ -196,7 +196,7 @@ def classification_accuracy_score(
         labels,
         num_classes,
         epochs=epochs,
-        batch_size=batch_size,
+        bs=bs,
         lr=lr,
         seed=seed,
         width=width,

@@ -26,7 +26,7 @@ def fid_metric(extractor: nn.Module, keep_real: bool) -> Any:
 
 
 def frechet_distance(
-    extractor: nn.Module, real: torch.Tensor, fake: torch.Tensor, *, batch_size: int = 1000
+    extractor: nn.Module, real: torch.Tensor, fake: torch.Tensor, *, bs: int = 1000
 ) -> float:
     """Frechet distance between Gaussians fitted to `extractor`'s features of two image sets.
 
@@ -38,15 +38,15 @@ def frechet_distance(
             `num_features` attribute to spare torchmetrics a probing call.
         real: (N, C, H, W) real images, N >= 2.
         fake: (M, C, H, W) generated images, M >= 2.
-        batch_size: images per feature pass.
+        bs: images per feature pass.
     """
     check_images(real, None, "real images")
     check_images(fake, None, "generated images")
     metric = fid_metric(extractor, keep_real=False)
-    for i in range(0, len(real), batch_size):
-        metric.update(real[i : i + batch_size], real=True)
-    for i in range(0, len(fake), batch_size):
-        metric.update(fake[i : i + batch_size], real=False)
+    for i in range(0, len(real), bs):
+        metric.update(real[i : i + bs], real=True)
+    for i in range(0, len(fake), bs):
+        metric.update(fake[i : i + bs], real=False)
     return float(metric.compute())
 
 

@@ -23,15 +23,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import fastai.callback.progress  # noqa: F401  (makes progress bars a default callback)
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelBatchException
-from fastai.data.core import DataLoaders
-from fastai.learner import AvgMetric, Learner
-from fastai.optimizer import OptimWrapper
-from PIL import Image
 from torch import nn
+
+from auxhead._extras import raise_missing_extra
+
+try:
+    import fastai.callback.progress  # noqa: F401  (makes progress bars a default callback)
+    from fastai.callback.core import Callback, CancelBatchException
+    from fastai.data.core import DataLoaders
+    from fastai.learner import AvgMetric, Learner
+    from fastai.optimizer import OptimWrapper
+    from PIL import Image
+except ModuleNotFoundError as error:
+    raise_missing_extra(error, "auxhead.gan.learner")
+    raise
 
 from auxhead.gan.augment import DiffAugment
 from auxhead.gan.ema import generator_ema
@@ -73,12 +80,12 @@ class ACGANModel(nn.Module):
         ema_decay: float | None = None,
     ) -> None:
         super().__init__()
-        for attr in ("num_classes", "img_size", "channels"):
+        for attr in ("num_classes", "size", "channels"):
             g, d = getattr(generator, attr), getattr(discriminator, attr)
             if g != d:
                 raise ValueError(
                     f"generator and discriminator disagree on {attr}: {g} vs {d}; "
-                    "build both with the same num_classes, img_size and channels"
+                    "build both with the same num_classes, size and channels"
                 )
         self.generator = generator
         self.discriminator = discriminator
@@ -170,11 +177,11 @@ class ACGANTrainer(Callback):
 
     def _check_batch(self, real: torch.Tensor, labels: torch.Tensor) -> None:
         gen = self.learn.model.generator
-        expected = (gen.channels, gen.img_size, gen.img_size)
+        expected = (gen.channels, gen.size, gen.size)
         if tuple(real.shape[1:]) != expected:
             raise ValueError(
                 f"the data's images are {tuple(real.shape[1:])} but the networks make "
-                f"{expected}; build them with channels={real.shape[1]}, img_size="
+                f"{expected}; build them with channels={real.shape[1]}, size="
                 f"{real.shape[-1]} or resize the data (auxhead.data.load_data(..., size=...))"
             )
         if labels.min() < 0 or labels.max() >= gen.num_classes:
@@ -319,6 +326,7 @@ class SaveGridCallback(Callback):
     def __init__(
         self,
         folder: str | Path,
+        *,
         n_per_class: int = 10,
         seed: int = 0,
         fname: str = "grid_epoch_{epoch:03d}.png",
@@ -436,8 +444,8 @@ def acgan_learner(
             or the data has fewer than 2 classes.
 
     Example:
-        >>> g = Generator(10, latent_dim=64, img_size=28, channels=1)
-        >>> d = Discriminator(10, img_size=28, channels=1)
+        >>> g = Generator(10, latent_dim=64, size=28, channels=1)
+        >>> d = Discriminator(10, size=28, channels=1)
         >>> learn = acgan_learner(dls, g, d, grid_dir="out/grids")
         >>> learn.fit(5)
         >>> images = learn.generate([0, 1, 2])  # (3, 1, 28, 28) in [0, 1]
@@ -466,7 +474,7 @@ def acgan_learner(
     columns = STATS[:2] if discriminator.conditioning == "projection" else STATS
     callbacks: list[Callback] = [trainer]
     if grid_dir is not None:
-        callbacks.append(SaveGridCallback(grid_dir, grid_per_class, grid_seed))
+        callbacks.append(SaveGridCallback(grid_dir, n_per_class=grid_per_class, seed=grid_seed))
     return ACGANLearner(
         dls,
         model,

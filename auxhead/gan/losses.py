@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from auxhead.gan._compat import refuse_old_spellings
 from auxhead.gan.models import CONDITIONINGS
 
 __all__ = ["ADVERSARIAL_LOSSES", "ACGANLoss", "data_to_data_cross_entropy", "mode_seeking_term"]
@@ -109,10 +108,6 @@ def data_to_data_cross_entropy(
     return (torch.logsumexp(logits, dim=1) - positive).mean()
 
 
-@refuse_old_spellings(
-    positional=None,
-    replaced={"tac": lambda value: f"conditioning={'tac' if value else 'ac'!r}"},
-)
 @dataclass(kw_only=True)
 class ACGANLoss:
     """The discriminator's and the generator's losses, each a dict of named terms.
@@ -124,7 +119,6 @@ class ACGANLoss:
     Raises:
         ValueError: for an unknown `adversarial` or `conditioning`, a negative weight, or
             `fake_class_loss` with a conditioning it does not apply to.
-        TypeError: for the old `tac=` (now `conditioning="tac"`).
 
     Example:
         >>> loss = ACGANLoss(class_weight=1.0)
@@ -311,7 +305,9 @@ def _dual(out: Outputs) -> torch.Tensor:
     return torch.cat([out["class"], out["fake_class"]], dim=1)  # (B, 2K)
 
 
-def mode_seeking_term(images: torch.Tensor, noise: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def mode_seeking_term(
+    images: torch.Tensor, noise: torch.Tensor, *, eps: float = 1e-5
+) -> torch.Tensor:
     """MSGAN's term 1 / (mean|G(z1) - G(z2)| / mean|z1 - z2| + eps) over pairs (i, i + h).
 
     Small when two noise vectors give different images, large when the generator ignores its

@@ -216,7 +216,7 @@ class GANEvaluator:
         """Train the classifier on (train_x, train_y) for `epochs`, then build the evaluator;
         the other arguments are the constructor's."""
         classifier = train_classifier(
-            train_x, train_y, num_classes, epochs=epochs, batch_size=_CLASSIFIER_BATCH, seed=seed
+            train_x, train_y, num_classes, epochs=epochs, bs=_CLASSIFIER_BATCH, seed=seed
         )
         return cls(
             classifier,
@@ -380,7 +380,7 @@ class GANEvaluator:
             self.test_y,
             self.num_classes,
             epochs=self._cas_epochs(len(images)),
-            batch_size=_CLASSIFIER_BATCH,
+            bs=_CLASSIFIER_BATCH,
             seed=self.seed,
         )
         real = self.reference()["classifier_test_accuracy"]["overall"]

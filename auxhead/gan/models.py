@@ -21,12 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
-from auxhead.gan._compat import refuse_old_spellings
-
-__all__ = ["CONDITIONINGS", "IMG_SIZES", "Discriminator", "Generator", "make_grid"]
+__all__ = ["CONDITIONINGS", "SIZES", "Discriminator", "Generator", "make_grid"]
 
 # Each size is a 4x4 or 7x7 map doubled k times: (smallest map side, number of doublings).
-IMG_SIZES: dict[int, tuple[int, int]] = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
+SIZES: dict[int, tuple[int, int]] = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
 
 # How the discriminator uses the class, and the outputs each adds to "source".
 CONDITIONINGS: dict[str, str] = {
@@ -40,15 +38,15 @@ CONDITIONINGS: dict[str, str] = {
 }
 
 
-def _check_common(num_classes: int, img_size: int, channels: int) -> None:
+def _check_common(num_classes: int, size: int, channels: int) -> None:
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
         raise ValueError(
             f"an AC-GAN needs at least 2 classes to condition on, got num_classes="
             f"{num_classes!r}; for a single class train an unconditional GAN instead"
         )
-    if img_size not in IMG_SIZES:
+    if size not in SIZES:
         raise ValueError(
-            f"img_size must be one of {sorted(IMG_SIZES)}, got {img_size!r}; "
+            f"size must be one of {sorted(SIZES)}, got {size!r}; "
             "resize the data first, e.g. auxhead.data.load_data(..., size=32)"
         )
     if channels not in (1, 3):
@@ -66,14 +64,6 @@ def _init_dcgan(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-_RENAMED = {"n_classes": lambda value: f"num_classes={value!r}"}
-
-
-@refuse_old_spellings(
-    positional="num_classes",
-    old_positional=("latent_dim", "n_classes", "img_size", "channels"),
-    replaced=_RENAMED,
-)
 class Generator(nn.Module):
     """Class-conditional DCGAN generator: (noise, label) -> image in [-1, 1].
 
@@ -84,19 +74,17 @@ class Generator(nn.Module):
     Args:
         num_classes: number of classes to condition on (at least 2).
         latent_dim: size of the noise vector z.
-        img_size: side of the square images: 28, 32 or 64.
+        size: side of the square images: 28, 32 or 64.
         channels: 1 (grey) or 3 (RGB).
         width: channels of the last hidden map; the others are multiples of it.
         embed_dim: size of the class embedding; default `latent_dim`.
 
     Raises:
-        ValueError: for fewer than 2 classes, an image size not in `IMG_SIZES` or channels
+        ValueError: for fewer than 2 classes, an image size not in `SIZES` or channels
             other than 1 or 3.
-        TypeError: for the old spellings (`n_classes=`, configuration by position), naming
-            the call to write instead.
 
     Example:
-        >>> g = Generator(10, latent_dim=64, img_size=28, channels=1)
+        >>> g = Generator(10, latent_dim=64, size=28, channels=1)
         >>> images = g.generate(torch.arange(10))  # (10, 1, 28, 28) in [0, 1]
     """
 
@@ -105,21 +93,21 @@ class Generator(nn.Module):
         num_classes: int,
         *,
         latent_dim: int = 64,
-        img_size: int = 28,
+        size: int = 28,
         channels: int = 1,
         width: int = 64,
         embed_dim: int | None = None,
     ) -> None:
         super().__init__()
-        _check_common(num_classes, img_size, channels)
+        _check_common(num_classes, size, channels)
         if latent_dim < 1 or width < 1:
             raise ValueError(f"latent_dim and width must be >= 1, got {latent_dim}, {width}")
         self.latent_dim = latent_dim
         self.num_classes = num_classes
-        self.img_size = img_size
+        self.size = size
         self.channels = channels
         embed_dim = latent_dim if embed_dim is None else embed_dim
-        side, doublings = IMG_SIZES[img_size]
+        side, doublings = SIZES[size]
         self._start = (width * 2 ** (doublings - 1), side, side)
 
         self.embed = nn.Embedding(num_classes, embed_dim)
@@ -147,9 +135,6 @@ class Generator(nn.Module):
     ) -> Generator:
         """The generator saved in a `generator.pth` (as `auxhead acgan` writes it).
 
-        Files written before the rename to `num_classes` store "n_classes" in their config;
-        they load too.
-
         Args:
             checkpoint: the file, or the dict it holds: {"config": the constructor's keyword
                 arguments, "state_dict": the weights}.
@@ -170,8 +155,6 @@ class Generator(nn.Module):
                 f"{missing} (it has {sorted(checkpoint)}); is it auxhead acgan's generator.pth?"
             )
         config = dict(checkpoint["config"])
-        if "n_classes" in config:  # written before the rename
-            config["num_classes"] = config.pop("n_classes")
         generator = cls(config.pop("num_classes"), **config)
         generator.load_state_dict(checkpoint["state_dict"])
         return generator
@@ -179,7 +162,7 @@ class Generator(nn.Module):
     def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = torch.cat([noise, self.embed(labels)], dim=1)  # (B, latent_dim + embed_dim)
         h = self.project(h).view(-1, *self._start)  # (B, C0, s, s)
-        return self.decode(h)  # (B, channels, img_size, img_size) in [-1, 1]
+        return self.decode(h)  # (B, channels, size, size) in [-1, 1]
 
     def check_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """`labels` as a 1-d int64 tensor on the generator's device, every one in range.
@@ -209,7 +192,7 @@ class Generator(nn.Module):
             batch_size: images drawn per forward pass, to bound memory.
 
         Returns:
-            (N, channels, img_size, img_size) float32 in [0, 1], on the generator's device.
+            (N, channels, size, size) float32 in [0, 1], on the generator's device.
 
         Raises:
             ValueError: for a label out of range or noise of the wrong shape.
@@ -235,7 +218,7 @@ class Generator(nn.Module):
         finally:
             self.train(was_training)
         if not chunks:
-            return torch.empty(0, self.channels, self.img_size, self.img_size, device=device)
+            return torch.empty(0, self.channels, self.size, self.size, device=device)
         return (torch.cat(chunks) + 1) / 2
 
     def sample_grid(
@@ -251,7 +234,7 @@ class Generator(nn.Module):
             seed: seed for the noise when `noise` is not given.
 
         Returns:
-            (channels, rows * (img_size + 2) + 2, cols * (img_size + 2) + 2) in [0, 1], on CPU.
+            (channels, rows * (size + 2) + 2, cols * (size + 2) + 2) in [0, 1], on CPU.
         """
         if noise is None:
             noise = torch.randn(
@@ -280,14 +263,6 @@ def _check_labels(labels: Any, num_classes: int, device: torch.device, owner: st
     return labels.to(device)
 
 
-@refuse_old_spellings(
-    positional="num_classes",
-    old_positional=("n_classes", "img_size", "channels"),
-    replaced={
-        **_RENAMED,
-        "twin": lambda value: f"conditioning={'tac' if value else 'ac'!r}",
-    },
-)
 class Discriminator(nn.Module):
     """DCGAN discriminator: a shared trunk, a real-vs-generated "source" head and class outputs.
 
@@ -316,7 +291,7 @@ class Discriminator(nn.Module):
 
     Args:
         num_classes: number of classes (at least 2).
-        img_size: side of the square images: 28, 32 or 64.
+        size: side of the square images: 28, 32 or 64.
         channels: 1 (grey) or 3 (RGB).
         width: channels of the first map; each halving of the side doubles them.
         conditioning: one of `CONDITIONINGS`: "ac", "tac", "adc", "reacgan", "projection".
@@ -326,11 +301,9 @@ class Discriminator(nn.Module):
 
     Raises:
         ValueError: for a bad size, class count, channel count or conditioning.
-        TypeError: for the old spellings (`n_classes=`, `twin=`, configuration by position),
-            naming the call to write instead.
 
     Example:
-        >>> d = Discriminator(10, img_size=28, channels=1)
+        >>> d = Discriminator(10, size=28, channels=1)
         >>> out = d(torch.rand(8, 1, 28, 28) * 2 - 1)
         >>> out["source"].shape, out["class"].shape
         (torch.Size([8]), torch.Size([8, 10]))
@@ -343,7 +316,7 @@ class Discriminator(nn.Module):
         self,
         num_classes: int,
         *,
-        img_size: int = 28,
+        size: int = 28,
         channels: int = 1,
         width: int = 64,
         conditioning: str = "ac",
@@ -352,7 +325,7 @@ class Discriminator(nn.Module):
         embed_dim: int = 128,
     ) -> None:
         super().__init__()
-        _check_common(num_classes, img_size, channels)
+        _check_common(num_classes, size, channels)
         if width < 1 or embed_dim < 1 or not 0.0 <= dropout < 1.0:
             raise ValueError(
                 f"need width >= 1, embed_dim >= 1 and 0 <= dropout < 1, got {width}, "
@@ -364,11 +337,11 @@ class Discriminator(nn.Module):
                 "see auxhead.gan.models.CONDITIONINGS"
             )
         self.num_classes = num_classes
-        self.img_size = img_size
+        self.size = size
         self.channels = channels
         self.conditioning = conditioning
         self.spectral_norm = spectral_norm
-        side, halvings = IMG_SIZES[img_size]
+        side, halvings = SIZES[size]
         layers: list[nn.Module] = [
             nn.Conv2d(channels, width, 4, stride=2, padding=1),
             nn.LeakyReLU(0.2, inplace=True),

@@ -32,9 +32,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
-from fastai.callback.core import Callback
-from fastai.learner import Metric
 from torch import nn
+
+from auxhead._extras import raise_missing_extra
+
+try:
+    from fastai.callback.core import Callback
+    from fastai.learner import Metric
+except ModuleNotFoundError as error:
+    raise_missing_extra(error, "auxhead.gan.monitor")
+    raise
 
 from auxhead.gan.metrics import mean_pairwise_distance
 
