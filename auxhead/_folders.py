@@ -211,8 +211,13 @@ def _classes(where: Path, folders: list[Path], skipped: Skipped) -> dict[str, li
 
 
 def _images_under(folder: Path, skipped: Skipped) -> list[Path]:
-    images = []
-    for parent, dirs, names in os.walk(folder, followlinks=True):
+    images, seen = [], set()
+    for parent, dirs, names in os.walk(folder, followlinks=True):  # symlinked folders too
+        real = os.path.realpath(parent)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
         parent_path = Path(parent)
         for name in list(dirs):
             if _is_hidden(name) or name == _MACOSX:

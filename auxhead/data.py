@@ -447,9 +447,14 @@ def load_data(
               MNIST's; the t10k files become the validation split. Classes are named "0", "1",
               ... unless the path contains "fashion".
             - a folder with one subfolder of images per class (as fastai's
-              `ImageDataLoaders.from_folder`), or with `train/` and `valid/` (or `test/`)
-              subfolders laid out that way. Images become grayscale if all of them are, RGB
-              otherwise.
+              `ImageDataLoaders.from_folder`), or a `train/` folder laid out that way (the
+              ImageNet layout), alone or beside `val/`, `valid/` or `validation/` (or else
+              `test/`) as the validation split; with a val folder and `test/` both, `test/` is
+              left out. Split names match in any case; any other mix is refused. Hidden files,
+              `__MACOSX/`, non-image files and empty class folders are skipped, and said in
+              `ImageData.notes` and logged warnings. Pixels are scaled by their type's range
+              (8-bit by 255, 16-bit by 65535; floats must lie in [0, 1]); images become
+              grayscale if every one is grey in content (a grey palette counts), RGB otherwise.
         valid_pct: the share of each class held out for validation when the data has no split
             of its own (digits, image folders).
         seed: seeds that split.
