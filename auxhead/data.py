@@ -320,7 +320,8 @@ def _read_images(files: list[Path], size: int | None) -> tuple[torch.Tensor, lis
             animated.append(path)
     grey = all(is_grey(values) for values in pixels)
     images = torch.empty(len(files), 1 if grey else 3, shape[1], shape[0])
-    for i, values in enumerate(pixels):  # uint8 (0-255) or float32 (0-1), (H, W) or (H, W, 3)
+    for i in reversed(range(len(images))):
+        values = pixels.pop()  # uint8 (0-255) or float32 (0-1), (H, W) or (H, W, 3); freed here
         image = torch.from_numpy(values.astype(np.float32))  # a copy: PIL's arrays are read-only
         if values.dtype == np.uint8:
             image /= 255
@@ -330,7 +331,6 @@ def _read_images(files: list[Path], size: int | None) -> tuple[torch.Tensor, lis
             images[i] = image  # a grey image among colour ones: the same in R, G and B
         else:
             images[i] = image.permute(2, 0, 1)
-        pixels[i] = None  # type: ignore[call-overload]  (frees each array once copied)
     notes = []
     if animated:
         notes.append(
@@ -359,8 +359,9 @@ def _held_out_notes(data: ImageData, layout: Layout, valid_pct: float) -> list[s
             f"them out; add some of their images to {layout.valid_dir}/"
         )
     elif unmeasured:
-        # The smallest class from which the stratified split holds out an image.
-        need = next(n for n in range(1, 1000) if round(valid_pct * n) >= 1)
+        need = max(1, int(0.5 / valid_pct))  # the smallest class the split holds one out of
+        while round(valid_pct * need) < 1:
+            need += 1
         counts = ", ".join(f"{c!r} ({t} image{'s' * (t != 1)})" for c, t in unmeasured)
         notes.append(
             f"no held-out image for class(es) {counts}: the validation accuracy leaves them "

@@ -160,6 +160,15 @@ def test_empty_and_one_image_classes(tmp_path):
     ]
 
 
+def test_a_class_held_out_whole_is_noted(tmp_path):
+    classes(tmp_path, {"a": 5, "b": 5, "d": 1})
+    data = load_data(tmp_path, valid_pct=0.6)  # round(0.6 x 1) = 1: d's one image is held out
+    assert data.notes == [
+        "no training image left for class(es) 'd': every image of them is held out at "
+        "valid_pct=0.6; add images or lower valid_pct"
+    ]
+
+
 def test_hidden_files_macos_leftovers_and_non_images_are_skipped_and_counted(tmp_path, caplog):
     classes(tmp_path, {"a": 2, "b": 2})
     (tmp_path / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
