@@ -302,3 +302,24 @@ def test_values_outside_the_modes_range_are_refused_naming_the_file(tmp_path, ar
     save(tmp_path / "b" / "odd.tif", Image.fromarray(array))
     with pytest.raises(DataError, match=r"odd\.tif: an? .*" + match):
         load_data(tmp_path)
+
+
+def test_a_48_bit_rgb_png_keeps_its_range(tmp_path):
+    # PIL cannot write one: a 4x4 PNG of 16-bit RGB (65535, 32768, 0), written chunk by chunk.
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    row = b"\0" + np.tile(np.array([65535, 32768, 0], ">u2"), 4).tobytes()
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 16, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(row * 4)) + chunk(b"IEND", b"")
+    for i in range(2):
+        (tmp_path / "a").mkdir(exist_ok=True)
+        (tmp_path / "a" / f"{i}.png").write_bytes(png)
+        grey(tmp_path / "b" / f"{i}.png", 0)
+    x, y = everything(load_data(tmp_path, valid_pct=0.5))
+    want = torch.tensor([1.0, 128 / 255, 0.0]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    torch.testing.assert_close(x[y == 0], want)  # PIL keeps 8 bits of each: 32768 -> 128
