@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import functools
 import gzip
+import logging
 import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from auxhead._errors import DataError
 from auxhead._extras import raise_missing_extra
+from auxhead._folders import Layout, find_layout
+from auxhead._pixels import is_grey, read_pixels
 
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
@@ -67,10 +71,9 @@ _IDX_NAME = re.compile(r"^(train|t10k)-(images|labels)[-.]idx[13]-ubyte(\.gz)?$"
 # idx type byte -> big-endian numpy dtype (see http://yann.lecun.com/exdb/mnist/)
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
-_TRAIN_DIRS = ("train", "training")
-_VALID_DIRS = ("valid", "validation", "test", "testing")
+# Image folders' notes (what was skipped or decided) go here as warnings; the CLI shows them.
+logger = logging.getLogger(__name__)
+
 
 _GET_DATA = (
     "Install it with `sudo apt-get install dataset-fashion-mnist`, or use other data: "
@@ -78,10 +81,6 @@ _GET_DATA = (
     "or `--data digits` (bundled with scikit-learn); in Python, load_data(PATH) or "
     "load_data('digits')."
 )
-
-
-class DataError(ValueError):
-    """Data that cannot be loaded. The message is one line a command line can print."""
 
 
 @dataclass
@@ -95,6 +94,9 @@ class ImageData:
         train_y: int64 (N,) labels.
         valid_x: the test split for idx data sets, a held-out split otherwise.
         valid_y: its labels.
+        notes: what loading an image folder skipped or decided, one line each (also logged as
+            warnings): hidden, non-image and empty-class files and folders, which folder is
+            validation, first frames of animations, classes without held-out images.
     """
 
     name: str
@@ -103,6 +105,7 @@ class ImageData:
     train_y: torch.Tensor
     valid_x: torch.Tensor
     valid_y: torch.Tensor
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for split in ("train", "valid"):
@@ -149,7 +152,8 @@ class ImageData:
 
         train_x, train_y = pick(self.train_x, self.train_y, n_train)
         valid_x, valid_y = pick(self.valid_x, self.valid_y, n_valid)
-        return ImageData(self.name, list(self.classes), train_x, train_y, valid_x, valid_y)
+        classes, notes = list(self.classes), list(self.notes)
+        return ImageData(self.name, classes, train_x, train_y, valid_x, valid_y, notes=notes)
 
     def __repr__(self) -> str:
         shape = "x".join(map(str, self.train_x.shape[1:]))
@@ -299,69 +303,43 @@ def _load_digits(valid_pct: float, seed: int) -> ImageData:
     return _split_data("digits", classes, x, y, valid_pct, seed)
 
 
-def _image_files(folder: Path) -> dict[str, list[Path]]:
-    """Image files by class: one subfolder per class, searched recursively."""
-    by_class = {}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(
-            p for p in sub.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file()
-        )
-        if files:
-            by_class[sub.name] = files
-    return by_class
-
-
-def _split_dirs(folder: Path) -> tuple[Path, Path] | None:
-    """The (train, valid) subfolders of a folder already split that way, if it is."""
-    names = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
-    train = next((names[n] for n in _TRAIN_DIRS if n in names), None)
-    valid = next((names[n] for n in _VALID_DIRS if n in names), None)
-    if train is None or valid is None or not _image_files(train) or not _image_files(valid):
-        return None
-    return train, valid
-
-
-def _unreadable(path: Path, error: BaseException) -> str:
-    return (
-        f"cannot read image {path}: {' '.join(str(error).split())}; remove the file or replace "
-        "it with a readable image, then run again"
-    )
-
-
-def _read_images(files: list[Path], size: int | None) -> torch.Tensor:
-    """Decode `files` into one float (N, C, H, W) tensor: grayscale if every image is."""
-    from PIL import Image, UnidentifiedImageError
-
-    def open_image(path: Path) -> Image.Image:
-        try:
-            return Image.open(path)
-        except (OSError, UnidentifiedImageError) as error:
-            raise DataError(_unreadable(path, error)) from None
-
-    modes = []
-    for path in files:  # opening reads only the header
-        with open_image(path) as image:
-            modes.append(image.mode)
-    mode = "L" if all(m in _GRAY_MODES for m in modes) else "RGB"
-    arrays, shape = [], None
+def _read_images(files: list[Path], size: int | None) -> tuple[torch.Tensor, list[str]]:
+    """Decode `files` into one float (N, C, H, W) tensor in [0, 1], grayscale if every image's
+    content is grey, RGB otherwise; and the notes to tell (first frames of animations)."""
+    pixels, animated, shape = [], [], None
     for path in files:
-        with open_image(path) as image:
-            try:
-                image = image.convert(mode)
-            except OSError as error:
-                raise DataError(_unreadable(path, error)) from None
-        if size is not None:
-            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        decoded = read_pixels(path, size)
+        height, width = decoded.values.shape[:2]
         if shape is None:
-            shape, first = image.size, path
-        elif image.size != shape:
+            shape, first = (width, height), path
+        elif (width, height) != shape:
             raise DataError(
-                f"{path} is {image.size[0]}x{image.size[1]} but {first} is "
-                f"{shape[0]}x{shape[1]}; pass a size (--size N, load_data(size=N)) to resize all"
+                f"{path} is {width}x{height} but {first} is {shape[0]}x{shape[1]}; pass a size "
+                "(--size N, load_data(size=N)) to resize all"
             )
-        arrays.append(np.asarray(image, dtype=np.uint8))
-    images = torch.from_numpy(np.stack(arrays)).float() / 255  # (N, H, W) or (N, H, W, 3)
-    return images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2).contiguous()
+        pixels.append(decoded.values)
+        if decoded.frames > 1:
+            animated.append(path)
+    grey = all(is_grey(values) for values in pixels)
+    images = torch.empty(len(files), 1 if grey else 3, shape[1], shape[0])
+    for i in reversed(range(len(images))):
+        values = pixels.pop()  # uint8 (0-255) or float32 (0-1), (H, W) or (H, W, 3); freed here
+        image = torch.from_numpy(values.astype(np.float32))  # a copy: PIL's arrays are read-only
+        if values.dtype == np.uint8:
+            image /= 255
+        if grey:
+            images[i, 0] = image if image.dim() == 2 else image[..., 0]
+        elif image.dim() == 2:
+            images[i] = image  # a grey image among colour ones: the same in R, G and B
+        else:
+            images[i] = image.permute(2, 0, 1)
+    notes = []
+    if animated:
+        notes.append(
+            f"{len(animated)} file(s) hold several frames or pages ({animated[0]}"
+            f"{' and others' if len(animated) > 1 else ''}): the first of each is used"
+        )
+    return images, notes
 
 
 def _labelled(by_class: dict[str, list[Path]], classes: list[str]):
@@ -370,53 +348,65 @@ def _labelled(by_class: dict[str, list[Path]], classes: list[str]):
     return files, torch.tensor(labels, dtype=torch.int64)
 
 
-def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | None) -> ImageData:
-    split = _split_dirs(folder)
-    if split is not None:  # train/ and valid/ (or test/), each with class subfolders
-        train_files, valid_files = _image_files(split[0]), _image_files(split[1])
-        only_valid = sorted(set(valid_files) - set(train_files))
-        if only_valid:
-            raise DataError(
-                f"{split[1]} has class(es) {', '.join(map(repr, only_valid))} that {split[0]} "
-                "does not: a classifier cannot learn a class it never trains on; add its "
-                f"training images under {split[0]}/, or remove it from {split[1]}/"
-            )
-        classes = sorted(set(train_files) | set(valid_files))
-        groups = {"train": train_files, "valid": valid_files}
-    else:
-        groups = {"all": _image_files(folder)}
-        classes = list(groups["all"])
-    if not classes:
-        loose = [p for p in folder.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES]
-        if loose:
-            raise DataError(
-                f"{folder} holds images but no class subfolders: put each class's images in a "
-                f"subfolder named after the class ({folder}/<class>/<image>)"
-            )
-        raise DataError(
-            f"{folder} holds no images: expected one subfolder of images per class, or the "
-            f"four idx files ({', '.join(_IDX_STEMS.values())})"
+def _held_out_notes(data: ImageData, layout: Layout, valid_pct: float) -> list[str]:
+    """A line for the classes the validation split cannot measure, or never trains on."""
+    n_train = torch.bincount(data.train_y, minlength=data.c).tolist()
+    n_valid = torch.bincount(data.valid_y, minlength=data.c).tolist()
+    notes = []
+    unmeasured = [(c, t) for c, t, v in zip(data.classes, n_train, n_valid, strict=True) if not v]
+    if unmeasured and layout.valid_dir is not None:
+        notes.append(
+            f"no image in {layout.valid_dir} for class(es) "
+            f"{', '.join(repr(c) for c, _ in unmeasured)}: the validation accuracy leaves "
+            f"them out; add some of their images to {layout.valid_dir}/"
         )
-    if len(classes) < 2:
-        raise DataError(
-            f"{folder} has a single class {classes[0]!r}; a classifier needs at least two "
-            "class subfolders"
+    elif unmeasured:
+        need = max(1, int(0.5 / valid_pct))  # the smallest class the split holds one out of
+        while round(valid_pct * need) < 1:
+            need += 1
+        counts = ", ".join(f"{c!r} ({t} image{'s' * (t != 1)})" for c, t in unmeasured)
+        notes.append(
+            f"no held-out image for class(es) {counts}: the validation accuracy leaves them "
+            f"out; a class needs {need} images to have one held out at valid_pct={valid_pct:g}"
+        )
+    untrained = [c for c, t in zip(data.classes, n_train, strict=True) if not t]
+    if untrained:
+        notes.append(
+            f"no training image left for class(es) {', '.join(map(repr, untrained))}: every "
+            f"image of them is held out at valid_pct={valid_pct:g}; add images or lower valid_pct"
+        )
+    return notes
+
+
+def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | None) -> ImageData:
+    layout = find_layout(folder)
+    groups = {"train": layout.train}
+    if layout.valid is not None:
+        groups["valid"] = layout.valid
+    classes = sorted(layout.train)
+    notes = layout.notes + layout.skipped.describe(folder)
+    if layout.valid is None and layout.train_dir != folder:
+        notes.append(
+            f"{folder}: {layout.train_dir.name}/ has no validation folder beside it (val/, "
+            f"valid/, validation/ or test/): {valid_pct:.0%} of each class is held out instead"
         )
     # One decode for all files, so every split gets the same colour mode and size.
     labelled = {key: _labelled(by_class, classes) for key, by_class in groups.items()}
     all_files = [path for files, _ in labelled.values() for path in files]
-    images = _read_images(all_files, size)
-    if split is None:
-        return _split_data(folder.name, classes, images, labelled["all"][1], valid_pct, seed)
-    n_train = len(labelled["train"][0])
-    return ImageData(
-        folder.name,
-        classes,
-        images[:n_train],
-        labelled["train"][1],
-        images[n_train:],
-        labelled["valid"][1],
-    )
+    images, image_notes = _read_images(all_files, size)
+    notes += image_notes
+    if layout.valid is None:
+        data = _split_data(folder.name, classes, images, labelled["train"][1], valid_pct, seed)
+    else:
+        n_train = len(labelled["train"][0])
+        train_x, valid_x = images[:n_train], images[n_train:]
+        train_y, valid_y = labelled["train"][1], labelled["valid"][1]
+        data = ImageData(folder.name, classes, train_x, train_y, valid_x, valid_y)
+    notes += _held_out_notes(data, layout, valid_pct)
+    for note in notes:
+        logger.warning("%s", note)
+    data.notes = notes
+    return data
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -461,9 +451,14 @@ def load_data(
               MNIST's; the t10k files become the validation split. Classes are named "0", "1",
               ... unless the path contains "fashion".
             - a folder with one subfolder of images per class (as fastai's
-              `ImageDataLoaders.from_folder`), or with `train/` and `valid/` (or `test/`)
-              subfolders laid out that way. Images become grayscale if all of them are, RGB
-              otherwise.
+              `ImageDataLoaders.from_folder`), or a `train/` folder laid out that way (the
+              ImageNet layout), alone or beside `val/`, `valid/` or `validation/` (or else
+              `test/`) as the validation split; with a val folder and `test/` both, `test/` is
+              left out. Split names match in any case; any other mix is refused. Hidden files,
+              `__MACOSX/`, non-image files and empty class folders are skipped, and said in
+              `ImageData.notes` and logged warnings. Pixels are scaled by their type's range
+              (8-bit by 255, 16-bit by 65535; floats must lie in [0, 1]); images become
+              grayscale if every one is grey in content (a grey palette counts), RGB otherwise.
         valid_pct: the share of each class held out for validation when the data has no split
             of its own (digits, image folders).
         seed: seeds that split.
