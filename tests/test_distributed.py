@@ -53,6 +53,7 @@ def _assert_same_across_ranks(states: list[dict[str, torch.Tensor]]) -> None:
             assert torch.equal(state[name], value), f"{name} differs between ranks"
 
 
+@pytest.mark.slow  # two torchrun processes
 def test_torchrun_ddp_matches_one_process(tmp_path):
     import _ddp_worker as worker
 
@@ -79,6 +80,7 @@ def test_torchrun_ddp_matches_one_process(tmp_path):
     importlib.util.find_spec("accelerate") is None or importlib.util.find_spec("fastai") is None,
     reason="needs accelerate and fastai",
 )
+@pytest.mark.slow  # two accelerate processes
 def test_accelerate_fastai_distrib_ctx_matches_one_process(tmp_path):
     import _fastai_worker as worker
 

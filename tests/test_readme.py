@@ -15,6 +15,7 @@ def test_readme_has_examples():
     assert len(BLOCKS) >= 3
 
 
+@pytest.mark.slow  # the README's training runs
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index, tmp_path):
     code = BLOCKS[index]
