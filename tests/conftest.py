@@ -57,28 +57,3 @@ def cnn() -> nn.Sequential:
 @pytest.fixture
 def x() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16)
-
-
-# Tests that start subprocesses (torchrun, accelerate, a Python without auxhead), run the
-# README's training examples or train at notebook scale (minutes on 2 cores): slow, so
-# `pytest` skips them and `pytest -m slow` (and `.ci/run`) runs them. Listed here, by file
-# and test name, beside the `@pytest.mark.slow` in the files.
-SLOW = {
-    "test_attach.py": {"test_importing_the_core_pulls_in_no_heavy_dependencies"},
-    "test_distributed.py": {
-        "test_torchrun_ddp_matches_one_process",
-        "test_accelerate_fastai_distrib_ctx_matches_one_process",
-    },
-    "test_fastai.py": {
-        "test_export_loads_without_auxhead",
-        "test_fine_tune_lr_find_and_mixed_precision",
-    },
-    "test_readme.py": {"test_readme_example_runs"},
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.originalname in SLOW.get(item.path.name, ()):
-            item.add_marker(pytest.mark.slow)

@@ -146,6 +146,7 @@ def test_vision_learner_freeze_and_param_groups(dls):
     assert "acc_0_5" in learn.recorder.metric_names
 
 
+@pytest.mark.slow  # trains at notebook scale: fine_tune, lr_find, two precisions
 def test_fine_tune_lr_find_and_mixed_precision(dls, tmp_path):
     learn = aux_learner(
         dls, resnet18, ["0.5"], pretrained=False, n_in=1, metrics=accuracy, path=tmp_path
@@ -245,6 +246,7 @@ def test_removed_cbs_brings_the_same_heads_back(dls):
     assert "acc_1" in learn.recorder.metric_names
 
 
+@pytest.mark.slow  # a subprocess: a Python without auxhead
 def test_export_loads_without_auxhead(dls, tmp_path):
     learn = learner(dls, head="inception")
     learn.fit(1, 1e-3)

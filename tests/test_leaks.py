@@ -84,12 +84,14 @@ def _growth_with_threads(steps: int, keep: bool) -> int:
     return _growth(steps, [] if keep else None)
 
 
+@pytest.mark.slow  # RSS depends on the allocator
 @needs_proc
 def test_2000_steps_with_heads_keep_memory_flat():
     growth = _growth_in_fresh_process(STEPS, keep=False)
     assert growth < ALLOWED_GROWTH, f"RSS grew {growth / 2**20:.1f} MiB over {STEPS} steps"
 
 
+@pytest.mark.slow  # RSS depends on the allocator
 @needs_proc
 def test_the_memory_check_sees_a_retained_graph():
     growth = _growth_in_fresh_process(WARMUP + 400, keep=True)

@@ -32,7 +32,7 @@ def test_readme_links_resolve():
     assert not missing, f"README.md links to files that do not exist: {missing}"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # the README's training runs
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index, tmp_path):
     code = BLOCKS[index]
