@@ -25,7 +25,8 @@ PACKAGE = ROOT / "auxhead"
 LAYERS = ("core", "gan", "data", "adapter", "cli")
 # The modules that are not core. Everything else under auxhead/ (attach, heads, losses, the
 # early exits wherever they live, ...) is the core.
-DATA = {"auxhead.data", "auxhead.models"}  # data loading; the CLI's model zoo
+# data loading (with its private folder and pixel readers); the CLI's model zoo
+DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models"}
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
 
 # Third-party packages each layer may import when the module is imported ("eager"), and also
