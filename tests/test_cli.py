@@ -563,11 +563,14 @@ def test_pretrained_without_network_says_how_to_provide_the_weights(tmp_path, ca
 
     import torch.hub
 
+    import auxhead._weights
+
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(auxhead._weights, "_reachable", lambda url: True)  # the host answers
     line = error_line(capsys, ["train", *QUICK, "--arch", "resnet18", "--pretrained",
                                "--out", tmp_path / "run"])  # fmt: skip
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -587,6 +590,18 @@ def test_init_starts_from_a_state_dict(tmp_path, capsys):
     (tmp_path / "junk.pth").write_text("not a state_dict")
     line = error_line(capsys, ["train", *QUICK, "--init", tmp_path / "junk.pth", "--out", out])
     assert "--init" in line and "junk.pth" in line
+
+
+def test_init_starts_from_auxhead_trains_own_checkpoint(quick_run, tmp_path, capsys):
+    _, _, first, _ = quick_run
+    out = tmp_path / "run"
+    argv = ["train", *QUICK, "--limit", "64", "--init", first / "checkpoint.pth", "--out", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-3000:]
+    stdout = capsys.readouterr().out
+    assert "the heads at stage1, stage2 start from" in stdout  # same taps and kind: loaded too
+    argv = [*argv[:-2], "--head", "linear", "--out", tmp_path / "linear"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-3000:]
+    assert "are not this run's; the heads start fresh" in capsys.readouterr().out
 
 
 # Subprocesses ---------------------------------------------------------------------------------

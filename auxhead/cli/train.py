@@ -31,6 +31,7 @@ from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
 from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
+from auxhead._weights import InitWeights, read_init
 from auxhead.attach import AttachError, AuxModel
 from auxhead.cli._common import (
     EXIT_CODES,
@@ -287,7 +288,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "timm's cache; $TORCH_HOME/hub/checkpoints for torchvision) and fine-tune "
                    "with fastai's fine_tune: one epoch with the body frozen, then all")  # fmt: skip
     p.add_argument("--init", type=Path, default=None, metavar="PATH",
-                   help="start from this state_dict file instead (same fine-tuning)")  # fmt: skip
+                   help="start from this weights file instead (same fine-tuning): a "
+                   "state_dict (torch.save or .safetensors) or the checkpoint.pth of an earlier "
+                   "run, whose heads are loaded too when --at and --head match")  # fmt: skip
     p.add_argument("--at", nargs="+", default=None, metavar="LAYER",
                    help="layers to attach heads to (default: two blocks about a third and two "
                    "thirds deep, chosen for every built-in, torchvision and timm model); "
@@ -504,7 +507,16 @@ def _load(config: TrainConfig) -> ImageData:
     return data
 
 
-def _model(config: TrainConfig, data: ImageData) -> nn.Module:
+def _read_init(config: TrainConfig) -> InitWeights | None:
+    if config.init is None:
+        return None
+    try:
+        return read_init(config.init)
+    except WeightsUnavailable as error:
+        raise UsageError(f"--init {error}") from None
+
+
+def _model(config: TrainConfig, data: ImageData, init: InitWeights | None = None) -> nn.Module:
     try:
         model = build_model(
             config.arch,
@@ -517,19 +529,38 @@ def _model(config: TrainConfig, data: ImageData) -> nn.Module:
         raise UsageError(f"--pretrained: {error}") from None
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
-    if config.init is not None:
+    if init is not None:
         try:
-            state = torch.load(config.init, map_location="cpu", weights_only=True)
-        except Exception as error:  # any unpickling problem is the file's
-            raise UsageError(f"--init {config.init} is not a state_dict file: {error}") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # an auxhead checkpoint
-        try:
-            load_matching(model, state if isinstance(state, dict) else {})
-        except ValueError as error:
-            raise UsageError(f"--init {config.init}: {error}") from None
+            load_matching(model, init.model)
+        except ValueError:
+            saved = init.meta.get("arch")
+            found = f" (it was saved from --arch {saved})" if saved else ""
+            raise UsageError(
+                f"--init {init.path}: none of its {len(init.model)} tensors fits --arch "
+                f"{config.arch}{found}; pass the --arch it was saved from, or a state_dict of "
+                f"{config.arch}"
+            ) from None
     check_runs(model, data.train_x[:2], config.arch)
     return model
+
+
+def _init_heads(init: InitWeights | None, aux_model: AuxModel, config: TrainConfig) -> str | None:
+    """Load the heads of an `auxhead train` checkpoint passed as --init when they are the ones
+    this run attaches (same taps, kind and shapes); returns the line saying what happened."""
+    if init is None or not init.heads:
+        return None
+    same = init.meta.get("taps") == aux_model.taps and init.meta.get("head") == config.head
+    if same:
+        try:
+            aux_model.heads.load_state_dict(init.heads)
+        except RuntimeError:  # other shapes: another number of classes, say
+            same = False
+    if same:
+        return f"--init: the heads at {', '.join(aux_model.taps)} start from {init.path} too"
+    return (
+        f"--init: the heads in {init.path} (taps {init.meta.get('taps')}, "
+        f"{init.meta.get('head')}) are not this run's; the heads start fresh"
+    )
 
 
 # What a model raises on images it cannot take: torch's shape errors, and the AssertionError of
@@ -634,7 +665,8 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         )
     )
     dls = dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu")
-    model = _model(config, data)
+    init = _read_init(config)
+    model = _model(config, data, init)
     taps = _taps(config, model, data.train_x[:2])
     try:
         heads = AuxHeads(
@@ -660,6 +692,9 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
             f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
             f"choose other layers (`auxhead layers --arch {config.arch}` lists them)"
         ) from None
+    heads_line = _init_heads(init, heads.aux_model, config)
+    if heads_line:
+        say(heads_line)
     start = time.perf_counter()
     try:
         with _memory_is_the_options(budget.bs, data):
@@ -700,7 +735,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     if holdout is not None:
         _early_exit(result, aux_model, holdout, data, config)
     if config.compare:
-        _baseline(result, dls, data, config, out)
+        _baseline(result, dls, data, config, out, init)
     return result
 
 
@@ -744,10 +779,17 @@ def _early_exit(
     }
 
 
-def _baseline(result: TrainResult, dls, data: ImageData, config: TrainConfig, out: Path) -> None:
+def _baseline(
+    result: TrainResult,
+    dls,
+    data: ImageData,
+    config: TrainConfig,
+    out: Path,
+    init: InitWeights | None,
+) -> None:
     """The same architecture, seed, starting weights and budget without heads."""
     with seeded(config.seed):  # as the run with heads started
-        model = _model(config, data)
+        model = _model(config, data, init)
         learn = _learner(dls, model, [], out, config.fine_tune)
         start = time.perf_counter()
         _fit(learn, result.budget, config.fine_tune)
