@@ -275,6 +275,19 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
 
 
+def _class_loss(run: dict[str, Any]) -> str:
+    """How one GAN of the report uses the class: its conditioning's class loss and options."""
+    loss, name = run["loss"], f"{run['variant']} (`{run['conditioning']}`)"
+    if run["conditioning"] == "projection" or loss.get("class_weight") is None:
+        return f"{name}: no class loss, the class enters the discriminator's real/generated logit"
+    if run["conditioning"] == "adc":
+        on = "real class k and generated class k told apart (2K classes)"
+    else:
+        on = "real and generated images" if loss["class_on_fake"] else "real images only"
+    twin = ", and a twin classifier of generated images" if run["conditioning"] == "tac" else ""
+    return f"{name}: class loss weight {loss['class_weight']:g}, on {on}{twin}"
+
+
 def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
     ref, runs, config = report["reference"], report["runs"], report["config"]
     names = [run["variant"] for run in runs]
@@ -323,13 +336,11 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         f"Data: {data['name']}, {data['n_train']} train / {data['n_valid']} held-out images of "
         f"{data['shape']}, {len(classes)} classes. Seed {config['seed']}, "
         f"{count(config['epochs'], 'epoch')} ({report['epochs_why']}), width {config['width']}, "
-        f"class-loss weight {config['class_weight']}, mode-seeking weight "
-        f"{config['mode_seeking']}, "
-        "discriminator's class loss on "
-        f"{'real and generated' if runs and runs[0]['loss']['class_on_fake'] else 'real'} "
-        "images; "
+        f"mode-seeking weight {config['mode_seeking']}, "
         f"{config['loss']} loss, spectral norm {'on' if config['spectral_norm'] else 'off'}, "
         f"generator EMA {config['ema'] or 'off'}, DiffAugment {config['augment']}.",
+        "",
+        *[f"- {_class_loss(run)}" for run in runs],
         "",
         *[line for w in report["warnings"] for line in (f"**Warning:** {w}", "")],
         f"Independent classifier (trained on the real train split, "
