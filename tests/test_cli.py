@@ -267,6 +267,28 @@ def test_images_of_mixed_sizes_need_size_which_exists(tmp_path, capsys):
     assert report["classes"] == ["cat", "dog"] and report["n_train"] + report["n_test"] == 13
 
 
+def test_a_class_without_a_held_out_image_gets_a_line_in_the_report(tmp_path, capsys):
+    for k, name in enumerate(("cat", "dog")):
+        for i in range(6):
+            _png(tmp_path / "pets" / name / f"{i}.png", value=60 + 120 * k)
+    _png(tmp_path / "pets" / "bird" / "0.png", value=250)  # one image: none held out
+    out = tmp_path / "o"
+    argv = ["train", "--data", tmp_path / "pets", "--epochs", "1", "--threads", "1", "--out", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-2000:]
+    assert "warning: 1 class without a held-out image (bird)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    per_class = {c["name"]: c for c in report["per_class"]}
+    assert report["classes"] == ["bird", "cat", "dog"]
+    assert per_class["bird"] == {"name": "bird", "n_test": 0, "accuracy": None}
+    assert per_class["cat"]["n_test"] >= 1 and set(per_class["cat"]["accuracy"]) == {
+        *report["taps"],
+        "main",
+    }
+    markdown = (out / "report.md").read_text()
+    assert "| bird | 0 | no held-out image: not in any test figure |" in markdown
+    assert "without a held-out image (bird)" in markdown  # the warning, in the report too
+
+
 def _idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
         int(n).to_bytes(4, "big") for n in array.shape

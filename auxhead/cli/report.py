@@ -17,7 +17,13 @@ from auxhead.cli._common import atomic_path, write_text_atomic
 from auxhead.cli.acgan import TARGETS, ACGANResult
 from auxhead.cli.train import TrainResult
 
-__all__ = ["exit_table", "terminal_summary", "write_acgan_report", "write_report"]
+__all__ = [
+    "exit_table",
+    "per_class_table",
+    "terminal_summary",
+    "write_acgan_report",
+    "write_report",
+]
 
 
 def exit_table(result: TrainResult, *, markdown: bool = False) -> str:
@@ -33,6 +39,24 @@ def exit_table(result: TrainResult, *, markdown: bool = False) -> str:
         rows.append(["baseline (no heads)", f"{100 * result.baseline_accuracy:.2f}%",
                      _human(full), "100%", "-"])  # fmt: skip
     header = ["exit", "test accuracy", "FLOPs/sample", "of full", "params"]
+    return _table(header, rows, markdown)
+
+
+NO_HELD_OUT = "no held-out image: not in any test figure"
+
+
+def per_class_table(result: TrainResult, *, markdown: bool = False) -> str:
+    """Each class's test images and each exit's accuracy on them; a class without a held-out
+    image gets a row that says so instead of figures."""
+    exits = [e.name for e in result.exits]
+    rows = []
+    for c in result.per_class:
+        if c.accuracy is None:
+            rows.append([c.name, "0", NO_HELD_OUT, *["-"] * (len(exits) - 1)])
+        else:
+            figures = [f"{100 * c.accuracy[e]:.2f}%" for e in ["main", *exits[:-1]]]
+            rows.append([c.name, str(c.n_test), *figures])
+    header = ["class", "test images", "main (final layer)", *exits[:-1]]
     return _table(header, rows, markdown)
 
 
@@ -179,6 +203,9 @@ def _markdown(result: TrainResult) -> str:
             lines += ["**No exit met the target on the held-out images: calibration fell back "
                       "to the main head for every sample (no saving).** Train the heads longer, "
                       "allow a larger --max-drop, or hold out more images.", ""]  # fmt: skip
+    if result.per_class:
+        lines += ["## Per class", "", "Each exit's accuracy on the test images of each class.",
+                  "", per_class_table(result, markdown=True), ""]  # fmt: skip
     lines += ["## Training log", "", _history_table(result), "", "## Files", ""]
     lines += [f"- `{Path(p).name}`: {what}" for what, p in _describe_files(result)]
     return "\n".join(lines) + "\n"

@@ -182,6 +182,16 @@ class ExitReport:
 
 
 @dataclass
+class ClassReport:
+    """One class on the test split: its images and each exit's accuracy on them (None: the
+    split holds none of its images, so no figure of the run covers it)."""
+
+    name: str
+    n_test: int
+    accuracy: dict[str, float] | None  # by exit, as in `TrainResult.exits`
+
+
+@dataclass
 class TrainResult:
     config: TrainConfig
     budget: Budget
@@ -201,6 +211,7 @@ class TrainResult:
     early_exit_summary: ExitSummary | None = None  # the test set's, for the terminal
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    per_class: list[ClassReport] = field(default_factory=list)
 
     @property
     def main(self) -> ExitReport:
@@ -230,6 +241,7 @@ class TrainResult:
             "history": self.history,
             "baseline_history": self.baseline_history,
             "early_exit": self.early_exit,
+            "per_class": [asdict(c) for c in self.per_class],
             "warnings": self.warnings,
             "config": config,
             "files": self.files,
@@ -459,24 +471,47 @@ def _fit(learn: Learner, budget: Budget, fine_tune: bool) -> None:
 
 
 @torch.no_grad()
-def exit_accuracies(aux_model: AuxModel, x: torch.Tensor, y: torch.Tensor, bs: int = 1000):
-    """Accuracy of every head and of the main output on (x, y), heads enabled, eval mode."""
+def exit_predictions(aux_model: AuxModel, x: torch.Tensor, bs: int = 1000):
+    """The class every head and the main output predict for each image of `x` (heads
+    enabled, eval mode): {"<tap>": (N,), ..., "main": (N,)}."""
     was_training = aux_model.training
     aux_model.eval()
-    correct = dict.fromkeys([*aux_model.taps, "main"], 0)
+    predicted: dict[str, list[torch.Tensor]] = {name: [] for name in [*aux_model.taps, "main"]}
     device = next(aux_model.parameters()).device
     try:
         with aux_model.heads_enabled():
-            for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
-                xb, yb = xb.to(device), yb.to(device)
-                out = aux_model(xb)
-                correct["main"] += int((out.argmax(1) == yb).sum())
+            for xb in x.split(bs):
+                out = aux_model(xb.to(device))
+                predicted["main"].append(out.argmax(1).cpu())
                 for name, logits in aux_model.aux_outputs.items():
-                    correct[name] += int((logits.argmax(1) == yb).sum())
+                    predicted[name].append(logits.argmax(1).cpu())
     finally:
         aux_model.clear_aux()
         aux_model.train(was_training)
-    return {name: n / len(y) for name, n in correct.items()}
+    return {name: torch.cat(p) if p else torch.zeros(0, dtype=torch.long)
+            for name, p in predicted.items()}  # fmt: skip
+
+
+def exit_accuracies(aux_model: AuxModel, x: torch.Tensor, y: torch.Tensor, bs: int = 1000):
+    """Accuracy of every head and of the main output on (x, y), heads enabled, eval mode."""
+    predicted = exit_predictions(aux_model, x, bs)
+    return {name: int((p == y).sum()) / len(y) for name, p in predicted.items()}
+
+
+def class_reports(
+    predicted: dict[str, torch.Tensor], y: torch.Tensor, classes: list[str]
+) -> list[ClassReport]:
+    """Each class's test images and every exit's accuracy on them; a class without test
+    images is kept, with no accuracy."""
+    reports = []
+    for k, name in enumerate(classes):
+        members = y == k
+        n = int(members.sum())
+        accuracy = None
+        if n:
+            accuracy = {exit_: int((p[members] == k).sum()) / n for exit_, p in predicted.items()}
+        reports.append(ClassReport(name, n, accuracy))
+    return reports
 
 
 def _split_holdout(data: ImageData, n: int, seed: int) -> tuple[ImageData, ImageData]:
@@ -498,6 +533,16 @@ def _load(config: TrainConfig) -> ImageData:
     data = load_data(config.data, seed=config.seed, size=config.size)
     if config.limit:
         data = data.subset(config.limit, max(config.limit // 4, data.c * 2), seed=config.seed)
+    untested = [name for k, name in enumerate(data.classes) if not bool((data.valid_y == k).any())]
+    if untested:
+        warnings.warn(
+            f"{len(untested)} class{'es' if len(untested) > 1 else ''} without a held-out "
+            f"image ({', '.join(untested)}): "
+            "the test accuracy leaves them out (the report's per-class table says so); add "
+            "images (5 or more a class), or put some in a valid/ folder beside train/",
+            UserWarning,
+            stacklevel=1,
+        )
     seen = torch.unique(data.train_y)
     if len(seen) < 2:
         raise UsageError(
@@ -709,7 +754,9 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     with _memory_is_the_options(budget.bs, data):
         flops = exit_flops(aux_model, sample)
         params = exit_params(aux_model, sample)
-        accuracies = exit_accuracies(aux_model, data.valid_x, data.valid_y, bs=budget.bs)
+        predicted = exit_predictions(aux_model, data.valid_x, bs=budget.bs)
+    accuracies = {name: int((p == data.valid_y).sum()) / len(data.valid_y)
+                  for name, p in predicted.items()}  # fmt: skip
     exits = [ExitReport(name, accuracies[name], flops[name], params[name])
              for name in [*taps, "main"]]  # fmt: skip
 
@@ -731,6 +778,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         history=log.history,
         train_seconds=train_seconds,
         files=files,
+        per_class=class_reports(predicted, data.valid_y, data.classes),
     )
     if holdout is not None:
         _early_exit(result, aux_model, holdout, data, config)
