@@ -89,9 +89,11 @@ def _read_cached(path: Path, what: str) -> Any:
     try:
         return load_weights_file(path)
     except Exception as error:  # any reader's complaint is the file's
+        real = path.resolve()  # the hub cache links snapshots/<commit>/<file> to blobs/<hash>
+        also = "" if real == path.absolute() else f" and the file it links to, {real},"
         raise WeightsUnavailable(
-            f"the cached file of {what}, {path}, cannot be read: {_reason(error)}; delete it "
-            "and run again to download it again (or copy a good copy there)"
+            f"the cached file of {what}, {path}, cannot be read: {_reason(error)}; delete it"
+            f"{also} and run again to download it again (or copy a good copy there)"
         ) from None
 
 

@@ -129,6 +129,19 @@ def test_corrupt_timm_hub_cache_is_one_line_naming_the_file(tmp_path, monkeypatc
     assert line.startswith("auxhead: error: --pretrained:") and str(cached) in line
 
 
+def test_corrupt_hub_blob_is_named_beside_its_snapshot_link(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    snapshot = _hf_snapshot(tmp_path / "hf")
+    blob = snapshot.parents[1] / "blobs" / "0a1b2c"
+    blob.parent.mkdir()
+    blob.write_bytes(b"\x00" * 64)
+    (snapshot / "model.safetensors").symlink_to(blob)
+    with pytest.raises(WeightsUnavailable, match="delete it and the file it links to") as caught:
+        timm_pretrained("test_vit", num_classes=3)
+    assert str(snapshot / "model.safetensors") in str(caught.value)
+    assert str(blob) in str(caught.value)
+
+
 def test_timm_offline_names_the_repo_and_the_cache_without_retrying(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     with pytest.raises(WeightsUnavailable, match="cannot be reached") as caught:
