@@ -494,7 +494,10 @@ def exit_predictions(aux_model: AuxModel, x: torch.Tensor, bs: int = 1000):
 
 def exit_accuracies(aux_model: AuxModel, x: torch.Tensor, y: torch.Tensor, bs: int = 1000):
     """Accuracy of every head and of the main output on (x, y), heads enabled, eval mode."""
-    predicted = exit_predictions(aux_model, x, bs)
+    return _accuracies(exit_predictions(aux_model, x, bs), y)
+
+
+def _accuracies(predicted: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
     return {name: int((p == y).sum()) / len(y) for name, p in predicted.items()}
 
 
@@ -594,13 +597,15 @@ def _init_heads(init: InitWeights | None, aux_model: AuxModel, config: TrainConf
     this run attaches (same taps, kind and shapes); returns the line saying what happened."""
     if init is None or not init.heads:
         return None
-    same = init.meta.get("taps") == aux_model.taps and init.meta.get("head") == config.head
+    own = aux_model.heads.state_dict()
+    same = (
+        init.meta.get("taps") == aux_model.taps
+        and init.meta.get("head") == config.head
+        and own.keys() == init.heads.keys()
+        and all(own[k].shape == v.shape for k, v in init.heads.items())  # classes, channels
+    )
     if same:
-        try:
-            aux_model.heads.load_state_dict(init.heads)
-        except RuntimeError:  # other shapes: another number of classes, say
-            same = False
-    if same:
+        aux_model.heads.load_state_dict(init.heads)
         return f"--init: the heads at {', '.join(aux_model.taps)} start from {init.path} too"
     return (
         f"--init: the heads in {init.path} (taps {init.meta.get('taps')}, "
@@ -755,8 +760,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         flops = exit_flops(aux_model, sample)
         params = exit_params(aux_model, sample)
         predicted = exit_predictions(aux_model, data.valid_x, bs=budget.bs)
-    accuracies = {name: int((p == data.valid_y).sum()) / len(data.valid_y)
-                  for name, p in predicted.items()}  # fmt: skip
+    accuracies = _accuracies(predicted, data.valid_y)
     exits = [ExitReport(name, accuracies[name], flops[name], params[name])
              for name in [*taps, "main"]]  # fmt: skip
 
