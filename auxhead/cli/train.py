@@ -682,6 +682,7 @@ def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: Non
 def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     check_config(config)
     out = Path(config.out)
+    init = _read_init(config)  # a file it cannot read is refused before the data loads
     data = _load(config)
     holdout = None
     if config.early_exit:
@@ -715,7 +716,6 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         )
     )
     dls = dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu")
-    init = _read_init(config)
     model = _model(config, data, init)
     taps = _taps(config, model, data.train_x[:2])
     try:
