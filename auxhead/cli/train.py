@@ -540,9 +540,9 @@ def _load(config: TrainConfig) -> ImageData:
     if untested:
         warnings.warn(
             f"{len(untested)} class{'es' if len(untested) > 1 else ''} without a held-out "
-            f"image ({', '.join(untested)}): "
-            "the test accuracy leaves them out (the report's per-class table says so); add "
-            "images (5 or more a class), or put some in a valid/ folder beside train/",
+            f"image ({', '.join(untested)}): the test accuracy leaves "
+            f"{'them' if len(untested) > 1 else 'it'} out (the report's per-class table says "
+            "so); add images (5 or more a class), or put some in a valid/ folder beside train/",
             UserWarning,
             stacklevel=1,
         )
