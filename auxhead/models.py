@@ -10,11 +10,11 @@ import difflib
 import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
+
+from auxhead._weights import WeightsUnavailable, timm_pretrained, torchvision_pretrained
 
 __all__ = [
     "WeightsUnavailable",
@@ -205,11 +205,6 @@ def _timm_available() -> bool:
     return True
 
 
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights that are neither in the cache nor downloadable; the message says
-    where the file is expected and how to provide it."""
-
-
 def _replace_first_conv(model: nn.Module, channels: int) -> None:
     """Swap the first Conv2d for one taking `channels` inputs, same otherwise."""
     for name, module in model.named_modules():
@@ -274,28 +269,6 @@ def load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> list
     return [key for key in own if key not in loaded]
 
 
-def _torchvision_pretrained(name: str) -> dict[str, torch.Tensor]:
-    """The DEFAULT weights of a torchvision model, through torch.hub's cache
-    (`$TORCH_HOME/hub/checkpoints/<file>`): read from there, or downloaded there once."""
-    import torchvision
-    from torch.hub import get_dir
-
-    try:
-        weights = torchvision.models.get_model_weights(name).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        raise WeightsUnavailable(f"torchvision has no pretrained weights for {name!r}") from None
-    cached = Path(get_dir()) / "checkpoints" / Path(urlparse(weights.url).path).name
-    try:
-        return weights.get_state_dict(progress=False, check_hash=True)
-    except (OSError, RuntimeError) as error:  # URLError is an OSError
-        raise WeightsUnavailable(
-            f"the pretrained weights of {name} are not in the cache ({cached}) and could not "
-            f"be downloaded from {weights.url} ({type(error).__name__}: "
-            f"{' '.join(str(error).split())[:120]}); copy that file to {cached}, or pass a "
-            "state_dict file with --init PATH"
-        ) from None
-
-
 def build_model(
     arch: str = "small_cnn",
     num_classes: int = 10,
@@ -346,28 +319,26 @@ def build_model(
         kwargs = {"aux_logits": False} if name in ("googlenet", "inception_v3") else {}
         if name == "inception_v3" and pretrained:
             kwargs["init_weights"] = False
-        state = _torchvision_pretrained(name) if pretrained else None
+        state = torchvision_pretrained(name) if pretrained else None
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
         _replace_first_conv(model, channels)
         if state is not None:
-            load_matching(model, state)
+            try:
+                load_matching(model, state)
+            except ValueError as error:
+                raise WeightsUnavailable(
+                    f"the cached pretrained weights of torchvision's {name} do not fit it "
+                    f"({error}); delete the file in {torch.hub.get_dir()}/checkpoints and run "
+                    "again to download it again"
+                ) from None
         return model
     if source in ("", "timm") and _timm_available():
         import timm
 
         if timm.is_model(name):
-            try:
-                return timm.create_model(
-                    name, pretrained=pretrained, num_classes=num_classes, in_chans=channels
-                )
-            except (OSError, RuntimeError) as error:
-                if not pretrained:
-                    raise
-                raise WeightsUnavailable(
-                    f"the pretrained weights of timm's {name} are not in its cache and could "
-                    f"not be downloaded ({type(error).__name__}); put them in the Hugging Face "
-                    "cache (HF_HOME), or pass a state_dict file with --init PATH"
-                ) from None
+            if pretrained:
+                return timm_pretrained(name, num_classes=num_classes, in_chans=channels)
+            return timm.create_model(name, num_classes=num_classes, in_chans=channels)
     known = ["small_cnn", *_torchvision_names()]
     if _timm_available():
         import timm

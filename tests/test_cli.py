@@ -267,6 +267,28 @@ def test_images_of_mixed_sizes_need_size_which_exists(tmp_path, capsys):
     assert report["classes"] == ["cat", "dog"] and report["n_train"] + report["n_test"] == 13
 
 
+def test_a_class_without_a_held_out_image_gets_a_line_in_the_report(tmp_path, capsys):
+    for k, name in enumerate(("cat", "dog")):
+        for i in range(6):
+            _png(tmp_path / "pets" / name / f"{i}.png", value=60 + 120 * k)
+    _png(tmp_path / "pets" / "bird" / "0.png", value=250)  # one image: none held out
+    out = tmp_path / "o"
+    argv = ["train", "--data", tmp_path / "pets", "--epochs", "1", "--threads", "1", "--out", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-2000:]
+    assert "warning: 1 class without a held-out image (bird)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    per_class = {c["name"]: c for c in report["per_class"]}
+    assert report["classes"] == ["bird", "cat", "dog"]
+    assert per_class["bird"] == {"name": "bird", "n_test": 0, "accuracy": None}
+    assert per_class["cat"]["n_test"] >= 1 and set(per_class["cat"]["accuracy"]) == {
+        *report["taps"],
+        "main",
+    }
+    markdown = (out / "report.md").read_text()
+    assert "| bird | 0 | no held-out image: not in any test figure |" in markdown
+    assert "without a held-out image (bird)" in markdown  # the warning, in the report too
+
+
 def _idx(path: Path, array: np.ndarray) -> None:
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
         int(n).to_bytes(4, "big") for n in array.shape
@@ -563,11 +585,14 @@ def test_pretrained_without_network_says_how_to_provide_the_weights(tmp_path, ca
 
     import torch.hub
 
+    import auxhead._weights
+
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    monkeypatch.setattr(auxhead._weights, "_reachable", lambda url: True)  # the host answers
     line = error_line(capsys, ["train", *QUICK, "--arch", "resnet18", "--pretrained",
                                "--out", tmp_path / "run"])  # fmt: skip
     cached = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
@@ -587,6 +612,18 @@ def test_init_starts_from_a_state_dict(tmp_path, capsys):
     (tmp_path / "junk.pth").write_text("not a state_dict")
     line = error_line(capsys, ["train", *QUICK, "--init", tmp_path / "junk.pth", "--out", out])
     assert "--init" in line and "junk.pth" in line
+
+
+def test_init_starts_from_auxhead_trains_own_checkpoint(quick_run, tmp_path, capsys):
+    _, _, first, _ = quick_run
+    out = tmp_path / "run"
+    argv = ["train", *QUICK, "--limit", "64", "--init", first / "checkpoint.pth", "--out", out]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-3000:]
+    stdout = capsys.readouterr().out
+    assert "the heads at stage1, stage2 start from" in stdout  # same taps and kind: loaded too
+    argv = [*argv[:-2], "--head", "linear", "--out", tmp_path / "linear"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-3000:]
+    assert "are not this run's; the heads start fresh" in capsys.readouterr().out
 
 
 # Subprocesses ---------------------------------------------------------------------------------

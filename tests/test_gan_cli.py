@@ -136,6 +136,9 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
         assert len(run["diversity_ratio"]) == 3 and run["history"][0]["d_loss"] > 0
     markdown = (out / "report.md").read_text()
     assert "| AC-GAN | TAC-GAN |" in markdown and "Frechet" in markdown
+    # each run's class loss is described, not only the first's
+    assert "- AC-GAN (`ac`): class loss weight 1.5, on real images only\n" in markdown
+    assert "- TAC-GAN (`tac`): class loss weight 1.5, on real images only, and a twin" in markdown
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
     assert images == ["grid.png", "tac/grid.png"]
     assert all((out / image).is_file() for image in images)
@@ -198,13 +201,44 @@ def test_bad_input_one_clear_line(tmp_path, capsys):
     assert "--augment flip: unknown" in error_line(capsys, ["acgan", "--augment", "flip", *out])
 
 
+FAKE = "ac, tac, reacgan"  # the conditionings --fake-class-loss applies to
+
+
+@pytest.mark.parametrize(
+    ("argv", "option", "applies"),
+    [
+        (["--fake-class-loss"], "--fake-class-loss does not apply to --conditioning adc (", FAKE),
+        (["--conditioning", "projection", "--fake-class-loss"],
+         "--conditioning projection (a projection discriminator has no class head)", FAKE),
+        (["--conditioning", "adc", "projection", "--fake-class-loss"],
+         "--fake-class-loss does not apply to --conditioning adc projection", FAKE),
+        (["--conditioning", "projection", "--class-weight", "2"],
+         "--class-weight does not apply to --conditioning projection", "ac, tac, adc, reacgan"),
+    ],
+)  # fmt: skip
+def test_options_that_no_chosen_conditioning_uses_are_refused(
+    tmp_path, capsys, argv, option, applies
+):
+    line = error_line(capsys, ["acgan", *argv, "--out", tmp_path / "o"])
+    assert option in line and f"it applies to {applies}" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_options_that_some_chosen_conditioning_uses_are_accepted():
+    from auxhead.cli.acgan import ACGANConfig, check_config
+
+    check_config(ACGANConfig(conditioning=("adc", "ac"), fake_class_loss=True))
+    check_config(ACGANConfig(conditioning=("projection", "adc"), class_weight=2.0))
+    check_config(ACGANConfig(conditioning=("projection",)))  # the default weight is no choice
+
+
 def test_tiny_run_with_the_modern_ingredients(tmp_path):
     """Spectral norm, hinge loss, EMA and DiffAugment, each conditioning that is not AC-GAN's;
     the old --tac still adds a TAC-GAN; the EMA's weights are what generator.pth holds."""
     data = _image_folder(tmp_path / "data")
     out = tmp_path / "out"
     modern = ["--loss", "hinge", "--spectral-norm", "--ema", "0.9", "--augment", "translation"]
-    kinds = ["--conditioning", "reacgan", "adc", "projection", "--tac"]
+    kinds = ["--conditioning", "reacgan", "adc", "projection", "--tac", "--fake-class-loss"]
     argv = ["acgan", *TINY, "--data", str(data), *modern, *kinds]  # 1 epoch: 221 steps
     assert main([*argv, "--out", str(out)]) == 0
     saved = json.loads((out / "report.json").read_text())
@@ -212,6 +246,17 @@ def test_tiny_run_with_the_modern_ingredients(tmp_path):
     assert [r["conditioning"] for r in runs] == ["reacgan", "adc", "projection", "tac"]
     assert [r["folder"] for r in runs] == ["", "adc", "projection", "tac"]
     assert all(r["loss"]["adversarial"] == "hinge" and r["loss"]["ema"] == 0.9 for r in runs)
+    # --fake-class-loss applies to reacgan and tac; adc always, projection has no class loss
+    assert [r["loss"]["class_on_fake"] for r in runs] == [True, True, None, True]
+    assert [r["loss"]["class_weight"] for r in runs] == [1.5, 1.5, None, 1.5]
+    markdown = (out / "report.md").read_text()
+    for line in [
+        "- ReACGAN (`reacgan`): class loss weight 1.5, on real and generated images",
+        "- ADC-GAN (`adc`): class loss weight 1.5, on real class k and generated class k",
+        "- projection GAN (`projection`): no class loss",
+        "- TAC-GAN (`tac`): class loss weight 1.5, on real and generated images, and a twin",
+    ]:
+        assert line in markdown, line
     for run in runs:
         assert 0 <= run["accuracy"]["overall"] <= 1 and isinstance(run["collapses"], list)
         folder = out / run["folder"]

@@ -174,16 +174,13 @@ def test_classifier_split_puts_the_last_linear_last():
 
 
 @needs_timm
-def test_timm_weights_that_cannot_be_fetched_say_how_to_provide_them(monkeypatch):
-    import timm
-
+def test_timm_weights_that_cannot_be_fetched_say_how_to_provide_them(monkeypatch, tmp_path):
+    import auxhead._weights
     from auxhead.models import WeightsUnavailable
 
-    def offline(name, pretrained=False, **kwargs):
-        raise OSError("cannot find the requested files in the local cache")  # as HF hub does
-
-    monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(WeightsUnavailable, match=r"timm's resnet18 .* --init PATH"):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # empty: not cached
+    monkeypatch.setattr(auxhead._weights, "_reachable", lambda url: False)  # offline
+    with pytest.raises(WeightsUnavailable, match=r"timm's resnet18 .*--init PATH"):
         build_model("timm:resnet18", pretrained=True)
 
 

@@ -120,6 +120,22 @@ OWNED_FILES = [  # what a run writes into --out: removed when the next run start
     *CONDITIONINGS,  # the side-by-side runs' folders
 ]
 
+DEFAULT_CLASS_WEIGHT = 1.5
+
+# The options that apply to some conditionings only (auxhead.gan.losses reads them only there),
+# and why the others have no use for them: each is refused when no --conditioning uses it.
+APPLIES_TO = {
+    "fake_class_loss": ("ac", "tac", "reacgan"),
+    "class_weight": ("ac", "tac", "adc", "reacgan"),
+}
+WHY_NOT = {
+    ("fake_class_loss", "adc"): "ADC-GAN always trains its classifier on generated images, "
+    "as classes of their own",
+    ("fake_class_loss", "projection"): "a projection discriminator has no class head",
+    ("class_weight", "projection"): "a projection discriminator has no class loss; the class "
+    "enters its real/generated logit",
+}
+
 VARIANT_NAMES = {
     "ac": "AC-GAN",
     "tac": "TAC-GAN",
@@ -149,9 +165,12 @@ class ACGANConfig:
     lr: float = 2e-4  # Adam, both networks
     latent_dim: int = 64
     width: int = 32
-    class_weight: float = 1.5  # weight of the class loss
+    # Weight of the class loss; None: DEFAULT_CLASS_WEIGHT. Not for "projection" (no class loss).
+    class_weight: float | None = None
     mode_seeking: float = 1.0  # MSGAN's term
-    fake_class_loss: bool = False  # the class head also learns from generated images
+    # The class head also learns from generated images; only "ac", "tac" and "reacgan" have
+    # the choice (ADC-GAN always does, a projection discriminator has no class head).
+    fake_class_loss: bool = False
     n_per_class: int = 500  # generated samples per class, evaluated and saved
     classifier_epochs: int | None = None  # None: `classifier_epochs` decides
     threads: int | None = None
@@ -207,6 +226,7 @@ class ACGANResult:
     def as_json(self) -> dict[str, Any]:
         config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self.config).items()}
         config.update(epochs=self.budget.epochs, classifier_epochs=self.classifier_epochs)
+        config["class_weight"] = _class_weight(self.config)  # each run's own: runs[i]["loss"]
         data = self.data
         return {
             "config": config,
@@ -359,7 +379,8 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--class-weight",
         type=nonnegative_float,
         default=d.class_weight,
-        help="weight of the class loss",
+        help=f"weight of the class loss (default {DEFAULT_CLASS_WEIGHT:g}; not for projection, "
+        "which has none)",
     )
     parser.add_argument(
         "--mode-seeking",
@@ -373,7 +394,8 @@ def add_acgan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--fake-class-loss",
         action="store_true",
         help="also train the discriminator's class head on generated images, as the AC-GAN "
-        "paper does (default: real images only, which lets the generator collude with it less)",
+        "paper does (default: real images only, which lets the generator collude with it "
+        "less); for ac, tac and reacgan (adc always does, projection has no class head)",
     )
     parser.add_argument(
         "--n-per-class",
@@ -422,6 +444,8 @@ def check_config(config: ACGANConfig) -> None:
         )
     for name in ("lr", "class_weight", "mode_seeking"):
         value = getattr(config, name)
+        if value is None:  # the default
+            continue
         if not np.isfinite(value) or value < 0:
             raise UsageError(
                 f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}"
@@ -434,6 +458,7 @@ def check_config(config: ACGANConfig) -> None:
             f"--conditioning {' '.join(unknown) or '(none)'}: choose from "
             f"{', '.join(CONDITIONINGS)}"
         )
+    _check_applies(config)
     if config.loss not in ADVERSARIAL_LOSSES:
         raise UsageError(f"--loss {config.loss}: choose from {', '.join(ADVERSARIAL_LOSSES)}")
     if not 0 <= config.ema < 1:
@@ -445,6 +470,34 @@ def check_config(config: ACGANConfig) -> None:
                 f"--augment {config.augment}: unknown operation {', '.join(unknown) or '(none)'}"
                 f"; give a comma list of {', '.join(AUGMENTATIONS)}, or none"
             )
+
+
+def _given(config: ACGANConfig, name: str) -> bool:
+    """Whether an option of APPLIES_TO was given (it has no default effect to give)."""
+    value = getattr(config, name)
+    return value is not None and value is not False
+
+
+def _check_applies(config: ACGANConfig) -> None:
+    """An option that no chosen --conditioning reads would be ignored: refuse it, naming it,
+    the conditionings and those it applies to. With several conditionings, an option that
+    applies to some is used by those (each run's report says which)."""
+    for name, kinds in APPLIES_TO.items():
+        if not _given(config, name) or any(c in kinds for c in config.conditioning):
+            continue
+        option = "--" + name.replace("_", "-")
+        why = "; ".join(
+            WHY_NOT[name, c] for c in dict.fromkeys(config.conditioning) if (name, c) in WHY_NOT
+        )
+        raise UsageError(
+            f"{option} does not apply to --conditioning {' '.join(config.conditioning)} ({why}); "
+            f"it applies to {', '.join(kinds)}: drop it, or choose one of those"
+        )
+
+
+def _class_weight(config: ACGANConfig) -> float:
+    """The weight of the class loss: --class-weight, or DEFAULT_CLASS_WEIGHT."""
+    return DEFAULT_CLASS_WEIGHT if config.class_weight is None else config.class_weight
 
 
 def classifier_epochs(n_train: int, requested: int | None = None) -> int:
@@ -577,10 +630,11 @@ def _train_variant(
         conditioning=conditioning,
         spectral_norm=config.spectral_norm,
     )
+    own_choice = conditioning in APPLIES_TO["fake_class_loss"]
     loss = ACGANLoss(
-        class_weight=config.class_weight,
+        class_weight=_class_weight(config),
         # ADC-GAN always learns generated classes; projection has no classifier
-        fake_class_loss=None if conditioning in ("adc", "projection") else config.fake_class_loss,
+        fake_class_loss=config.fake_class_loss if own_choice else None,
         conditioning=conditioning,
         adversarial=config.loss,
         mode_seeking=config.mode_seeking,
@@ -643,8 +697,9 @@ def _train_variant(
         loss={
             "conditioning": conditioning,
             "adversarial": loss.adversarial,
-            "class_weight": loss.class_weight,
-            "class_on_fake": loss.class_on_fake,
+            # None where the conditioning has no class loss (projection)
+            "class_weight": loss.class_weight if conditioning != "projection" else None,
+            "class_on_fake": loss.class_on_fake if conditioning != "projection" else None,
             "mode_seeking": loss.mode_seeking,
             "spectral_norm": config.spectral_norm,
             "ema": config.ema,

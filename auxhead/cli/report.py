@@ -17,7 +17,13 @@ from auxhead.cli._common import atomic_path, write_text_atomic
 from auxhead.cli.acgan import TARGETS, ACGANResult
 from auxhead.cli.train import TrainResult
 
-__all__ = ["exit_table", "terminal_summary", "write_acgan_report", "write_report"]
+__all__ = [
+    "exit_table",
+    "per_class_table",
+    "terminal_summary",
+    "write_acgan_report",
+    "write_report",
+]
 
 
 def exit_table(result: TrainResult, *, markdown: bool = False) -> str:
@@ -33,6 +39,24 @@ def exit_table(result: TrainResult, *, markdown: bool = False) -> str:
         rows.append(["baseline (no heads)", f"{100 * result.baseline_accuracy:.2f}%",
                      _human(full), "100%", "-"])  # fmt: skip
     header = ["exit", "test accuracy", "FLOPs/sample", "of full", "params"]
+    return _table(header, rows, markdown)
+
+
+NO_HELD_OUT = "no held-out image: not in any test figure"
+
+
+def per_class_table(result: TrainResult, *, markdown: bool = False) -> str:
+    """Each class's test images and each exit's accuracy on them; a class without a held-out
+    image gets a row that says so instead of figures."""
+    exits = [e.name for e in result.exits]
+    rows = []
+    for c in result.per_class:
+        if c.accuracy is None:
+            rows.append([c.name, "0", NO_HELD_OUT, *["-"] * (len(exits) - 1)])
+        else:
+            figures = [f"{100 * c.accuracy[e]:.2f}%" for e in ["main", *exits[:-1]]]
+            rows.append([c.name, str(c.n_test), *figures])
+    header = ["class", "test images", "main (final layer)", *exits[:-1]]
     return _table(header, rows, markdown)
 
 
@@ -179,6 +203,9 @@ def _markdown(result: TrainResult) -> str:
             lines += ["**No exit met the target on the held-out images: calibration fell back "
                       "to the main head for every sample (no saving).** Train the heads longer, "
                       "allow a larger --max-drop, or hold out more images.", ""]  # fmt: skip
+    if result.per_class:
+        lines += ["## Per class", "", "Each exit's accuracy on the test images of each class.",
+                  "", per_class_table(result, markdown=True), ""]  # fmt: skip
     lines += ["## Training log", "", _history_table(result), "", "## Files", ""]
     lines += [f"- `{Path(p).name}`: {what}" for what, p in _describe_files(result)]
     return "\n".join(lines) + "\n"
@@ -275,6 +302,19 @@ def _seconds(seconds: float) -> str:
     return f"{seconds:.1f}" if seconds < 9.95 else f"{seconds:.0f}"
 
 
+def _class_loss(run: dict[str, Any]) -> str:
+    """How one GAN of the report uses the class: its conditioning's class loss and options."""
+    loss, name = run["loss"], f"{run['variant']} (`{run['conditioning']}`)"
+    if run["conditioning"] == "projection" or loss.get("class_weight") is None:
+        return f"{name}: no class loss, the class enters the discriminator's real/generated logit"
+    if run["conditioning"] == "adc":
+        on = "real class k and generated class k told apart (2K classes)"
+    else:
+        on = "real and generated images" if loss["class_on_fake"] else "real images only"
+    twin = ", and a twin classifier of generated images" if run["conditioning"] == "tac" else ""
+    return f"{name}: class loss weight {loss['class_weight']:g}, on {on}{twin}"
+
+
 def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
     ref, runs, config = report["reference"], report["runs"], report["config"]
     names = [run["variant"] for run in runs]
@@ -323,13 +363,11 @@ def _acgan_markdown(report: dict[str, Any], threads: int) -> str:
         f"Data: {data['name']}, {data['n_train']} train / {data['n_valid']} held-out images of "
         f"{data['shape']}, {len(classes)} classes. Seed {config['seed']}, "
         f"{count(config['epochs'], 'epoch')} ({report['epochs_why']}), width {config['width']}, "
-        f"class-loss weight {config['class_weight']}, mode-seeking weight "
-        f"{config['mode_seeking']}, "
-        "discriminator's class loss on "
-        f"{'real and generated' if runs and runs[0]['loss']['class_on_fake'] else 'real'} "
-        "images; "
+        f"mode-seeking weight {config['mode_seeking']}, "
         f"{config['loss']} loss, spectral norm {'on' if config['spectral_norm'] else 'off'}, "
         f"generator EMA {config['ema'] or 'off'}, DiffAugment {config['augment']}.",
+        "",
+        *[f"- {_class_loss(run)}" for run in runs],
         "",
         *[line for w in report["warnings"] for line in (f"**Warning:** {w}", "")],
         f"Independent classifier (trained on the real train split, "

@@ -31,6 +31,7 @@ from auxhead._calibrate import check_targets
 from auxhead._flops import exit_flops, exit_params
 from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
+from auxhead._weights import InitWeights, read_init
 from auxhead.attach import AttachError, AuxModel
 from auxhead.cli._common import (
     EXIT_CODES,
@@ -181,6 +182,16 @@ class ExitReport:
 
 
 @dataclass
+class ClassReport:
+    """One class on the test split: its images and each exit's accuracy on them (None: the
+    split holds none of its images, so no figure of the run covers it)."""
+
+    name: str
+    n_test: int
+    accuracy: dict[str, float] | None  # by exit, as in `TrainResult.exits`
+
+
+@dataclass
 class TrainResult:
     config: TrainConfig
     budget: Budget
@@ -200,6 +211,7 @@ class TrainResult:
     early_exit_summary: ExitSummary | None = None  # the test set's, for the terminal
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
+    per_class: list[ClassReport] = field(default_factory=list)
 
     @property
     def main(self) -> ExitReport:
@@ -229,6 +241,7 @@ class TrainResult:
             "history": self.history,
             "baseline_history": self.baseline_history,
             "early_exit": self.early_exit,
+            "per_class": [asdict(c) for c in self.per_class],
             "warnings": self.warnings,
             "config": config,
             "files": self.files,
@@ -287,7 +300,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "timm's cache; $TORCH_HOME/hub/checkpoints for torchvision) and fine-tune "
                    "with fastai's fine_tune: one epoch with the body frozen, then all")  # fmt: skip
     p.add_argument("--init", type=Path, default=None, metavar="PATH",
-                   help="start from this state_dict file instead (same fine-tuning)")  # fmt: skip
+                   help="start from this weights file instead (same fine-tuning): a "
+                   "state_dict (torch.save or .safetensors) or the checkpoint.pth of an earlier "
+                   "run, whose heads are loaded too when --at and --head match")  # fmt: skip
     p.add_argument("--at", nargs="+", default=None, metavar="LAYER",
                    help="layers to attach heads to (default: two blocks about a third and two "
                    "thirds deep, chosen for every built-in, torchvision and timm model); "
@@ -456,24 +471,50 @@ def _fit(learn: Learner, budget: Budget, fine_tune: bool) -> None:
 
 
 @torch.no_grad()
-def exit_accuracies(aux_model: AuxModel, x: torch.Tensor, y: torch.Tensor, bs: int = 1000):
-    """Accuracy of every head and of the main output on (x, y), heads enabled, eval mode."""
+def exit_predictions(aux_model: AuxModel, x: torch.Tensor, bs: int = 1000):
+    """The class every head and the main output predict for each image of `x` (heads
+    enabled, eval mode): {"<tap>": (N,), ..., "main": (N,)}."""
     was_training = aux_model.training
     aux_model.eval()
-    correct = dict.fromkeys([*aux_model.taps, "main"], 0)
+    predicted: dict[str, list[torch.Tensor]] = {name: [] for name in [*aux_model.taps, "main"]}
     device = next(aux_model.parameters()).device
     try:
         with aux_model.heads_enabled():
-            for xb, yb in zip(x.split(bs), y.split(bs), strict=True):
-                xb, yb = xb.to(device), yb.to(device)
-                out = aux_model(xb)
-                correct["main"] += int((out.argmax(1) == yb).sum())
+            for xb in x.split(bs):
+                out = aux_model(xb.to(device))
+                predicted["main"].append(out.argmax(1).cpu())
                 for name, logits in aux_model.aux_outputs.items():
-                    correct[name] += int((logits.argmax(1) == yb).sum())
+                    predicted[name].append(logits.argmax(1).cpu())
     finally:
         aux_model.clear_aux()
         aux_model.train(was_training)
-    return {name: n / len(y) for name, n in correct.items()}
+    return {name: torch.cat(p) if p else torch.zeros(0, dtype=torch.long)
+            for name, p in predicted.items()}  # fmt: skip
+
+
+def exit_accuracies(aux_model: AuxModel, x: torch.Tensor, y: torch.Tensor, bs: int = 1000):
+    """Accuracy of every head and of the main output on (x, y), heads enabled, eval mode."""
+    return _accuracies(exit_predictions(aux_model, x, bs), y)
+
+
+def _accuracies(predicted: dict[str, torch.Tensor], y: torch.Tensor) -> dict[str, float]:
+    return {name: int((p == y).sum()) / len(y) for name, p in predicted.items()}
+
+
+def class_reports(
+    predicted: dict[str, torch.Tensor], y: torch.Tensor, classes: list[str]
+) -> list[ClassReport]:
+    """Each class's test images and every exit's accuracy on them; a class without test
+    images is kept, with no accuracy."""
+    reports = []
+    for k, name in enumerate(classes):
+        members = y == k
+        n = int(members.sum())
+        accuracy = None
+        if n:
+            accuracy = {exit_: int((p[members] == k).sum()) / n for exit_, p in predicted.items()}
+        reports.append(ClassReport(name, n, accuracy))
+    return reports
 
 
 def _split_holdout(data: ImageData, n: int, seed: int) -> tuple[ImageData, ImageData]:
@@ -495,6 +536,16 @@ def _load(config: TrainConfig) -> ImageData:
     data = load_data(config.data, seed=config.seed, size=config.size)
     if config.limit:
         data = data.subset(config.limit, max(config.limit // 4, data.c * 2), seed=config.seed)
+    untested = [name for k, name in enumerate(data.classes) if not bool((data.valid_y == k).any())]
+    if untested:
+        warnings.warn(
+            f"{len(untested)} class{'es' if len(untested) > 1 else ''} without a held-out "
+            f"image ({', '.join(untested)}): the test accuracy leaves "
+            f"{'them' if len(untested) > 1 else 'it'} out (the report's per-class table says "
+            "so); add images (5 or more a class), or put some in a valid/ folder beside train/",
+            UserWarning,
+            stacklevel=1,
+        )
     seen = torch.unique(data.train_y)
     if len(seen) < 2:
         raise UsageError(
@@ -504,7 +555,16 @@ def _load(config: TrainConfig) -> ImageData:
     return data
 
 
-def _model(config: TrainConfig, data: ImageData) -> nn.Module:
+def _read_init(config: TrainConfig) -> InitWeights | None:
+    if config.init is None:
+        return None
+    try:
+        return read_init(config.init)
+    except WeightsUnavailable as error:
+        raise UsageError(f"--init {error}") from None
+
+
+def _model(config: TrainConfig, data: ImageData, init: InitWeights | None = None) -> nn.Module:
     try:
         model = build_model(
             config.arch,
@@ -517,19 +577,40 @@ def _model(config: TrainConfig, data: ImageData) -> nn.Module:
         raise UsageError(f"--pretrained: {error}") from None
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
-    if config.init is not None:
+    if init is not None:
         try:
-            state = torch.load(config.init, map_location="cpu", weights_only=True)
-        except Exception as error:  # any unpickling problem is the file's
-            raise UsageError(f"--init {config.init} is not a state_dict file: {error}") from None
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]  # an auxhead checkpoint
-        try:
-            load_matching(model, state if isinstance(state, dict) else {})
-        except ValueError as error:
-            raise UsageError(f"--init {config.init}: {error}") from None
+            load_matching(model, init.model)
+        except ValueError:
+            saved = init.meta.get("arch")
+            found = f" (it was saved from --arch {saved})" if saved else ""
+            raise UsageError(
+                f"--init {init.path}: none of its {len(init.model)} tensors fits --arch "
+                f"{config.arch}{found}; pass the --arch it was saved from, or a state_dict of "
+                f"{config.arch}"
+            ) from None
     check_runs(model, data.train_x[:2], config.arch)
     return model
+
+
+def _init_heads(init: InitWeights | None, aux_model: AuxModel, config: TrainConfig) -> str | None:
+    """Load the heads of an `auxhead train` checkpoint passed as --init when they are the ones
+    this run attaches (same taps, kind and shapes); returns the line saying what happened."""
+    if init is None or not init.heads:
+        return None
+    own = aux_model.heads.state_dict()
+    same = (
+        init.meta.get("taps") == aux_model.taps
+        and init.meta.get("head") == config.head
+        and own.keys() == init.heads.keys()
+        and all(own[k].shape == v.shape for k, v in init.heads.items())  # classes, channels
+    )
+    if same:
+        aux_model.heads.load_state_dict(init.heads)
+        return f"--init: the heads at {', '.join(aux_model.taps)} start from {init.path} too"
+    return (
+        f"--init: the heads in {init.path} (taps {init.meta.get('taps')}, "
+        f"{init.meta.get('head')}) are not this run's; the heads start fresh"
+    )
 
 
 # What a model raises on images it cannot take: torch's shape errors, and the AssertionError of
@@ -601,6 +682,7 @@ def run_train(config: TrainConfig, say: Callable[[str], None] = lambda line: Non
 def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     check_config(config)
     out = Path(config.out)
+    init = _read_init(config)  # a file it cannot read is refused before the data loads
     data = _load(config)
     holdout = None
     if config.early_exit:
@@ -634,7 +716,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         )
     )
     dls = dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu")
-    model = _model(config, data)
+    model = _model(config, data, init)
     taps = _taps(config, model, data.train_x[:2])
     try:
         heads = AuxHeads(
@@ -660,6 +742,9 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
             f"--at {' '.join(taps)}: cannot attach {config.head} heads there ({message}); "
             f"choose other layers (`auxhead layers --arch {config.arch}` lists them)"
         ) from None
+    heads_line = _init_heads(init, heads.aux_model, config)
+    if heads_line:
+        say(heads_line)
     start = time.perf_counter()
     try:
         with _memory_is_the_options(budget.bs, data):
@@ -674,7 +759,8 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     with _memory_is_the_options(budget.bs, data):
         flops = exit_flops(aux_model, sample)
         params = exit_params(aux_model, sample)
-        accuracies = exit_accuracies(aux_model, data.valid_x, data.valid_y, bs=budget.bs)
+        predicted = exit_predictions(aux_model, data.valid_x, bs=budget.bs)
+    accuracies = _accuracies(predicted, data.valid_y)
     exits = [ExitReport(name, accuracies[name], flops[name], params[name])
              for name in [*taps, "main"]]  # fmt: skip
 
@@ -696,11 +782,12 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         history=log.history,
         train_seconds=train_seconds,
         files=files,
+        per_class=class_reports(predicted, data.valid_y, data.classes),
     )
     if holdout is not None:
         _early_exit(result, aux_model, holdout, data, config)
     if config.compare:
-        _baseline(result, dls, data, config, out)
+        _baseline(result, dls, data, config, out, init)
     return result
 
 
@@ -744,10 +831,17 @@ def _early_exit(
     }
 
 
-def _baseline(result: TrainResult, dls, data: ImageData, config: TrainConfig, out: Path) -> None:
+def _baseline(
+    result: TrainResult,
+    dls,
+    data: ImageData,
+    config: TrainConfig,
+    out: Path,
+    init: InitWeights | None,
+) -> None:
     """The same architecture, seed, starting weights and budget without heads."""
     with seeded(config.seed):  # as the run with heads started
-        model = _model(config, data)
+        model = _model(config, data, init)
         learn = _learner(dls, model, [], out, config.fine_tune)
         start = time.perf_counter()
         _fit(learn, result.budget, config.fine_tune)
