@@ -222,9 +222,12 @@ def _training(result: TrainResult) -> str:
 
 
 def _warning_lines(result: TrainResult) -> list[str]:
-    if not result.warnings:
-        return []
-    return ["**Warnings during the run:**", "", *[f"- {w}" for w in result.warnings], ""]
+    lines = []
+    if result.data_notes:
+        lines += ["**About the data:**", "", *[f"- {n}" for n in result.data_notes], ""]
+    if result.warnings:
+        lines += ["**Warnings during the run:**", "", *[f"- {w}" for w in result.warnings], ""]
+    return lines
 
 
 def _describe_files(result: TrainResult) -> list[tuple[str, str]]:

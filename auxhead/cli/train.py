@@ -212,6 +212,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     files: dict[str, str] = field(default_factory=dict)
     per_class: list[ClassReport] = field(default_factory=list)
+    data_notes: list[str] = field(default_factory=list)  # what load_data skipped or could not split
 
     @property
     def main(self) -> ExitReport:
@@ -243,6 +244,7 @@ class TrainResult:
             "early_exit": self.early_exit,
             "per_class": [asdict(c) for c in self.per_class],
             "warnings": self.warnings,
+            "data_notes": self.data_notes,
             "config": config,
             "files": self.files,
         }
@@ -534,9 +536,10 @@ def _batches(x: torch.Tensor, y: torch.Tensor, bs: int):
 
 def _load(config: TrainConfig) -> ImageData:
     data = load_data(config.data, seed=config.seed, size=config.size)
+    noted = set(_untested(data))  # load_data's notes (logged) name these already
     if config.limit:
         data = data.subset(config.limit, max(config.limit // 4, data.c * 2), seed=config.seed)
-    untested = [name for k, name in enumerate(data.classes) if not bool((data.valid_y == k).any())]
+    untested = [name for name in _untested(data) if name not in noted]
     if untested:
         warnings.warn(
             f"{len(untested)} class{'es' if len(untested) > 1 else ''} without a held-out "
@@ -553,6 +556,12 @@ def _load(config: TrainConfig) -> ImageData:
             "needs at least two" + (" (raise --limit)" if config.limit else "")
         )
     return data
+
+
+def _untested(data: ImageData) -> list[str]:
+    """The classes without a held-out image."""
+    counts = torch.bincount(data.valid_y, minlength=data.c)
+    return [name for name, n in zip(data.classes, counts.tolist(), strict=True) if n == 0]
 
 
 def _read_init(config: TrainConfig) -> InitWeights | None:
@@ -783,6 +792,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
         train_seconds=train_seconds,
         files=files,
         per_class=class_reports(predicted, data.valid_y, data.classes),
+        data_notes=list(data.notes),
     )
     if holdout is not None:
         _early_exit(result, aux_model, holdout, data, config)
