@@ -113,7 +113,9 @@ class AuxModel(nn.Module):
                 f"layer {name!r} outputs no tensor for its head; pass `select=` to attach"
             )
         dims = self._permute.get(name)
-        return features if dims is None else features.permute(*dims)
+        if dims is None or features.is_nested:  # nested: permuted sample by sample (_run_head)
+            return features
+        return features.permute(*dims)
 
     def _keep_input(self, name: str, output: Any) -> None:
         """The hook's work: keep what the head at `name` will classify. The head itself runs
@@ -128,6 +130,8 @@ class AuxModel(nn.Module):
     def _run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
         head = self.heads[_key(name)]
         stream = self._streams.get(name)
+        if features.is_nested:
+            return _per_length(head, features, self._permute.get(name))
         if stream is None:
             return head(features)
         with stream.on(features.device):
@@ -280,6 +284,27 @@ class AuxModel(nn.Module):
         state["aux_outputs"] = {}
         state["_pending"] = None
         return state
+
+
+def _per_length(
+    head: nn.Module, features: torch.Tensor, dims: tuple[int, ...] | None
+) -> torch.Tensor:
+    """`head` on a nested tensor, one row per sample. `nn.TransformerEncoder` with a padding
+    mask hands its layers one (N_i, C) sequence per sample in eval (torch's nested-tensor fast
+    path), the padding dropped. The samples of each length run as one dense batch, so every
+    head pools over the real tokens alone, as on that sample without padding; the rows come
+    back in sample order. Only in eval, under no grad: no dropout, no batch statistics."""
+    samples = features.unbind()  # (N_i, C) each
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_shape.setdefault(tuple(sample.shape), []).append(index)
+    rows: list[torch.Tensor | None] = [None] * len(samples)
+    for indices in by_shape.values():
+        batch = torch.stack([samples[i] for i in indices])  # (k, N_i, C)
+        logits = head(batch if dims is None else batch.permute(*dims))
+        for row, index in zip(logits, indices, strict=True):
+            rows[index] = row
+    return torch.stack(rows)
 
 
 class _RunHead:
