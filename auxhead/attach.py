@@ -46,7 +46,9 @@ class AuxModel(nn.Module):
     for bit at the same seed: each head draws its random numbers (dropout) from a stream of its
     own, and a tap whose output the model later changes in place is copied for its head. The
     heads run in training mode (or inside `heads_enabled()`) and leave their logits in
-    `aux_outputs`, a dict keyed by tap name in `at` order.
+    `aux_outputs`, a dict keyed by tap name in `at` order. A tap that outputs a nested tensor
+    (`nn.TransformerEncoder` with a padding mask, in eval) gets one row per sample, pooled
+    over that sample's real tokens.
 
     Attributes:
         model: the wrapped model, unchanged but for forward hooks on the tapped layers.
@@ -126,6 +128,14 @@ class AuxModel(nn.Module):
             if name in self._copy:
                 features = features.clone()
             self._pending[name] = features
+
+    def run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
+        """The head at `name` on `features` as `head_input` gives them, as the forward runs
+        it: with its own random stream, and on a nested tensor (a masked
+        `nn.TransformerEncoder` in eval) sample by sample, over the real tokens only."""
+        if name not in self.taps:
+            raise KeyError(f"no head at {name!r}; taps are {self.taps}")
+        return self._run_head(name, features)
 
     def _run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
         head = self.heads[_key(name)]
