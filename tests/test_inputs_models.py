@@ -41,14 +41,14 @@ class MaskedTransformer(nn.Module):
     (`enable_nested_tensor=True`): in eval, under no grad, its layers pass one nested tensor
     of (N_i, C) sequences, the padding dropped."""
 
-    def __init__(self, vocab: int = 20, width: int = 16, classes: int = 3) -> None:
+    def __init__(self, dropout: float = 0.1, vocab: int = 20, width: int = 16) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, width)
-        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(width, 2, 32, dropout=dropout, batch_first=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "enable_nested_tensor is True, but ..." on CPU
             self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
-        self.fc = nn.Linear(width, classes)
+        self.fc = nn.Linear(width, 3)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.enc(self.emb(tokens), src_key_padding_mask=tokens == 0)  # (B, N, C)
@@ -101,6 +101,27 @@ def test_heads_on_a_masked_transformer_pool_the_real_tokens_only(kind):
         reference = torch.cat([a[tap] for a in alone])
         torch.testing.assert_close(batched[tap], reference, rtol=1e-5, atol=1e-5)
     assert auxhead.list_layers(aux.model, x)[1].name == "enc"  # the eval dry run works too
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("kind", ["linear", "sdn"])  # no dropout in the head
+def test_heads_on_a_masked_transformer_see_the_real_tokens_in_train_and_eval(kind):
+    model = MaskedTransformer(dropout=0.0)
+    taps = ["enc.layers.0.self_attn", "enc.layers.1", "enc"]  # "enc": padded with 0 in eval
+    x = _tokens([7, 4, 2, 4])
+    aux = auxhead.attach(model, taps, head=kind, sample=x)
+    aux.train()
+    aux(x)  # dense, the padding mask beside it
+    trained = aux.aux_outputs
+    aux.eval()
+    with aux.heads_enabled(), torch.no_grad():
+        aux(x)  # nested between the layers
+        evaluated = aux.aux_outputs
+        aux(x[1:2, :4])  # the second sample alone, no padding
+        alone = aux.aux_outputs
+    for tap in taps:
+        torch.testing.assert_close(trained[tap].detach(), evaluated[tap], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(evaluated[tap][1:2], alone[tap], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
