@@ -47,9 +47,10 @@ class AuxModel(nn.Module):
     for bit at the same seed: each head draws its random numbers (dropout) from a stream of its
     own, and a tap whose output the model later changes in place is copied for its head. The
     heads run in training mode (or inside `heads_enabled()`) and leave their logits in
-    `aux_outputs`, a dict keyed by tap name in `at` order. A tap that outputs a nested tensor
-    (`nn.TransformerEncoder` with a padding mask, in eval) gets one row per sample, pooled
-    over that sample's real tokens.
+    `aux_outputs`, a dict keyed by tap name in `at` order. Inside a batch-first
+    `nn.TransformerEncoder` run with a padding mask, the built-in heads pool over each sample's
+    real tokens, in train and eval alike; in eval, where torch's fast path passes nested
+    tensors between the layers, every head does (the samples of each length run together).
 
     Attributes:
         model: the wrapped model, unchanged but for forward hooks on the tapped layers.
