@@ -36,13 +36,19 @@ class HookSet:
         self._handles: list[RemovableHandle] = []
 
     def forward(
-        self, module: nn.Module, hook: Callable[..., Any], *, pre: bool = False
+        self,
+        module: nn.Module,
+        hook: Callable[..., Any],
+        *,
+        pre: bool = False,
+        with_kwargs: bool = False,
     ) -> RemovableHandle:
-        """Register `hook` on `module` (a forward pre-hook with `pre=True`)."""
+        """Register `hook` on `module` (a forward pre-hook with `pre=True`; given the keyword
+        arguments too with `with_kwargs=True`, as torch's own `with_kwargs`)."""
         if pre:
-            handle = module.register_forward_pre_hook(hook)
+            handle = module.register_forward_pre_hook(hook, with_kwargs=with_kwargs)
         else:
-            handle = module.register_forward_hook(hook)
+            handle = module.register_forward_hook(hook, with_kwargs=with_kwargs)
         self._handles.append(handle)
         return handle
 

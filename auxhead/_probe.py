@@ -7,7 +7,9 @@ from the sizes alone: the last layer with a channel count that ran up to the tap
 `out_channels`, a Linear's `out_features`, a norm's features) and the first one that reads
 the tap's output afterwards (a conv's `in_channels`, ...). The size they agree on is the
 channel count, and its place in the shape gives the layout: (B, C, H, W) or (B, H, W, C) for
-maps, (B, C, L) or (B, N, C) for sequences.
+maps, (B, C, L) or (B, N, C) for sequences. When they are silent (a concat, an upsample, an
+identity between blocks), the whole model tells: a map whose dim 1 is a channel count of a
+model where every convolution and norm reads its maps channels first is channels first.
 """
 
 from __future__ import annotations
@@ -99,6 +101,15 @@ def first_tensor(output: Any) -> torch.Tensor | None:
     return None
 
 
+def shape_of(tensor: torch.Tensor) -> tuple[int, ...]:
+    """A tensor's shape; for a nested tensor (one (N_i, C) sequence per sample, as
+    `nn.TransformerEncoder` passes between its layers in eval), the padded one (B, max N_i, C)."""
+    if tensor.is_nested:
+        sizes = tensor._nested_tensor_size()  # (B, dims per sample)
+        return (tensor.size(0), *(int(d) for d in sizes.amax(dim=0))) if len(sizes) else ()
+    return tuple(tensor.shape)
+
+
 def _tensors(sample: Any) -> list[torch.Tensor]:
     if isinstance(sample, torch.Tensor):
         return [sample]
@@ -181,6 +192,33 @@ def infer_layout(shape: tuple[int, ...], evidence: _Evidence | None) -> str | No
     return None
 
 
+def _channels_first_model(
+    rows: Mapping[str, list[Any]], modules: Mapping[str, nn.Module]
+) -> set[int]:
+    """The channel counts of a model whose maps are all channels first, or an empty set.
+
+    All channels first: some layer with a channel count outputs a 4-D map, and every such
+    layer keeps its channels in dim 1 (convolutions, BatchNorm, GroupNorm; not a Linear or
+    LayerNorm on (B, H, W, C), nor timm's permuting LayerNorm2d). The counts are those these
+    layers read and write (a concat's is read whole by the next block), and those read by
+    layers that output a vector (the classifier after the last map is pooled).
+    """
+    counts: set[int] = set()
+    maps = False
+    for name, (_type, shape, _calls) in rows.items():
+        channels = _channels(modules[name])
+        if channels is None or shape is None:
+            continue
+        if len(shape) == 2:
+            counts.add(channels[0])
+        elif len(shape) == 4:
+            if channels[2] != 1:
+                return set()
+            maps = True
+            counts.update(channels[:2])
+    return counts if maps else set()
+
+
 def probe(
     model: nn.Module,
     sample: Any,
@@ -210,6 +248,8 @@ def probe(
     watched: dict[str, tuple[torch.Tensor, int, bool]] = {}
 
     def storage(tensor: torch.Tensor) -> int | None:
+        if tensor.is_nested:
+            return None
         try:
             return tensor.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):  # no storage (nested, meta, ...)
@@ -235,13 +275,13 @@ def probe(
         channels = _channels(module)
         tensor = first_tensor(output)
         if channels is not None and isinstance(tensor, torch.Tensor):
-            last_channels[0] = (channels[1], channels[2], tuple(tensor.shape))
+            last_channels[0] = (channels[1], channels[2], shape_of(tensor))
         select = selects.get(name)
         if select is not None:
             tensor = select(output)
         if not isinstance(tensor, torch.Tensor) or rows[name][1] is not None:
             return
-        rows[name][1] = tuple(tensor.shape)
+        rows[name][1] = shape_of(tensor)
         evidence[name] = _Evidence(produced=last_channels[0])
         if tensor.dim() in (3, 4) and tensor.numel() and storage(tensor) is not None:
             awaiting.setdefault(storage(tensor), []).append((name, tensor))
@@ -262,6 +302,7 @@ def probe(
     awaiting.clear()
 
     modules = {name: module for module, name in names.items()}
+    model_channels = _channels_first_model(rows, modules)
 
     def layout(name: str, shape: tuple[int, ...]) -> str | None:
         found = infer_layout(shape, evidence.get(name))
@@ -279,6 +320,10 @@ def probe(
                 and shape[channels[2]] == channels[1]
             ):
                 found = "channels_first" if channels[2] == 1 else "channels_last"
+        # Still silent (a concat, an identity, an upsample between blocks): the whole model
+        # tells, when every convolution and norm in it reads its maps channels first.
+        if found is None and len(shape) == 4 and shape[1] in model_channels:
+            found = "channels_first"
         return found
 
     table = LayerTable(
@@ -351,6 +396,13 @@ def resolve(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Module]:
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"layer names must be strings, got {name!r} ({type(name).__name__})")
+        parent, _, child = name.rpartition(".")
+        owner = modules.get(parent) if parent else model
+        if name not in modules and owner is not None and child in owner._modules:
+            raise ValueError(  # registered, but set to None (`model.aux_classifier = None`)
+                f"layer {name!r} of {type(model).__name__} is None: it never runs. "
+                "See auxhead.list_layers(model, sample) for every valid name."
+            )
         if name not in modules:
             close = difflib.get_close_matches(name, list(modules), n=5, cutoff=0.5)
             hint = f" Did you mean: {', '.join(close)}?" if close else ""

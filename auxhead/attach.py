@@ -7,6 +7,7 @@ model's own output is exactly what it would have been without heads.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from torch import nn
 from auxhead._hooks import HookSet, dry_run_state, training_mode
 from auxhead._probe import LAYOUTS, Probe, Select, batch_size, first_tensor, probe, resolve
 from auxhead._rng import RngStream, generator_state, stream_seed
-from auxhead.heads import HeadFactory, build_head, check_num_classes
+from auxhead.heads import MASKABLE_HEADS, HeadFactory, build_head, check_num_classes
 
 __all__ = ["AttachError", "AuxModel", "attach"]
 
@@ -46,7 +47,10 @@ class AuxModel(nn.Module):
     for bit at the same seed: each head draws its random numbers (dropout) from a stream of its
     own, and a tap whose output the model later changes in place is copied for its head. The
     heads run in training mode (or inside `heads_enabled()`) and leave their logits in
-    `aux_outputs`, a dict keyed by tap name in `at` order.
+    `aux_outputs`, a dict keyed by tap name in `at` order. Inside a batch-first
+    `nn.TransformerEncoder` run with a padding mask, the built-in heads pool over each sample's
+    real tokens, in train and eval alike; in eval, where torch's fast path passes nested
+    tensors between the layers, every head does (the samples of each length run together).
 
     Attributes:
         model: the wrapped model, unchanged but for forward hooks on the tapped layers.
@@ -83,21 +87,31 @@ class AuxModel(nn.Module):
         self._streams = {name: RngStream(stream_seed(name)) for name in random}
         self.aux_outputs: dict[str, torch.Tensor] = {}
         self._pending: dict[str, torch.Tensor] | None = None  # filled by the hooks in forward
+        self._keep: dict[str, torch.Tensor] = {}  # tap -> its real tokens (B, N), in forward
         self._heads_on: bool | None = None  # None: heads follow self.training
         self._hooks = HookSet()
         self._hooked = False  # a plain bool torch.compile can read (the handles it cannot)
+        # The padding mask each batch-first nn.TransformerEncoder(Layer) around a tap got in
+        # this forward, as "keep" (True at real tokens): filled by pre-hooks, by owner name.
+        self._padding: dict[str, torch.Tensor | None] = {}
         self._register_hooks()
         # The mode the model is in (a model in eval stays so; its heads follow it).
         self.training = model.training
         self.heads.train(model.training)
 
     def _register_hooks(self) -> None:
-        """Put a `_RunHead` hook on every tap; on failure, none stays."""
+        """Put a `_RunHead` hook on every tap, and a `_KeepPadding` pre-hook on the transformer
+        around a tap whose head pools over real tokens; on failure, none stays."""
         modules = resolve(self.model, self.taps)
         self._tapped = modules  # to tell a tap that did not run from one that was replaced
+        maskable = [name for name in self.taps if isinstance(self.head(name), MASKABLE_HEADS)]
+        self._mask_owner = _padding_owners(self.model, maskable)
         try:
             for name, module in modules.items():
                 self._hooks.forward(module, _RunHead(self, name))
+            for owner in sorted(set(self._mask_owner.values())):
+                module = self.model.get_submodule(owner)
+                self._hooks.forward(module, _KeepPadding(self, owner), pre=True, with_kwargs=True)
         except BaseException:
             self._remove_hooks()
             raise
@@ -113,7 +127,9 @@ class AuxModel(nn.Module):
                 f"layer {name!r} outputs no tensor for its head; pass `select=` to attach"
             )
         dims = self._permute.get(name)
-        return features if dims is None else features.permute(*dims)
+        if dims is None or features.is_nested:  # nested: permuted sample by sample (_run_head)
+            return features
+        return features.permute(*dims)
 
     def _keep_input(self, name: str, output: Any) -> None:
         """The hook's work: keep what the head at `name` will classify. The head itself runs
@@ -124,14 +140,35 @@ class AuxModel(nn.Module):
             if name in self._copy:
                 features = features.clone()
             self._pending[name] = features
+            keep = self._padding.get(self._mask_owner.get(name, ""))
+            if (
+                keep is not None
+                and not features.is_nested
+                and features.dim() == 3
+                and features.shape[:2] == keep.shape
+            ):
+                self._keep[name] = keep
 
-    def _run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
+    def run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
+        """The head at `name` on `features` as `head_input` gives them, as the forward runs
+        it: with its own random stream, and on a nested tensor (a masked
+        `nn.TransformerEncoder` in eval) sample by sample, over the real tokens only."""
+        if name not in self.taps:
+            raise KeyError(f"no head at {name!r}; taps are {self.taps}")
+        return self._run_head(name, features)
+
+    def _run_head(
+        self, name: str, features: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         head = self.heads[_key(name)]
         stream = self._streams.get(name)
+        if features.is_nested:
+            return _per_length(head, features, self._permute.get(name))
+        run = head if keep is None else functools.partial(head, keep=keep)
         if stream is None:
-            return head(features)
+            return run(features)
         with stream.on(features.device):
-            return head(features)
+            return run(features)
 
     @property
     def _active(self) -> bool:
@@ -155,17 +192,19 @@ class AuxModel(nn.Module):
         if not self._hooked:
             raise RuntimeError("this AuxModel was stripped; use the model strip() returned instead")
         self.aux_outputs = {}  # the previous step's outputs (and any graph they hold) go now
-        self._pending = {}
+        self._pending, self._keep = {}, {}
         try:
             output = self.model(*args, **kwargs)
-            pending = self._pending
+            pending, keep = self._pending, self._keep
         finally:
-            self._pending = None
+            self._pending, self._keep, self._padding = None, {}, {}
         if len(pending) < len(self.taps) and self.heads_active:
             self._check_replaced(pending)
         # `at` order, whatever order the taps ran in.
         self.aux_outputs = {
-            name: self._run_head(name, pending[name]) for name in self.taps if name in pending
+            name: self._run_head(name, pending[name], keep.get(name))
+            for name in self.taps
+            if name in pending
         }
         return output
 
@@ -278,8 +317,73 @@ class AuxModel(nn.Module):
         # are `_RunHead` objects, so deepcopy and pickle carry them (and their handles) over.
         state = self.__dict__.copy()
         state["aux_outputs"] = {}
-        state["_pending"] = None
+        state["_pending"], state["_keep"], state["_padding"] = None, {}, {}
         return state
+
+
+class _KeepPadding:
+    """A forward pre-hook on a batch-first `nn.TransformerEncoder(Layer)` around a tap: keeps
+    its padding mask, inverted, so the heads inside pool over the real tokens alone. (Its own
+    layers get the mask canonicalised to floats, 0 at real tokens; in eval on torch's fast
+    path they get none, and nested tensors, which `_per_length` unpads.)"""
+
+    def __init__(self, aux_model: AuxModel, owner: str) -> None:
+        self.aux_model = aux_model
+        self.owner = owner
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        aux_model = self.aux_model
+        if aux_model._pending is None:
+            return
+        mask = kwargs.get("src_key_padding_mask", args[2] if len(args) > 2 else None)
+        keep = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            keep = ~mask if mask.dtype == torch.bool else mask == 0  # (B, N), True: real
+            keep = keep | ~keep.any(dim=1, keepdim=True)  # all padding: pool over all
+        aux_model._padding[self.owner] = keep
+
+
+def _padding_owners(model: nn.Module, taps: Sequence[str]) -> dict[str, str]:
+    """For each tap inside (or at) a batch-first `nn.TransformerEncoder` or
+    `nn.TransformerEncoderLayer`, the name of the innermost one: its padding mask says which
+    of the tap's tokens are real."""
+    owners = {}
+    for tap in taps:
+        parts = tap.split(".")
+        for end in range(len(parts), 0, -1):
+            name = ".".join(parts[:end])
+            module = model.get_submodule(name)
+            if isinstance(module, nn.TransformerEncoder):
+                layer = module.layers[0] if len(module.layers) else None
+            elif isinstance(module, nn.TransformerEncoderLayer):
+                layer = module
+            else:
+                continue
+            if layer is not None and layer.self_attn.batch_first:
+                owners[tap] = name
+            break
+    return owners
+
+
+def _per_length(
+    head: nn.Module, features: torch.Tensor, dims: tuple[int, ...] | None
+) -> torch.Tensor:
+    """`head` on a nested tensor, one row per sample. `nn.TransformerEncoder` with a padding
+    mask hands its layers one (N_i, C) sequence per sample in eval (torch's nested-tensor fast
+    path), the padding dropped. The samples of each length run as one dense batch, so every
+    head pools over the real tokens alone, as on that sample without padding; the rows come
+    back in sample order. Only in eval, under no grad: no dropout, no batch statistics."""
+    samples = features.unbind()  # (N_i, C) each
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, sample in enumerate(samples):
+        by_shape.setdefault(tuple(sample.shape), []).append(index)
+    rows: list[torch.Tensor | None] = [None] * len(samples)
+    for indices in by_shape.values():
+        batch = torch.stack([samples[i] for i in indices])  # (k, N_i, C)
+        logits = head(batch if dims is None else batch.permute(*dims))
+        for row, index in zip(logits, indices, strict=True):
+            rows[index] = row
+    return torch.stack(rows)
 
 
 class _RunHead:

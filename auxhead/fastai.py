@@ -33,7 +33,7 @@ except ModuleNotFoundError as error:
 
 from auxhead.attach import AuxModel, HeadSpec, attach
 from auxhead.distributed import check_ddp
-from auxhead.losses import AuxLoss, Weights
+from auxhead.losses import AuxLoss, Weights, head_loss_term
 from auxhead.schedules import Schedule
 
 __all__ = ["AuxHeads", "aux_learner", "export_learner", "plot_heads"]
@@ -64,7 +64,8 @@ class _HeadMetric(AvgMetric):
             self.total += (logits.argmax(dim=-1) == target).float().sum().item()
         else:
             loss_func = self.callback.head_loss or learn.loss_func
-            self.total += loss_func(logits.float(), *learn.yb).mean().item() * bs
+            term = head_loss_term(loss_func, self.tap, logits.float(), learn.yb, learn.pred)
+            self.total += term.mean().item() * bs
         self.count += bs
 
     @property
@@ -215,6 +216,11 @@ class AuxHeads(Callback):
             return
         aux_model = self.aux_loss.aux_model
         aux_model.set_heads(False)
+        # The optimizer still holds the heads: with no gradient (None, not zero) every fastai
+        # and torch optimizer skips them, so no momentum or weight decay moves them while the
+        # callback is away.
+        for param in aux_model.heads.parameters():
+            param.grad = None
         learn = self._learn
         if learn.model is aux_model:
             learn.model = aux_model.strip()
@@ -337,9 +343,11 @@ def _maybe_float(value: Any) -> float | None:
 
 
 def _sample(learn: Learner) -> Any:
-    """Two inputs from the training set, on the model's device, to size the heads."""
+    """Two samples of the training set's inputs, on the model's device, to size the heads.
+    The inputs are the batch's first `n_inp` items, by fastai's own rule (`Learner._split`):
+    without `dls.n_inp` (DataLoaders of plain DataLoaders), all items but the last."""
     batch = learn.dls.one_batch()
-    n_inp = getattr(learn.dls, "n_inp", 1)
+    n_inp = getattr(learn.dls, "n_inp", 1 if len(batch) == 1 else len(batch) - 1)
     xb = tuple(x[:2] for x in batch[:n_inp])
     device = next(learn.model.parameters()).device
     xb = tuple(x.to(device) for x in xb)

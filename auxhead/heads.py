@@ -3,7 +3,8 @@
 A head sees its tap's output in one of three layouts: a feature map (B, C, H, W), a sequence
 (B, N, C) or a feature vector (B, C). `AuxModel` puts channels-last maps (B, H, W, C) and
 channels-first sequences (B, C, L) into these layouts (a view, not a copy) before the head
-sees them. Every head accepts all three: maps are pooled spatially, sequences over tokens.
+sees them. Every head accepts all three: maps are pooled spatially, sequences over tokens
+(over the real ones only when `AuxModel` passes `keep`, the model's padding mask inverted).
 """
 
 from __future__ import annotations
@@ -41,8 +42,23 @@ def _channels(shape: Sequence[int]) -> int:
     return shape[1] if len(shape) == 4 else shape[-1]
 
 
-def _pool_tokens(x: torch.Tensor) -> torch.Tensor:
-    return x.mean(dim=1) if x.dim() == 3 else x  # (B, N, C) -> (B, C)
+def _pool_tokens(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, C) -> (B, C): the mean over the tokens, or over the real ones where `keep` (B, N)
+    says which are (the model's padding mask, inverted). (B, C) stays as it is."""
+    if x.dim() != 3:
+        return x
+    if keep is None:
+        return x.mean(dim=1)
+    kept = keep.unsqueeze(-1)  # (B, N, 1)
+    count = kept.sum(dim=1).clamp(min=1).to(x.dtype)  # (B, 1)
+    return x.masked_fill(~kept, 0).sum(dim=1) / count
+
+
+def _max_tokens(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N, C) -> (B, C): the max over the (real) tokens."""
+    if keep is None:
+        return x.amax(dim=1)
+    return x.masked_fill(~keep.unsqueeze(-1), float("-inf")).amax(dim=1)
 
 
 class _BasicConv2d(nn.Module):
@@ -83,8 +99,8 @@ class InceptionHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc2 = nn.Linear(8 * width, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(self.pool(x)) if x.dim() == 4 else _pool_tokens(x)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.conv(self.pool(x)) if x.dim() == 4 else _pool_tokens(x, keep)
         x = torch.flatten(x, 1)  # (B, features)
         x = self.dropout(F.relu(self.fc1(x), inplace=True))
         return self.fc2(x)  # (B, num_classes)
@@ -98,8 +114,8 @@ class LinearHead(nn.Module):
         _check_shape(shape, "linear")
         self.fc = nn.Linear(_channels(shape), num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.mean(dim=(2, 3)) if x.dim() == 4 else _pool_tokens(x)  # (B, C)
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.mean(dim=(2, 3)) if x.dim() == 4 else _pool_tokens(x, keep)  # (B, C)
         return self.fc(x)
 
 
@@ -148,7 +164,7 @@ class SDNHead(nn.Module):
         self.alpha = nn.Parameter(torch.zeros(())) if len(shape) > 2 else None
         self.fc = nn.Linear(features, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() == 4:
             mix = torch.sigmoid(self.alpha)
             x = mix * _adaptive_max_pool2d(x, self.grid) + (1 - mix) * F.adaptive_avg_pool2d(
@@ -157,9 +173,12 @@ class SDNHead(nn.Module):
             x = torch.flatten(x, 1)  # (B, C * side * side)
         elif x.dim() == 3:
             mix = torch.sigmoid(self.alpha)
-            x = mix * x.amax(dim=1) + (1 - mix) * x.mean(dim=1)  # (B, N, C) -> (B, C)
+            x = mix * _max_tokens(x, keep) + (1 - mix) * _pool_tokens(x, keep)  # (B, C)
         return self.fc(x)
 
+
+# The heads whose `forward(x, keep)` pools a sequence over the real tokens `keep` marks.
+MASKABLE_HEADS = (InceptionHead, LinearHead, SDNHead)
 
 HeadFactory = Callable[[tuple[int, ...], int], nn.Module]
 

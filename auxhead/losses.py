@@ -56,6 +56,31 @@ def _set_reduction(funcs: Sequence[LossFunc], value: str) -> None:
             func.reduction = value
 
 
+def head_loss_term(
+    head_loss: LossFunc, name: str, logits: torch.Tensor, targets: Sequence[Any], pred: Any
+) -> torch.Tensor:
+    """`head_loss(logits, *targets)` for the head at `name`, or a ValueError naming the head,
+    the shapes and `head_loss=`: a main loss written for the model's own output (a dict, a
+    namedtuple, a `ModelOutput` with `.logits`) fails on the heads' plain logits."""
+    try:
+        return head_loss(logits, *targets)
+    except (RuntimeError, ValueError, IndexError, AttributeError, KeyError, TypeError) as error:
+        shapes = [
+            tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in targets
+        ]
+        hint = "Check num_classes, or pass head_loss= for these targets."
+        if not isinstance(pred, torch.Tensor):
+            hint = (
+                f"The model's output is a {type(pred).__name__} and the loss may be written for "
+                "it, but each head gives a logits tensor: pass head_loss= a loss that takes "
+                "(logits, *targets), e.g. head_loss=nn.CrossEntropyLoss()."
+            )
+        raise ValueError(
+            f"the loss of head {name!r} failed: its output has shape {tuple(logits.shape)}, "
+            f"the targets {shapes}. {hint} ({type(error).__name__}: {error})"
+        ) from error
+
+
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, reduction: str = "mean"
 ) -> torch.Tensor:
@@ -214,17 +239,7 @@ class AuxLoss:
         self, name: str, logits: torch.Tensor, pred: Any, targets: tuple, head_loss: LossFunc
     ) -> torch.Tensor:
         logits = logits.float()  # heads may have run under autocast
-        try:
-            term = head_loss(logits, *targets)
-        except (RuntimeError, ValueError, IndexError) as error:
-            shapes = [
-                tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in targets
-            ]
-            raise ValueError(
-                f"the loss of head {name!r} failed: its output has shape {tuple(logits.shape)}, "
-                f"the targets {shapes}. Check num_classes, or pass head_loss= for these "
-                f"targets. ({error})"
-            ) from error
+        term = head_loss_term(head_loss, name, logits, targets, pred)
         if self.distill:
             teacher = pred if isinstance(pred, torch.Tensor) else None
             if teacher is None or teacher.shape != logits.shape:
