@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import auxhead
-from auxhead._flops import count_flops, exit_flops, flop_profile
+from auxhead.exits import count_flops, exit_flops, flop_profile
 
 
 def mlp() -> auxhead.AuxModel:

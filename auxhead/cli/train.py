@@ -28,8 +28,6 @@ from fastai.metrics import accuracy
 from fastai.torch_core import set_seed
 from torch import nn
 
-from auxhead._calibrate import check_targets
-from auxhead._flops import exit_flops, exit_params
 from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
 from auxhead.attach import AuxModel
@@ -48,7 +46,7 @@ from auxhead.cli._common import (
     positive_int,
 )
 from auxhead.data import ImageData, dataloaders, load_data
-from auxhead.exits import EarlyExit, ExitSummary
+from auxhead.exits import EarlyExit, ExitSummary, check_targets, exit_flops, exit_params
 from auxhead.fastai import AuxHeads, export_learner
 from auxhead.heads import HEAD_KINDS
 from auxhead.models import (

@@ -1,5 +1,5 @@
 """Cut any `torch.fx`-traceable model into stages at its taps, for `EarlyExit`'s per-sample
-routing (the `_stages` cutter knows only nn.Sequential and ResNets).
+routing (the `_stages` cutter runs an nn.Sequential's children themselves).
 
 The model is traced with its taps kept as leaf modules, so each tap is one node of the graph;
 the graph is split at those nodes into one `GraphModule` per stage, each running the model's
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from auxhead._stages import NotStageable, Plan, Stage
+from auxhead.exits._stages import NotStageable, Plan, Stage
 
 __all__ = ["fx_cut"]
 
@@ -97,7 +97,7 @@ def fx_cut(model: nn.Module, taps: Sequence[str]) -> Plan:
         stage_graph = _stage_graph(part, incoming, optional, position, start, name)
         module = fx.GraphModule(model, stage_graph, class_name=f"Stage_{index}")
         stages.append(Stage(name, module))
-    return Plan(tuple(stages), tuple(range(len(taps))))
+    return Plan(tuple(stages), tuple(range(len(taps))), traced=True)
 
 
 def _stage_graph(
