@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 MODES = ("auto", "staged", "generic")
 
-Thresholds = float | list[float] | tuple[float, ...] | Mapping[str, float]
+PerTap = float | list[float] | tuple[float, ...] | Mapping[str, float]  # one value, or one per tap
 
 
 def _per_tap(value: Any, taps: list[str], what: str) -> list[Any]:
@@ -144,7 +144,7 @@ class EarlyExit(nn.Module):
         self,
         aux_model: AuxModel,
         *,
-        thresholds: Thresholds = 1.0,
+        thresholds: PerTap = 1.0,
         criterion: str | Criterion = "confidence",
         mode: str = "auto",
         return_exits: bool = False,
@@ -216,7 +216,7 @@ class EarlyExit(nn.Module):
         return self._thresholds
 
     @thresholds.setter
-    def thresholds(self, value: Thresholds) -> None:
+    def thresholds(self, value: PerTap) -> None:
         self._thresholds = _check_thresholds(value, self.taps)
 
     @property
@@ -227,7 +227,7 @@ class EarlyExit(nn.Module):
         return self._temperatures
 
     @temperatures.setter
-    def temperatures(self, value: Thresholds) -> None:
+    def temperatures(self, value: PerTap) -> None:
         self._temperatures = _check_temperatures(value, self.taps)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -377,8 +377,9 @@ class EarlyExit(nn.Module):
         """
         check_targets(max_accuracy_drop, confidence)
         choose = functools.partial(choose_thresholds, max_accuracy_drop=max_accuracy_drop)
-        seen, choice = self._search(data, choose, confidence, method, temperature, timing_batches,
-                                    seed)  # fmt: skip
+        seen, choice = self._search(
+            data, choose, confidence, method, temperature, timing_batches, seed
+        )
         if choice.fallback:
             main_accuracy = seen.correct[:, -1].float().mean().item()
             self._warn_fallback(
@@ -425,8 +426,9 @@ class EarlyExit(nn.Module):
         check_budget(max_flops)
         check_targets(0.0, confidence)
         choose = functools.partial(choose_budget_thresholds, max_flops=max_flops)
-        seen, choice = self._search(data, choose, confidence, method, temperature, timing_batches,
-                                    seed)  # fmt: skip
+        seen, choice = self._search(
+            data, choose, confidence, method, temperature, timing_batches, seed
+        )
         if choice.fallback:
             self._warn_fallback(
                 f"no exit keeps the mean FLOPs within max_flops={max_flops}",
@@ -440,8 +442,9 @@ class EarlyExit(nn.Module):
         `calibrate` on a validation set), without changing them. Arguments as in `calibrate`.
         """
         scaled = any(t != 1.0 for t in self.temperatures)
-        seen = collect(self.aux_model, data, self._score, timing_batches=timing_batches,
-                       keep_logits=scaled)  # fmt: skip
+        seen = collect(
+            self.aux_model, data, self._score, timing_batches=timing_batches, keep_logits=scaled
+        )
         self.summary = self._summarise(seen)
         return self.summary
 
@@ -461,8 +464,13 @@ class EarlyExit(nn.Module):
         """One pass over `data`, then the thresholds `choose` picks from it."""
         if method not in METHODS:  # before the pass over the data
             raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-        seen = collect(self.aux_model, data, self._score, timing_batches=timing_batches,
-                       keep_logits=temperature)  # fmt: skip
+        seen = collect(
+            self.aux_model,
+            data,
+            self._score,
+            timing_batches=timing_batches,
+            keep_logits=temperature,
+        )
         choice = choose(
             seen.scores,
             seen.correct,
