@@ -16,7 +16,6 @@ from auxhead.exits import (
     choose_budget_thresholds,
     choose_thresholds,
     exit_indices,
-    fit_temperature,
 )
 from auxhead.exits._bounds import (
     binomial_cdf,
@@ -25,7 +24,7 @@ from auxhead.exits._bounds import (
     fixed_sequence,
     hoeffding_bentkus_p_value,
 )
-from auxhead.exits._calibrate import _with_safe_start
+from auxhead.exits._calibrate import _with_safe_start, fit_temperature
 from auxhead.exits._search import Judge, candidates, harm_path, search_budget, search_drop
 
 # ---- binomial tail, bound and p-values, by hand ----

@@ -1,5 +1,5 @@
 """Per-sample routing through torch.fx stages (`auxhead.exits._fx`): on torchvision and timm
-families (any model but an nn.Sequential is cut this way), thresholds 1 give exactly the model's
+families that the known-forward cutter cannot cut, thresholds 1 give exactly the model's
 logits, thresholds 0 exactly the first head's, and mixed thresholds give each sample the logits
 a full reference computation (every head on the whole batch) picks for it."""
 
@@ -87,9 +87,6 @@ FAMILIES = {
     "timm mobilenetv3_small_100": (_timm("mobilenetv3_small_100"), 64, ["blocks.2", "blocks.4"]),
     "timm convnext_atto": (_timm("convnext_atto"), 64, ["stages.1", "stages.2"]),
     "timm regnetx_002": (_timm("regnetx_002"), 64, ["s2", "s3"]),
-    "resnet18": (_tv("resnet18"), 64, ["layer2", "layer3"]),
-    "resnet50": (_tv("resnet50"), 64, ["layer1", "layer3"]),
-    "timm resnet10t": (_timm("resnet10t"), 64, ["layer2", "layer4"]),
     "timm vit_tiny": (
         _timm("vit_tiny_patch16_224", img_size=32, patch_size=8),
         32,

@@ -3,10 +3,10 @@ of the network for that sample; `calibrate` picks the thresholds on held-out dat
 guaranteed accuracy drop.
 
 How compute is saved depends on the model (`EarlyExit.mode`):
-- "staged": the model is cut into stages at the taps: an nn.Sequential (fastai vision learners
-  too) by its children, any other model that torch.fx can trace by splitting its graph at the
-  taps. A sample that exits leaves the batch; later stages run on the samples still
-  undecided only.
+- "staged": the model is cut into stages at the taps: nn.Sequential (fastai vision learners
+  too), torchvision and timm ResNets by their known forward, any other model that torch.fx
+  can trace by splitting its graph at the taps. A sample that exits leaves the batch; later
+  stages run on the samples still undecided only.
 - "generic": any other model (untraceable, or a value other than the tap's output crossing a
   cut) runs whole, with hooks at the taps, and the forward stops as soon as every sample in
   the batch has exited (`EarlyExit.mode_reason` says why). That saves compute for batch size
@@ -89,8 +89,8 @@ def _check_temperatures(value: Any, taps: list[str]) -> tuple[float, ...]:
 
 
 def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
-    """Stages for per-sample routing, and why (not): an nn.Sequential by its children (the
-    modules themselves run), then any model torch.fx can trace and split."""
+    """Stages for per-sample routing, and why (not): the known forwards first (nn.Sequential,
+    ResNets: the modules themselves run), then any model torch.fx can trace and split."""
     model, taps = aux_model.model, aux_model.taps
     try:
         plan = cut(model, taps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ class Routed(nn.Module):
     ) -> None:
         super().__init__()
         taps = list(aux_model.taps)
-        self.stages = nn.ModuleList(stage.run for stage in plan.stages)
+        self.stages = nn.ModuleList(_as_module(stage.run) for stage in plan.stages)
         self.ends = list(plan.ends)
         active = [i for i, t in enumerate(thresholds) if t < 1.0]
         self.exits = active  # exit indices that can take samples, in order
@@ -96,6 +96,21 @@ class _HeadInput:
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
         return self.aux_model.head_input(self.tap, output)
+
+
+def _as_module(run: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    return run if isinstance(run, nn.Module) else _Call(run)
+
+
+class _Call(nn.Module):
+    """A functional stage (torchvision ResNet's flatten) as a module."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
 
 
 def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Path:

@@ -1,5 +1,5 @@
 """Cut any `torch.fx`-traceable model into stages at its taps, for `EarlyExit`'s per-sample
-routing (the `_stages` cutter runs an nn.Sequential's children themselves).
+routing (the `_stages` cutter knows only nn.Sequential and ResNets).
 
 The model is traced with its taps kept as leaf modules, so each tap is one node of the graph;
 the graph is split at those nodes into one `GraphModule` per stage, each running the model's
