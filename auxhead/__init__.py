@@ -4,11 +4,10 @@ Attach heads at named layers (`attach`), add their losses (`AuxLoss`), strip the
 inference (`AuxModel.strip`). fastai support lives in `auxhead.fastai`.
 """
 
-from auxhead._flops import exit_flops
 from auxhead._probe import LayerInfo, LayerTable, list_layers
 from auxhead.attach import AttachError, AuxModel, attach
 from auxhead.distributed import check_ddp
-from auxhead.exits import EarlyExit, ExitSummary
+from auxhead.exits import EarlyExit, ExitSummary, exit_flops
 from auxhead.heads import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
 from auxhead.losses import AuxLoss, MultiLoss, distillation_loss
 from auxhead.schedules import (

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import deep_supervision as ds
 
 import auxhead
-from auxhead._flops import flop_profile
 from auxhead.data import load_data
+from auxhead.exits import flop_profile
 from auxhead.fastai import AuxHeads
 
 

@@ -4,8 +4,8 @@ A ResNet-style CNN with two "sdn" heads (the deep-supervision benchmark's model,
 self-distillation on 55,000 Fashion-MNIST training images) is run once on 5,000 held-out
 training images and the 10,000 test images, and each image's head logits, main logits and
 label are cached (`benchmarks/_exit_cache.py`). Every calibration below is then replayed from
-the cache with the same code `calibrate` runs (`auxhead._calibrate.choose_thresholds`), so
-hundreds of calibrations take minutes:
+the cache with the same code `calibrate` runs (`auxhead.exits.choose_thresholds`, and
+`choose_budget_thresholds` for `calibrate_budget`), so hundreds of calibrations take minutes:
 
     exchangeable: the 15,000 cached images are pooled; each of --splits random splits
         calibrates on --calib-size of them and measures on the rest. The guarantee says the
@@ -35,15 +35,12 @@ from pathlib import Path
 
 import torch
 
-from auxhead._calibrate import (
-    _candidates,
-    _exit_indices,
-    _Judge,
-    _optimise,
-    _switch_off_unused,
+from auxhead.exits import (
+    FlopProfile,
+    choose_budget_thresholds,
     choose_thresholds,
+    exit_indices,
 )
-from auxhead._flops import FlopProfile
 from auxhead.exits import confidence as max_softmax
 
 
@@ -67,27 +64,43 @@ class Pool:
         ).double()
 
 
+def midpoints(column: torch.Tensor, limit: int = 64) -> list[float]:
+    """0, 1 and thresholds midway between neighbouring distinct scores, thinned to `limit`."""
+    values = column.unique()
+    middle = (values[:-1] + values[1:]) / 2
+    if middle.numel() > limit:
+        middle = middle[torch.linspace(0, middle.numel() - 1, limit).round().long().unique()]
+    return [0.0, *middle.tolist(), 1.0]
+
+
 def normal_search(scores, correct, profile, drop: float, confidence: float = 0.9):
     """The old `calibrate(confidence=0.9)`: least FLOPs whose drop's normal-approximation
-    upper bound (mean of the paired differences + z standard errors) is within `drop`."""
-    n = scores.shape[0]
-    main_hits = int(correct[:, -1].sum())
+    upper bound (mean of the paired differences + z standard errors) is within `drop`, over
+    every combination of per-exit candidate thresholds (ties: more samples right)."""
+    n, n_exits = scores.shape
+    main = correct[:, -1]
+    main_hits = int(main.sum())
     z = statistics.NormalDist().inv_cdf(confidence)
     need = main_hits - math.floor(drop * n + 1e-9)
-
-    def allowed(stats):
-        diff_sum = main_hits - stats.hits  # sum of D = main right - exit right
-        helped = stats.hits - main_hits + stats.harms  # D = -1
-        squares = stats.harms + helped  # sum of D^2
-        mean = diff_sum.double() / n
-        var = (squares.double() - n * mean**2) / max(n - 1, 1)
-        bound = mean + z * var.clamp_min(0).sqrt() / math.sqrt(n)
-        return (stats.hits >= need) & (bound <= drop + 1e-12)
-
-    judge = _Judge(scores, correct, profile)
-    per_exit = [_candidates(scores[:, e]) for e in range(scores.shape[1])]
-    (best,) = _optimise(judge, per_exit, [allowed], "cost", 20_000)
-    return _switch_off_unused(scores, best)
+    grid = torch.cartesian_prod(
+        *[torch.tensor(midpoints(scores[:, e]), dtype=torch.float64) for e in range(n_exits)]
+    ).reshape(-1, n_exits)
+    best, best_key = torch.ones(n_exits, dtype=torch.float64), None
+    for thresholds in grid:
+        exits = exit_indices(scores, thresholds)
+        costs = torch.tensor(profile.exit_costs((thresholds < 1).tolist()), dtype=torch.float64)
+        right = correct.gather(1, exits[:, None]).squeeze(1)
+        hits, harms = int(right.sum()), int((main & ~right).sum())
+        helped = hits - main_hits + harms  # D = -1 where the exit is right, main wrong
+        mean = (main_hits - hits) / n  # mean of D = main right - exit right
+        var = max(harms + helped - n * mean**2, 0.0) / max(n - 1, 1)
+        if hits < need or mean + z * math.sqrt(var / n) > drop + 1e-12:
+            continue
+        key = (round(costs[exits].mean().item(), 9), -hits)
+        if best_key is None or key < best_key:
+            best, best_key = thresholds, key
+    used = exit_indices(scores, best).bincount(minlength=n_exits + 1)[:n_exits] > 0
+    return torch.where(used, best, 1.0)  # an exit nobody leaves at only costs its head
 
 
 MODES = {
@@ -108,12 +121,16 @@ def calibrate(mode: dict | None, pool: Pool, profile: FlopProfile, eps: float, s
     options = dict(mode)
     temperature = options.pop("temperature", False)
     budget = options.pop("max_flops", None)
-    choice = choose_thresholds(
+    choose, target = (
+        (choose_thresholds, {"max_accuracy_drop": eps})
+        if budget is None
+        else (choose_budget_thresholds, {"max_flops": budget})
+    )
+    choice = choose(
         pool.scores,
         pool.correct,
         profile,
-        max_accuracy_drop=None if budget is not None else eps,
-        max_flops=budget,
+        **target,
         confidence=0.9,
         logits=pool.heads if temperature else None,
         targets=pool.y if temperature else None,
@@ -126,7 +143,7 @@ def calibrate(mode: dict | None, pool: Pool, profile: FlopProfile, eps: float, s
 
 def measure(pool: Pool, profile: FlopProfile, thresholds, temperatures) -> dict[str, float]:
     scores = pool.scores if set(temperatures) == {1.0} else pool.scored(temperatures)
-    exits = _exit_indices(scores, thresholds)
+    exits = exit_indices(scores, thresholds)
     costs = torch.tensor(profile.exit_costs((thresholds < 1).tolist()), dtype=torch.float64)
     right = pool.correct.gather(1, exits[:, None]).squeeze(1)
     main = pool.correct[:, -1]

@@ -106,20 +106,32 @@ class OnnxPair:
         return (time.perf_counter() - start) / len(images)
 
 
+class _AtTap(Exception):
+    """Raised by a hook at the first tap: the model has run up to it."""
+
+
 def prefix_and_head(early, images, bs, repeats) -> tuple[float, float]:
-    """Median seconds per image of the model up to the first tap (its stages, nothing else),
-    and of the first head on that output: what leaving there costs with no routing at all."""
-    plan, tap = early._plan, early.taps[0]
-    if plan is None:
+    """Median seconds per image of the model up to the first tap (a forward hook stops it
+    there), and of the first head on that output: what leaving there costs with no routing."""
+    if early.mode != "staged":
         return math.nan, math.nan
-    aux, head = early.aux_model, early.aux_model.head(tap)
+    aux, tap = early.aux_model, early.taps[0]
+    head = aux.head(tap)
     count = 64 if bs == 1 else len(images)
     batches = [images[i : i + bs] for i in range(0, count, bs)]
+    bare = copy.deepcopy(aux).strip().eval()
+
+    def stop(_module, _args, output):
+        raise _AtTap(output)
+
+    hook = bare.get_submodule(tap).register_forward_hook(stop)
 
     def prefix(h):
-        for stage in plan.stages[: plan.ends[0] + 1]:
-            h = stage.run(h)
-        return h
+        try:
+            bare(h)
+        except _AtTap as reached:
+            return reached.args[0]
+        raise AssertionError(f"tap {tap!r} did not run")
 
     with torch.no_grad():
         features = [prefix(b) for b in batches]
@@ -128,6 +140,7 @@ def prefix_and_head(early, images, bs, repeats) -> tuple[float, float]:
         head_s = statistics.median(
             timed(lambda f: head(aux.head_input(tap, f)), features) for _ in range(repeats)
         )
+    hook.remove()
     return prefix_s, head_s
 
 

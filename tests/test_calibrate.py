@@ -1,6 +1,7 @@
 """The threshold search against brute force, the binomial and Hoeffding-Bentkus bounds against
 hand computations, fixed-sequence testing, temperature fitting, and the Learn-then-Test
-guarantee by simulation (`auxhead._calibrate`; `tests/test_exits.py` covers `calibrate`)."""
+guarantee by simulation (`auxhead.exits._calibrate`, `_search`; `tests/test_exits.py` covers
+`calibrate`)."""
 
 from __future__ import annotations
 
@@ -10,21 +11,21 @@ import math
 import pytest
 import torch
 
-from auxhead._calibrate import (
-    _budget_search,
-    _harm_path,
-    _search,
+from auxhead.exits import (
+    FlopProfile,
+    choose_budget_thresholds,
     choose_thresholds,
-    fit_temperature,
+    exit_indices,
 )
-from auxhead._exit_bounds import (
+from auxhead.exits._bounds import (
     binomial_cdf,
     binomial_p_value,
     binomial_upper_bound,
     fixed_sequence,
     hoeffding_bentkus_p_value,
 )
-from auxhead._flops import FlopProfile
+from auxhead.exits._calibrate import _with_safe_start, fit_temperature
+from auxhead.exits._search import Judge, candidates, harm_path, search_budget, search_drop
 
 # ---- binomial tail, bound and p-values, by hand ----
 
@@ -119,9 +120,7 @@ def _brute(scores, correct, profile, allowed, objective):
 
 def _evaluate(scores, correct, profile, thresholds):
     thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
-    from auxhead._calibrate import _Judge
-
-    stats = _Judge(scores, correct, profile)(thresholds[None])
+    stats = Judge(scores, correct, profile)(thresholds[None])
     return stats.cost.item(), int(stats.hits), int(stats.harms)
 
 
@@ -140,7 +139,7 @@ def test_drop_search_matches_brute_force(seed, n_exits):
     profile = _profile(n_exits)
     for drop in (0.0, 0.1, 0.3):
         need = int(correct[:, -1].sum()) - math.floor(drop * 10 + 1e-9)
-        found = _search(scores, correct, profile, drop)
+        found = search_drop(scores, correct, profile, drop)
         cost, hits, _ = _evaluate(scores, correct, profile, found)
         reference = _brute(scores, correct, profile, lambda c, h, _, n=need: h >= n, "cost")
         assert (cost, hits) == pytest.approx(reference)
@@ -151,7 +150,7 @@ def test_budget_search_matches_brute_force(seed):
     scores, correct = _random_case(seed, 10, 2)
     profile = _profile(2)
     budgets = [15.0, 25.0, 40.0, 60.0]
-    found_all = _budget_search(scores, correct, profile, budgets)
+    found_all = search_budget(scores, correct, profile, budgets)
     for budget, found in zip(budgets, found_all, strict=True):
         reference = _brute(scores, correct, profile, lambda c, h, _, b=budget: c <= b, "hits")
         if reference is None:
@@ -165,7 +164,7 @@ def test_budget_search_matches_brute_force(seed):
 def test_harm_path_points_are_optimal_for_their_budgets(seed):
     scores, correct = _random_case(seed, 10, 2)
     profile = _profile(2)
-    path = _harm_path(scores, correct, profile, max_harm=0.3)
+    path = harm_path(scores, correct, profile, max_harm=0.3)
     costs = []
     for thresholds in path:
         cost, _, harms = _evaluate(scores, correct, profile, thresholds)
@@ -180,7 +179,7 @@ def test_coordinate_search_is_feasible_and_no_worse_than_one_shared_threshold(se
     scores, correct = _random_case(seed, 12, 3)
     profile = _profile(3)
     need = int(correct[:, -1].sum()) - 1
-    found = _search(scores, correct, profile, 1 / 12, limit=1)  # forces the coordinate search
+    found = search_drop(scores, correct, profile, 1 / 12, limit=1)  # the coordinate search
     cost, hits, _ = _evaluate(scores, correct, profile, found)
     assert hits >= need
     shared = [
@@ -254,12 +253,14 @@ def test_budget_ltt_holds_the_mean_flops():
     g = torch.Generator().manual_seed(1)
     scores, correct = _population(2000, g)
     profile = FlopProfile({"a": 10}, {"a": 2}, 40)  # exit: 12, main: 42 FLOPs per sample
-    choice = choose_thresholds(scores, correct, profile, max_flops=0.6, confidence=0.9)
+    choice = choose_budget_thresholds(scores, correct, profile, max_flops=0.6, confidence=0.9)
     t = choice.thresholds[0]
     # P(s > t) = 1 - t leave at 12 FLOPs, the rest pay 42: mean 42 - 30 (1 - t)
     assert (42 - 30 * (1 - t)) / 40 <= 0.6
     assert choice.bound is not None and choice.bound <= 0.6
-    empirical = choose_thresholds(scores, correct, profile, max_flops=0.6, method="empirical")
+    empirical = choose_budget_thresholds(
+        scores, correct, profile, max_flops=0.6, method="empirical"
+    )
     assert empirical.thresholds[0] >= t  # the empirical fit spends the budget to the last FLOP
 
 
@@ -275,10 +276,63 @@ def test_fit_temperature_recovers_an_overconfident_scale():
 
 
 def test_the_path_starts_with_a_ramp_from_all_off():
-    from auxhead._calibrate import _with_safe_start
-
     ones, first, bolder = torch.ones(2), torch.tensor([0.6, 1.0]), torch.tensor([0.2, 0.5])
     path = _with_safe_start([ones, first, bolder], steps=4)
     expected = [[1.0, 1.0], [0.9, 1.0], [0.8, 1.0], [0.7, 1.0], [0.6, 1.0], [0.2, 0.5]]
     torch.testing.assert_close(torch.stack(path), torch.tensor(expected))
     assert _with_safe_start([ones], steps=4) == [ones]
+
+
+def test_the_ramp_steps_onto_candidate_thresholds():
+    ones, first = torch.ones(2), torch.tensor([0.6, 1.0])
+    per_exit = [[0.0, 0.65, 0.85, 1.0], [0.0, 1.0]]
+    path = _with_safe_start([ones, first], per_exit, steps=4)  # 0.9, 0.8, 0.7 -> 0.85, 0.65
+    expected = [[1.0, 1.0], [0.85, 1.0], [0.65, 1.0], [0.6, 1.0]]
+    torch.testing.assert_close(torch.stack(path), torch.tensor(expected))
+
+
+# ---- thresholds that float noise cannot cross ----
+
+
+def test_candidates_lie_midway_between_neighbouring_scores():
+    scores = torch.tensor([0.9, 0.5, 0.7, 0.5, 0.3], dtype=torch.float64)
+    assert candidates(scores) == [0.0, 0.4, 0.6, 0.8, 1.0]
+    thinned = candidates(torch.linspace(0, 1, 1001, dtype=torch.float64), limit=5)
+    assert thinned == pytest.approx([0.0, 0.0005, 0.2505, 0.5005, 0.7495, 0.9995, 1.0])
+
+
+def test_a_midpoint_the_scores_dtype_cannot_hold_is_the_lower_score():
+    # neighbouring float32 values: no float32 lies between, and the forward compares in float32
+    low = torch.tensor(0.75, dtype=torch.float32)
+    high = torch.nextafter(low, torch.tensor(1.0))
+    (middle,) = candidates(torch.stack([low, high]))[1:-1]
+    assert middle == low.item()
+    routed = exit_indices(torch.stack([low, high])[:, None], torch.tensor([middle]))
+    assert routed.tolist() == [1, 0]  # the lower stays, the higher leaves, as counted
+    wide = candidates(torch.tensor([0.25, 0.75]))
+    assert wide == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.parametrize("method", ["ltt", "empirical"])
+def test_chosen_thresholds_sit_between_scores_and_route_nearby_scores_alike(method):
+    g = torch.Generator().manual_seed(3)
+    scores = torch.rand(400, 2, generator=g)  # float32, as the criteria give
+    correct = torch.rand(400, 3, generator=g) < torch.cat([scores, torch.ones(400, 1)], 1)
+    choice = choose_thresholds(scores, correct, _profile(2), max_accuracy_drop=0.1, method=method)
+    thresholds = torch.tensor(choice.thresholds)
+    assert not choice.fallback
+    observed = set(scores.flatten().tolist())
+    assert not observed & set(choice.thresholds)
+    # The scores a little perturbed (another batch size, other kernels) route the same way.
+    noise = (torch.rand(400, 2, generator=g) - 0.5) * 2e-7
+    assert torch.equal(exit_indices(scores + noise, thresholds), exit_indices(scores, thresholds))
+
+
+def test_choose_refuses_bad_targets():
+    scores, correct = _random_case(0, 10, 2)
+    with pytest.raises(ValueError, match="max_flops is a share"):
+        choose_budget_thresholds(scores, correct, _profile(2), max_flops=0)
+    with pytest.raises(ValueError, match="max_accuracy_drop is a fraction"):
+        choose_thresholds(scores, correct, _profile(2), max_accuracy_drop=-0.1)
+    with pytest.raises(ValueError, match="unknown method 'normal'"):
+        choose_thresholds(scores, correct, _profile(2), method="normal")

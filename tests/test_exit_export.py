@@ -1,5 +1,6 @@
-"""`EarlyExit.export`: a torch.export program whose logits and exit choices equal the eager
-forward's, at batch size 1 and on mixed batches."""
+"""`EarlyExit.export`: a torch.export program (or ONNX file) that returns what the eager forward
+returns, the logits or (logits, exits) with `return_exits`, equal to them at batch size 1 and on
+mixed batches."""
 
 from __future__ import annotations
 
@@ -35,7 +36,19 @@ def conv_net() -> nn.Module:
 KINDS = [("sequential", "linear"), ("fx", "linear"), ("conv", "sdn"), ("conv", "inception")]
 
 
-def _mixed_early_exit(kind: str, head: str = "linear") -> tuple[auxhead.EarlyExit, torch.Tensor]:
+def midway(scores: torch.Tensor, share: float) -> float:
+    """A threshold midway between two neighbouring sorted `scores` near the `share` quantile
+    (the widest gap of the three nearest), far from both: float noise, ~1e-8, cannot cross."""
+    ordered = scores.sort().values.tolist()
+    near = round(share * len(ordered))
+    k = max(range(near - 1, near + 2), key=lambda k: ordered[k] - ordered[k - 1])
+    assert ordered[k] - ordered[k - 1] > 1e-6, f"no gap between scores {ordered}"
+    return (ordered[k - 1] + ordered[k]) / 2
+
+
+def _mixed_early_exit(
+    kind: str, head: str = "linear", return_exits: bool = True
+) -> tuple[auxhead.EarlyExit, torch.Tensor]:
     """An EarlyExit (nn.Sequential or fx-staged) whose thresholds send some of `x` to each
     exit, and `x`."""
     torch.manual_seed(0)
@@ -52,7 +65,7 @@ def _mixed_early_exit(kind: str, head: str = "linear") -> tuple[auxhead.EarlyExi
         model, taps = Net(), ["a", "b"]
     aux = auxhead.attach(model, taps, head=head, sample=sample).eval()
 
-    early = auxhead.EarlyExit(aux)
+    early = auxhead.EarlyExit(aux, return_exits=return_exits)
     with torch.no_grad(), aux.heads_enabled():
         aux(x)
         temperatures = [1.5, 1.0]
@@ -60,7 +73,7 @@ def _mixed_early_exit(kind: str, head: str = "linear") -> tuple[auxhead.EarlyExi
             (aux.aux_outputs[tap] / t).softmax(-1).amax(-1)
             for tap, t in zip(taps, temperatures, strict=True)
         ]
-    early.thresholds = [scores[0].quantile(0.6).item(), scores[1].quantile(0.5).item()]
+    early.thresholds = [midway(scores[0], 0.6), midway(scores[1], 0.5)]
     early.temperatures = temperatures
     return early, x
 
@@ -74,9 +87,9 @@ def test_exported_program_routes_like_the_eager_forward(kind, head, tmp_path, on
     seen = set()
     for batch in [x, x[:1], x[1:2], x[2:3], x[3:4], x[:7]]:
         logits, exits = program(batch)
-        expected = early(batch)
+        expected, expected_exits = early(batch)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-        assert torch.equal(exits, early.last_exits)
+        assert torch.equal(exits, expected_exits)
         seen |= set(exits.tolist())
     assert seen == {0, 1, 2}
 
@@ -92,14 +105,44 @@ def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, head, tmp_
     path = early.export(tmp_path / "early.onnx", x[:4])
     assert "If" in {node.op_type for node in onnx.load(path).graph.node}  # it routes in-graph
     session = ort.InferenceSession(str(path))
+    assert [output.name for output in session.get_outputs()] == ["logits", "exit"]
     seen = set()
     for batch in [x, x[:1], x[1:2], x[2:3], x[3:4], x[:7]]:
         logits, exits = session.run(None, {"x": batch.numpy()})
-        expected = early(batch)
+        expected, expected_exits = early(batch)
         torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-5, atol=1e-5)
-        assert torch.equal(torch.from_numpy(exits), early.last_exits)
+        assert torch.equal(torch.from_numpy(exits), expected_exits)
         seen |= set(exits.tolist())
     assert seen == {0, 1, 2}
+
+
+def test_export_returns_what_the_forward_returns(tmp_path):
+    """Without `return_exits`, the eager forward and the exported program both return the
+    logits alone; with it, both return (logits, exits)."""
+    for return_exits in (False, True):
+        early, x = _mixed_early_exit("fx", return_exits=return_exits)
+        program = torch.export.load(early.export(tmp_path / "early.pt2", x[:4])).module()
+        for batch in (x, x[:1]):
+            eager, exported = early(batch), program(batch)
+            if return_exits:
+                assert isinstance(eager, tuple) and isinstance(exported, tuple)
+                torch.testing.assert_close(exported[0], eager[0], rtol=1e-5, atol=1e-5)
+                assert torch.equal(exported[1], eager[1])
+            else:
+                assert isinstance(eager, torch.Tensor) and isinstance(exported, torch.Tensor)
+                torch.testing.assert_close(exported, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_onnx_file_without_exits_returns_the_logits_alone(tmp_path, one_thread):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    early, x = _mixed_early_exit("fx", return_exits=False)
+    session = ort.InferenceSession(str(early.export(tmp_path / "early.onnx", x[:4])))
+    assert [output.name for output in session.get_outputs()] == ["logits"]
+    for batch in (x, x[:1]):
+        (logits,) = session.run(None, {"x": batch.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), early(batch), rtol=1e-5, atol=1e-5)
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path):

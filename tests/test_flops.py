@@ -9,7 +9,8 @@ import torchvision
 from torch import nn
 
 import auxhead
-from auxhead._flops import count_flops, exit_flops, flop_profile
+from auxhead.exits import exit_flops, flop_profile
+from auxhead.exits._flops import count_flops
 
 
 def mlp() -> auxhead.AuxModel:

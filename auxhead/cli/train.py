@@ -27,8 +27,6 @@ from fastai.losses import CrossEntropyLossFlat
 from fastai.metrics import accuracy
 from torch import nn
 
-from auxhead._calibrate import check_targets
-from auxhead._flops import exit_flops, exit_params
 from auxhead._format import count, recorder_history
 from auxhead._probe import resolve
 from auxhead._weights import InitWeights, read_init
@@ -49,7 +47,7 @@ from auxhead.cli._common import (
 )
 from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders, load_data
-from auxhead.exits import EarlyExit, ExitSummary
+from auxhead.exits import EarlyExit, ExitSummary, check_targets, exit_flops, exit_params
 from auxhead.fastai import AuxHeads, export_learner
 from auxhead.heads import HEAD_KINDS
 from auxhead.models import (

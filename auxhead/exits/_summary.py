@@ -8,20 +8,21 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from auxhead._calibrate import Calibration, _exit_indices, _first_true
-from auxhead._flops import FlopProfile, flop_profile
 from auxhead._probe import eval_mode
+from auxhead.attach import AuxModel
+from auxhead.exits._calibrate import Calibration
+from auxhead.exits._flops import FlopProfile, flop_profile
+from auxhead.exits._route import MAIN, check_logits, exit_indices, first_true
 
-if TYPE_CHECKING:
-    from auxhead.exits import EarlyExit
+__all__ = ["ExitSummary", "Seen", "collect", "seconds_per_sample", "split_batch", "summarise"]
 
-__all__ = ["ExitSummary"]
+Score = Callable[[torch.Tensor, float], torch.Tensor]  # (B, K) logits, temperature -> (B,)
 
 INTERVAL = 0.95  # level of the observed drop's interval
 
@@ -163,6 +164,7 @@ class ExitSummary:
 class Seen:
     """What one pass over labelled data keeps."""
 
+    exits: list[str]  # the taps in `at` order, then "main"
     scores: torch.Tensor  # (N, E) each head's score, by the criterion (at temperature 1)
     correct: torch.Tensor  # (N, E + 1) bool: each head, then the main output, is right
     profile: FlopProfile
@@ -193,10 +195,17 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def collect(
-    early: EarlyExit, data: Iterable[Any], timing_batches: int, keep_logits: bool = False
+    aux_model: AuxModel,
+    data: Iterable[Any],
+    score: Score,
+    *,
+    timing_batches: int,
+    keep_logits: bool = False,
 ) -> Seen:
-    """Run every head and the main output on `data` once (eval mode, no grad)."""
-    taps, aux_model = early.taps, early.aux_model
+    """Run every head and the main output on `data` once (eval mode, no grad), scoring each
+    head with `score` at temperature 1; keep the first `timing_batches` inputs for timing."""
+    taps = list(aux_model.taps)
+    names = [*taps, MAIN]
     device = next(aux_model.parameters(), torch.empty(0)).device
     scores, correct, kept, logits, labels = [], [], [], [], []
     first: torch.Tensor | None = None
@@ -210,13 +219,13 @@ def collect(
                 if missing:
                     raise ValueError(f"taps {missing} did not run on the calibration inputs")
                 heads = [aux_model.aux_outputs[tap] for tap in taps]
-                pairs = zip([*heads, main], early.exit_names, strict=True)
-                outputs = [early._like(out, heads[0], name) for out, name in pairs]  # (B, K)
+                pairs = zip([*heads, main], names, strict=True)
+                outputs = [check_logits(out, heads[0], name) for out, name in pairs]  # (B, K)
                 if targets.shape[0] != main.shape[0]:
                     raise ValueError(
                         f"a batch has {main.shape[0]} inputs but {targets.shape[0]} targets"
                     )
-                scores.append(torch.stack([early._scores(h, 1.0) for h in heads], dim=1).cpu())
+                scores.append(torch.stack([score(h, 1.0) for h in heads], dim=1).cpu())
                 hits = [out.argmax(dim=-1) == targets for out in outputs]
                 correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
                 if keep_logits:
@@ -230,6 +239,7 @@ def collect(
     if first is None:
         raise ValueError("the calibration data yielded no batches")
     return Seen(
+        exits=names,
         scores=torch.cat(scores),
         correct=torch.cat(correct),
         profile=flop_profile(aux_model, first),
@@ -251,28 +261,31 @@ def _drop_interval(differences: torch.Tensor) -> tuple[float, float]:
 
 
 def summarise(
-    early: EarlyExit,
     seen: Seen,
     *,
+    thresholds: Sequence[float],
+    temperatures: Sequence[float],
+    criterion: str,
+    score: Score,
+    seconds: tuple[float, float] | None = None,
     drop: float | None = None,
     calibration: Calibration | None = None,
     max_flops: float | None = None,
 ) -> ExitSummary:
-    """The `ExitSummary` of `early`'s current thresholds and temperatures on `seen`."""
-    n_exits = len(early.taps)
-    thresholds = torch.tensor(early.thresholds)
-    temperatures = torch.tensor(early.temperatures, dtype=seen.scores.dtype)
+    """The `ExitSummary` of these thresholds and temperatures on `seen`; `seconds` is the
+    wall-clock per sample (with early exits, of the model alone), if timed."""
+    n_exits = len(seen.exits) - 1
+    fitted = any(t != 1.0 for t in temperatures)
     scores = seen.scores
-    if seen.logits is not None and bool((temperatures != 1).any()):
+    if fitted:
+        assert seen.logits is not None, "temperatures need the logits"  # keep_logits=True
         scores = torch.stack(
-            [early._scores(seen.logits[:, e], early.temperatures[e]) for e in range(n_exits)],
-            dim=1,
+            [score(seen.logits[:, e], temperatures[e]) for e in range(n_exits)], dim=1
         )
-    elif bool((temperatures != 1).any()):
-        raise AssertionError("temperatures need the logits")  # collect(keep_logits=True)
-    exits = _exit_indices(scores, thresholds)  # (N,)
-    costs = seen.profile.exit_costs((thresholds < 1).tolist())
-    oracle = _first_true(seen.correct[:, :n_exits])  # (N,)
+    limits = torch.tensor(thresholds, dtype=torch.float64)
+    exits = exit_indices(scores, limits)  # (N,)
+    costs = seen.profile.exit_costs((limits < 1).tolist())
+    oracle = first_true(seen.correct[:, :n_exits])  # (N,)
     oracle_costs = seen.profile.direct_costs()
     hit = seen.correct.gather(1, exits[:, None]).squeeze(1)
     main = seen.correct[:, -1]
@@ -281,16 +294,11 @@ def summarise(
         here = exits == index
         share.append(here.float().mean().item())
         exit_accuracy.append(hit[here].float().mean().item() if here.any() else None)
-    seconds = full_seconds = None
-    if seen.timing_inputs:
-        seconds = seconds_per_sample(early, seen.timing_inputs)
-        with eval_mode(early.aux_model), torch.no_grad():
-            full_seconds = seconds_per_sample(early.aux_model.model, seen.timing_inputs)
-    fitted = bool((temperatures != 1).any())
+    timed, full_timed = seconds if seconds is not None else (None, None)
     return ExitSummary(
-        exits=early.exit_names,
-        thresholds=list(early.thresholds),
-        criterion=early.criterion,
+        exits=list(seen.exits),
+        thresholds=limits.tolist(),
+        criterion=criterion,
         samples=len(exits),
         accuracy=hit.float().mean().item(),
         main_accuracy=main.float().mean().item(),
@@ -303,15 +311,15 @@ def summarise(
         full_flops=seen.profile.full,
         oracle_flops=torch.tensor(oracle_costs, dtype=torch.float64)[oracle].mean().item(),
         oracle_accuracy=seen.correct.any(dim=1).float().mean().item(),
-        seconds_per_sample=seconds,
-        full_seconds_per_sample=full_seconds,
+        seconds_per_sample=timed,
+        full_seconds_per_sample=full_timed,
         confidence=calibration.confidence if calibration is not None else None,
         method=calibration.method if calibration is not None else None,
         max_flops=max_flops,
         bound=calibration.bound if calibration is not None else None,
         harm=(main & ~hit).float().mean().item(),
         drop_interval=_drop_interval(main.double() - hit.double()),
-        temperatures=list(early.temperatures) if fitted else None,
+        temperatures=list(temperatures) if fitted else None,
         calibration_samples=(
             (calibration.path_samples, calibration.test_samples)
             if calibration is not None and calibration.method == "ltt"

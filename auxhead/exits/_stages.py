@@ -1,9 +1,12 @@
-"""Cut a model into stages that end at its taps, so `EarlyExit` can run later stages on only
-the samples that have not exited yet.
+"""Stages: a model as steps run one after the other, cut at its taps, so `EarlyExit` can run
+later stages on only the samples that have not exited yet.
 
-Only models whose forward is known are cut: `nn.Sequential` (which covers fastai's vision
-learners, a Sequential of body and head), torchvision's `ResNet` and timm's `ResNet`. A tap
-inside any other module makes the model uncuttable; `EarlyExit` then runs it whole.
+Here the cut of models whose forward is known, which runs their modules themselves:
+`nn.Sequential` (nested ones too: fastai's vision learners are a Sequential of body and head),
+torchvision's and timm's `ResNet`. Any other model is cut from its torch.fx graph (`_fx`).
+ResNets keep their known cut because torch.fx traces the residual `out += identity` as an
+out-of-place add, a new activation-sized tensor per block: at large activations (resnet50,
+128 px, batch 32) the traced stages ran about 5% slower (`benchmarks/exit_stages.py`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ class NotStageable(Exception):
 class Stage:
     """One step of the cut model: `output = run(input)`."""
 
-    name: str  # qualified module name; functional steps are written "<parent>.(flatten)"
+    name: str  # qualified module name ("<parent>.(flatten)" for a functional step), or the
+    # tap a traced stage ends at
     run: Callable[[Any], Any]
 
 
@@ -37,6 +41,7 @@ class Plan:
 
     stages: tuple[Stage, ...]
     ends: tuple[int, ...]  # per tap, in `at` order: the stage whose output is the tap's output
+    traced: bool = False  # stages split from a torch.fx graph hold copies of the model's tensors
 
 
 Part = tuple[str, Callable[[Any], Any]]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from auxhead._stages import NotStageable, Plan, Stage
+from auxhead.exits._stages import NotStageable, Plan, Stage
 
 __all__ = ["fx_cut"]
 
@@ -97,7 +97,7 @@ def fx_cut(model: nn.Module, taps: Sequence[str]) -> Plan:
         stage_graph = _stage_graph(part, incoming, optional, position, start, name)
         module = fx.GraphModule(model, stage_graph, class_name=f"Stage_{index}")
         stages.append(Stage(name, module))
-    return Plan(tuple(stages), tuple(range(len(taps))))
+    return Plan(tuple(stages), tuple(range(len(taps))), traced=True)
 
 
 def _stage_graph(

@@ -18,10 +18,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from auxhead._hooks import HookSet
 from auxhead._probe import batch_size, call_model, eval_mode, resolve
 from auxhead.attach import AuxModel
+from auxhead.exits._route import MAIN
 
-__all__ = ["MAIN", "FlopProfile", "count_flops", "exit_flops", "exit_params", "flop_profile"]
-
-MAIN = "main"  # the name of the wrapped model's own output among the exits
+__all__ = ["FlopProfile", "count_flops", "exit_flops", "exit_params", "flop_profile"]
 
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:

@@ -5,8 +5,9 @@ and temperatures baked in, and at each active exit a `torch.cond`: when every sa
 batch leaves there, the rest of the network is skipped; otherwise the rest runs on the whole
 batch and each sample takes its logits from the first exit it leaves at. At batch size 1 that
 is the per-sample routing of the eager forward; a batch saves compute only when all of it
-leaves at once (a program with data-dependent batch shapes would not export). Outputs: the
-logits (B, K) and each sample's exit index (B,), `len(taps)` for the main head.
+leaves at once (a program with data-dependent batch shapes would not export). It returns what
+the eager forward returns: the logits (B, K), or with `return_exits` the logits and each
+sample's exit index (B,), `len(taps)` for the main head.
 """
 
 from __future__ import annotations
@@ -14,42 +15,50 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from auxhead.exits import EarlyExit
+from auxhead.attach import AuxModel
+from auxhead.exits._route import Criterion, leaves
+from auxhead.exits._stages import Plan
 
 __all__ = ["Routed", "export_program"]
 
 
 class Routed(nn.Module):
-    """The staged forward of an `EarlyExit`, as one module torch.export can trace."""
+    """The staged forward of an `EarlyExit`, as one module torch.export can trace: (B, ...)
+    inputs -> (B, K) logits, or (logits, (B,) exit indices) with `return_exits`."""
 
-    def __init__(self, early: EarlyExit) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        aux_model: AuxModel,
+        *,
+        thresholds: Sequence[float],
+        temperatures: Sequence[float],
+        criterion: Criterion,
+        return_exits: bool,
+    ) -> None:
         super().__init__()
-        plan = early._plan
-        if plan is None:
-            raise ValueError(
-                f"export needs a staged EarlyExit (this one is generic: {early.mode_reason})"
-            )
-        taps, aux_model = early.taps, early.aux_model
+        taps = list(aux_model.taps)
         self.stages = nn.ModuleList(_as_module(stage.run) for stage in plan.stages)
         self.ends = list(plan.ends)
-        active = [i for i, t in enumerate(early.thresholds) if t < 1.0]
+        active = [i for i, t in enumerate(thresholds) if t < 1.0]
         self.exits = active  # exit indices that can take samples, in order
         self.heads = nn.ModuleList(aux_model.head(taps[i]) for i in active)
-        self.thresholds = [early.thresholds[i] for i in active]
-        self.temperatures = [early.temperatures[i] for i in active]
+        self.thresholds = [thresholds[i] for i in active]
+        self.temperatures = [temperatures[i] for i in active]
         self.n_exits = len(taps)
-        self._score = early._score
-        self._head_input = [_HeadInput(aux_model, taps[i]) for i in active]
+        self.criterion = criterion
+        self.head_inputs = [_HeadInput(aux_model, taps[i]) for i in active]
+        self.return_exits = return_exits
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._from(0, 0, x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logits, exits = self._from(0, 0, x)
+        return (logits, exits) if self.return_exits else logits
 
     def _run(self, start: int, stop: int, h: torch.Tensor) -> torch.Tensor:
         for index in range(start, stop):
@@ -63,11 +72,9 @@ class Routed(nn.Module):
             return logits, torch.full_like(logits[:, 0], self.n_exits, dtype=torch.long)
         end = self.ends[self.exits[k]]
         h = self._run(position, end + 1, h)
-        logits = self.heads[k](self._head_input[k](h))
+        logits = self.heads[k](self.head_inputs[k](h))
         t = self.temperatures[k]
-        scores = self._score(logits if t == 1.0 else logits / t)
-        threshold = self.thresholds[k]
-        leave = scores > threshold if threshold > 0 else torch.ones_like(scores, dtype=torch.bool)
+        leave = leaves(self.criterion(logits if t == 1.0 else logits / t), self.thresholds[k])
         here = torch.full_like(logits[:, 0], self.exits[k], dtype=torch.long)
 
         def everyone_leaves(h, logits, leave, here):
@@ -91,14 +98,14 @@ class _HeadInput:
         return self.aux_model.head_input(self.tap, output)
 
 
-def _as_module(run) -> nn.Module:
-    if isinstance(run, nn.Module):
-        return run
-    return _Call(run)
+def _as_module(run: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
+    return run if isinstance(run, nn.Module) else _Call(run)
 
 
 class _Call(nn.Module):
-    def __init__(self, fn) -> None:
+    """A functional stage (torchvision ResNet's flatten) as a module."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.fn = fn
 
@@ -106,8 +113,8 @@ class _Call(nn.Module):
         return self.fn(h)
 
 
-def export_program(early: EarlyExit, path: str | Path, sample: torch.Tensor) -> Path:
-    """Export `early` to `path`, traced on `sample` with a dynamic batch size: a `torch.export`
+def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Path:
+    """Export `routed` to `path`, traced on `sample` with a dynamic batch size: a `torch.export`
     program for .pt2 (load it with `torch.export.load(path).module()`), or one self-contained
     ONNX file for .onnx (the `torch.cond`s become ONNX `If`s), written by torch's ONNX
     exporter, which needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`)."""
@@ -117,7 +124,7 @@ def export_program(early: EarlyExit, path: str | Path, sample: torch.Tensor) -> 
             f"export writes a torch.export program (.pt2) or an ONNX file (.onnx), got "
             f"{path.name!r}"
         )
-    routed = Routed(early).eval()
+    routed = routed.eval()
     batch = torch.export.Dim("batch", min=1, max=65536)
     if path.suffix == ".onnx":
         missing = [
@@ -135,7 +142,7 @@ def export_program(early: EarlyExit, path: str | Path, sample: torch.Tensor) -> 
                 dynamo=True,
                 dynamic_shapes=({0: batch},),
                 input_names=["x"],
-                output_names=["logits", "exit"],
+                output_names=["logits", "exit"] if routed.return_exits else ["logits"],
                 verbose=False,
             )
         program.save(str(path))

@@ -1,0 +1,404 @@
+"""The Learn-then-Test guarantee behind `EarlyExit.calibrate` (the search: `_search`).
+
+Everything here works on what one pass over held-out data keeps: each head's score (N, E) and
+whether each exit, then the main output, is right (N, E + 1). No forwards run here, so the
+benchmark can replay thousands of calibrations from cached scores.
+
+The guarantee (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test",
+arXiv 2110.01052). Call a sample *harmed* when the main head is right and the exit it leaves
+at is wrong. The accuracy drop on any data is (harmed - helped) / N <= harmed / N, so the harm
+rate bounds the drop. The calibration data is split at random in two: the *path* part orders
+candidate thresholds from safe to aggressive (the FLOPs-optimal thresholds for harm budgets
+0, 1, 2, ... samples), the *test* part tests each along that order, H0: harm rate > eps, with
+the exact binomial tail; fixed-sequence testing stops at the first failure and keeps the last
+one that passed. Then with probability >= 1 - delta over the draw of the calibration data, the
+harm rate, hence the accuracy drop, on new data exchangeable with it is <= eps. The path and
+the temperatures must not see the test part: that is what the split is for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from auxhead.exits._bounds import (
+    binomial_p_value,
+    binomial_upper_bound,
+    fixed_sequence,
+    hb_upper_bound,
+    hoeffding_bentkus_p_value,
+)
+from auxhead.exits._flops import FlopProfile
+from auxhead.exits._route import exit_indices
+from auxhead.exits._search import (
+    EXHAUSTIVE_LIMIT,
+    Judge,
+    candidates,
+    harm_path,
+    search_budget,
+    search_drop,
+)
+
+__all__ = [
+    "METHODS",
+    "Calibration",
+    "check_budget",
+    "check_targets",
+    "choose_budget_thresholds",
+    "choose_thresholds",
+]
+
+METHODS = ("ltt", "empirical")
+PATH_SHARE = 0.3  # share of the calibration data that orders the path; the rest tests it
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_targets(
+    max_accuracy_drop: object,
+    confidence: object,
+    *,
+    names: tuple[str, str] = ("max_accuracy_drop", "confidence"),
+) -> None:
+    """Refuse a drop outside [0, 1] or a confidence outside (0, 1), naming them as `names`
+    (the command line checks its options with this before training).
+
+    Raises:
+        ValueError: naming the bad value and the valid range.
+    """
+    if not _is_number(max_accuracy_drop) or not 0.0 <= max_accuracy_drop <= 1.0:
+        raise ValueError(
+            f"{names[0]} is a fraction in [0, 1] (0.005 is half a point), got {max_accuracy_drop!r}"
+        )
+    if not _is_number(confidence) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"{names[1]} is a probability in (0, 1) such as 0.9, got {confidence!r}")
+
+
+def check_budget(max_flops: object) -> None:
+    """Refuse a compute budget that is not a positive share of the full model's FLOPs."""
+    if not _is_number(max_flops) or not 0.0 < max_flops <= 10.0:
+        raise ValueError(
+            f"max_flops is a share of the full model's FLOPs such as 0.4, got {max_flops!r}"
+        )
+
+
+# ---- the search: exact over a grid of candidates -----------------------------------------
+
+
+# ---- temperature scaling -----------------------------------------------------------------
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017), (N, K)
+    logits; a golden-section search on 1 / T in [0.02, 50] (the NLL is convex in 1 / T)."""
+    logits, targets = logits.double(), targets.long()
+
+    def nll(beta: float) -> float:
+        return torch.nn.functional.cross_entropy(logits * beta, targets).item()
+
+    low, high = math.log(0.02), math.log(50.0)
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(math.exp(a)), nll(math.exp(b))
+    for _ in range(60):
+        if fa < fb:
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(math.exp(a))
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(math.exp(b))
+    return 1.0 / math.exp((low + high) / 2)
+
+
+# ---- the whole calibration ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What `choose_thresholds` decided, and the evidence for it."""
+
+    thresholds: tuple[float, ...]
+    temperatures: tuple[float, ...]  # per head: its scores come from logits / T
+    method: str  # "ltt" or "empirical"
+    target: str  # "drop" (max_accuracy_drop) or "flops" (max_flops)
+    fallback: bool  # nothing usable: every sample goes to the main head
+    confidence: float | None  # ltt: 1 - delta
+    bound: float | None  # ltt: the (1 - delta) upper bound the test used (harm rate or FLOPs share)
+    path_samples: int  # samples that ordered the path (and fitted the temperatures)
+    test_samples: int  # samples that tested it (ltt)
+    path_length: int  # threshold vectors on the path
+    passed: int  # of them that passed the test in sequence
+
+
+def _split(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    cut = min(n - 1, max(1, round(share * n)))
+    return order[:cut], order[cut:]
+
+
+def choose_thresholds(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    *,
+    max_accuracy_drop: float = 0.005,
+    confidence: float = 0.9,
+    method: str = "ltt",
+    logits: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+    path_share: float = PATH_SHARE,
+    seed: int = 0,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> Calibration:
+    """The thresholds `EarlyExit.calibrate` picks, from one pass's scores and correctness:
+    the least mean FLOPs whose accuracy drop against the main head is within
+    `max_accuracy_drop` (with "ltt", on new exchangeable data with probability >=
+    `confidence`). No forwards run, so scores cached once can be calibrated many times.
+
+    Args:
+        scores: (N, E) each head's score by the criterion; compared in their dtype, as the
+            forward compares them.
+        correct: (N, E + 1) bool, whether each head, then the main output, is right.
+        profile: the FLOPs of the exits (`flop_profile`).
+        max_accuracy_drop: the accuracy the exits may lose against the main head, a fraction.
+        confidence: 1 - delta, for "ltt".
+        method: "ltt" (the guarantee) or "empirical" (met on these samples only).
+        logits: (N, E, K) head logits, to fit one temperature per head first (with
+            `targets` and `score_fn`, all three or none); the scores are then
+            score_fn(logits, T).
+        targets: (N,) class indices, for the temperatures.
+        score_fn: the criterion (logits, T) -> scores, for the temperatures.
+        path_share: share of the samples that order the path (and fit temperatures) in "ltt".
+        seed: the random split ("ltt").
+        limit: most threshold combinations searched exhaustively.
+
+    Returns:
+        A `Calibration`: the thresholds (all 1 and `fallback` when no exit meets the target),
+        temperatures and the evidence.
+
+    Raises:
+        ValueError: a drop outside [0, 1], a confidence outside (0, 1) or an unknown method.
+    """
+    check_targets(max_accuracy_drop, confidence)
+    return _choose(
+        scores, correct, profile, ("drop", max_accuracy_drop), confidence, method, logits,
+        targets, score_fn, path_share, seed, limit,
+    )  # fmt: skip
+
+
+def choose_budget_thresholds(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    *,
+    max_flops: float,
+    confidence: float = 0.9,
+    method: str = "ltt",
+    logits: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
+    path_share: float = PATH_SHARE,
+    seed: int = 0,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> Calibration:
+    """The thresholds `EarlyExit.calibrate_budget` picks: the most accurate whose mean FLOPs
+    stay within `max_flops`, a share of the full model's (with "ltt", on new exchangeable data
+    with probability >= `confidence`, by a Hoeffding-Bentkus test of the mean cost).
+
+    Args:
+        scores: (N, E) each head's score, as in `choose_thresholds`.
+        correct: (N, E + 1) bool, as in `choose_thresholds`.
+        profile: the FLOPs of the exits (`flop_profile`).
+        max_flops: the budget, a share of the full model's FLOPs per sample (0.4: 40%).
+        confidence: 1 - delta, for "ltt".
+        method: "ltt" (the guarantee) or "empirical" (met on these samples only).
+        logits: as in `choose_thresholds`.
+        targets: as in `choose_thresholds`.
+        score_fn: as in `choose_thresholds`.
+        path_share: as in `choose_thresholds`.
+        seed: the random split ("ltt").
+        limit: most threshold combinations searched exhaustively.
+
+    Returns:
+        A `Calibration`, as `choose_thresholds`.
+
+    Raises:
+        ValueError: a budget that is not a positive share, a confidence outside (0, 1) or an
+            unknown method.
+    """
+    check_budget(max_flops)
+    check_targets(0.0, confidence)
+    return _choose(
+        scores, correct, profile, ("flops", max_flops), confidence, method, logits, targets,
+        score_fn, path_share, seed, limit,
+    )  # fmt: skip
+
+
+def _choose(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    target: tuple[str, float],
+    confidence: float,
+    method: str,
+    logits: torch.Tensor | None,
+    targets: torch.Tensor | None,
+    score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None,
+    path_share: float,
+    seed: int,
+    limit: int,
+) -> Calibration:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if (logits is None) != (targets is None) or (logits is None) != (score_fn is None):
+        raise ValueError("fitting temperatures needs logits, targets and score_fn, all three")
+    kind, value = target
+    n, n_exits = scores.shape
+    guaranteed = method == "ltt"
+    if guaranteed:
+        path_rows, test_rows = _split(n, path_share, seed)
+    else:
+        path_rows = test_rows = torch.arange(n)
+    temperatures = (1.0,) * n_exits
+    if logits is not None:
+        assert targets is not None and score_fn is not None
+        temperatures = tuple(
+            fit_temperature(logits[path_rows, e], targets[path_rows]) for e in range(n_exits)
+        )
+        scores = torch.stack(
+            [score_fn(logits[:, e], temperatures[e]) for e in range(n_exits)], dim=1
+        )
+    if not scores.is_floating_point():
+        scores = scores.double()
+    delta = 1 - confidence
+    if not guaranteed:
+        if kind == "flops":
+            (pick,) = search_budget(scores, correct, profile, [value * profile.full], limit=limit)
+            found = _Found([] if pick is None else [pick], 1 if pick is not None else 0, None)
+        else:
+            best = search_drop(scores, correct, profile, value, limit=limit)
+            found = _Found([torch.tensor(best, dtype=torch.float64)], 1, None)
+    else:
+        path_part = (scores[path_rows], correct[path_rows])
+        test_part = (scores[test_rows], correct[test_rows])
+        test = _test_flops if kind == "flops" else _test_harm
+        found = test(path_part, test_part, profile, value, delta, limit)
+    chosen = found.path[found.passed - 1] if found.passed else torch.ones(n_exits)
+    values = tuple(float(t) for t in chosen.tolist())
+    return Calibration(
+        thresholds=values,
+        temperatures=temperatures,
+        method=method,
+        target=kind,
+        # An exit that takes no one saves nothing: every sample to the main head.
+        fallback=all(t >= 1.0 for t in values),
+        confidence=confidence if guaranteed else None,
+        bound=found.bound,
+        path_samples=len(path_rows),
+        test_samples=len(test_rows) if guaranteed else 0,
+        path_length=len(found.path),
+        passed=found.passed,
+    )
+
+
+def _with_safe_start(
+    path: list[torch.Tensor], per_exit: list[list[float]] | None = None, steps: int = 8
+) -> list[torch.Tensor]:
+    """`path` with thresholds stepping from 1 (all off) to its first point that lets samples
+    leave: fixed-sequence testing stops at the first failure, and the zero-harm point of a
+    small path part can already be too bold; these give it safer points to pass first. With
+    `per_exit` (each exit's candidate thresholds), each step moves to the nearest candidate
+    between the point and 1, so steps stay midway between scores too."""
+    first = next((i for i, t in enumerate(path) if bool((t < 1).any())), None)
+    if first is None:
+        return path
+    target = path[first]
+    ramp = [1 - (1 - target) * step / steps for step in range(1, steps)]
+    if per_exit is not None:
+        ramp = [_nearest(point, target, per_exit) for point in ramp]
+    steps_taken: list[torch.Tensor] = []
+    for point in ramp:
+        if not (steps_taken and torch.equal(point, steps_taken[-1])) and not torch.equal(
+            point, target
+        ):
+            steps_taken.append(point)
+    return [*path[:first], *steps_taken, *path[first:]]
+
+
+def _nearest(point: torch.Tensor, low: torch.Tensor, per_exit: list[list[float]]) -> torch.Tensor:
+    """Each exit's threshold in `point` moved to the nearest of its candidates in [low, 1]."""
+    out = []
+    for e, value in enumerate(point.tolist()):
+        allowed = [c for c in per_exit[e] if float(low[e]) <= c <= 1.0] or [1.0]
+        out.append(min(allowed, key=lambda c, v=value: abs(c - v)))
+    return torch.tensor(out, dtype=point.dtype)
+
+
+@dataclass
+class _Found:
+    path: list[torch.Tensor]  # threshold vectors, safe to aggressive
+    passed: int  # how many of them passed, in sequence; the last of them is chosen
+    bound: float | None  # its (1 - delta) upper bound on the tested risk
+
+
+def _test_harm(
+    path_part: tuple[torch.Tensor, torch.Tensor],
+    test_part: tuple[torch.Tensor, torch.Tensor],
+    profile: FlopProfile,
+    eps: float,
+    delta: float,
+    limit: int,
+) -> _Found:
+    """Learn then Test of the harm rate: the path from the path part, each point tested on the
+    test part with the exact binomial p-value of H0: harm rate > eps."""
+    # Beyond eps on the path part, a point could still pass on the test part: go to 3 eps.
+    per_exit = [candidates(path_part[0][:, e]) for e in range(path_part[0].shape[1])]
+    path = _with_safe_start(harm_path(*path_part, profile, 3 * eps, limit=limit), per_exit)
+    scores, correct = test_part
+    n, main = len(scores), correct[:, -1]
+    harms = []
+    for thresholds in path:
+        right = correct.gather(1, exit_indices(scores, thresholds)[:, None]).squeeze(1)
+        harms.append(int((main & ~right).sum()))
+    passed = fixed_sequence([binomial_p_value(k, n, eps) for k in harms], delta)
+    bound = binomial_upper_bound(harms[passed - 1], n, delta) if passed else None
+    return _Found(path, passed, bound)
+
+
+def _test_flops(
+    path_part: tuple[torch.Tensor, torch.Tensor],
+    test_part: tuple[torch.Tensor, torch.Tensor],
+    profile: FlopProfile,
+    max_flops: float,
+    delta: float,
+    limit: int,
+) -> _Found:
+    """Learn then Test of the mean FLOPs: the path runs from cheap (safe for the budget) to
+    accurate, the most accurate thresholds on the path part for budgets of 50% to 150% of
+    `max_flops`; each point is tested on the test part with the Hoeffding-Bentkus p-value of
+    H0: mean FLOPs > max_flops, the per-sample cost rescaled to [0, 1]."""
+    budget = max_flops * profile.full
+    budgets = [budget * (0.5 + i / 40) for i in range(41)]
+    path: list[torch.Tensor] = []
+    for pick in search_budget(*path_part, profile, budgets, limit=limit):
+        if pick is not None and not (path and torch.equal(pick, path[-1])):
+            path.append(pick)
+    judge = Judge(*test_part, profile)
+    low, high = float(judge.pattern_costs.min()), float(judge.pattern_costs.max())
+    span = max(high - low, 1e-12)
+    n = len(test_part[0])
+    means = [(float(judge(t[None]).cost[0]) - low) / span for t in path]
+    p_values = [hoeffding_bentkus_p_value(m, n, (budget - low) / span) for m in means]
+    passed = fixed_sequence(p_values, delta)
+    bound = None
+    if passed:
+        bound = (hb_upper_bound(means[passed - 1], n, delta) * span + low) / profile.full
+    return _Found(path, passed, bound)

@@ -1,0 +1,520 @@
+"""`EarlyExit`: answer from the first auxiliary head that is confident enough, and skip the rest
+of the network for that sample; `calibrate` picks the thresholds on held-out data, with a
+guaranteed accuracy drop.
+
+How compute is saved depends on the model (`EarlyExit.mode`):
+- "staged": the model is cut into stages at the taps: nn.Sequential (fastai vision learners
+  too), torchvision and timm ResNets by their known forward, any other model that torch.fx
+  can trace by splitting its graph at the taps. A sample that exits leaves the batch; later
+  stages run on the samples still undecided only.
+- "generic": any other model (untraceable, or a value other than the tap's output crossing a
+  cut) runs whole, with hooks at the taps, and the forward stops as soon as every sample in
+  the batch has exited (`EarlyExit.mode_reason` says why). That saves compute for batch size
+  1 (latency) and for batches that all exit together.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from auxhead._probe import eval_mode
+from auxhead._spread import per_name
+from auxhead.attach import AuxModel
+from auxhead.exits._calibrate import (
+    METHODS,
+    Calibration,
+    check_budget,
+    check_targets,
+    choose_budget_thresholds,
+    choose_thresholds,
+)
+from auxhead.exits._export import Routed, export_program
+from auxhead.exits._forward import forward_generic, forward_staged
+from auxhead.exits._fx import fx_cut
+from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
+from auxhead.exits._stages import NotStageable, Plan, cut
+from auxhead.exits._summary import ExitSummary, Seen, collect, seconds_per_sample, summarise
+
+__all__ = ["MODES", "EarlyExit"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("auto", "staged", "generic")
+
+PerTap = float | list[float] | tuple[float, ...] | Mapping[str, float]  # one value, or one per tap
+
+
+def _per_tap(value: Any, taps: list[str], what: str) -> list[Any]:
+    """One value per tap from a number, a sequence in `at` order or a dict by tap name."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple, Mapping)):
+        raise TypeError(
+            f"{what} must be a number, a list (one per tap) or a dict by tap name, "
+            f"got {type(value).__name__}"
+        )
+    return list(per_name(value, taps, what, "exits").values())
+
+
+def _check_thresholds(value: Any, taps: list[str]) -> tuple[float, ...]:
+    """One threshold in [0, 1] per tap."""
+    values = _per_tap(value, taps, "thresholds")
+    for tap, threshold in zip(taps, values, strict=True):
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise TypeError(f"threshold for {tap!r} must be a number, got {threshold!r}")
+        if not 0.0 <= threshold <= 1.0:  # NaN fails too
+            raise ValueError(
+                f"threshold for {tap!r} is {threshold!r}; thresholds lie in [0, 1] "
+                "(0: every sample exits there, 1: none does)"
+            )
+    return tuple(float(threshold) for threshold in values)
+
+
+def _check_temperatures(value: Any, taps: list[str]) -> tuple[float, ...]:
+    """One temperature > 0 per tap."""
+    values = _per_tap(value, taps, "temperatures")
+    for tap, t in zip(taps, values, strict=True):
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise ValueError(f"temperature for {tap!r} must be a number > 0, got {t!r}")
+    return tuple(float(t) for t in values)
+
+
+def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
+    """Stages for per-sample routing, and why (not): the known forwards first (nn.Sequential,
+    ResNets: the modules themselves run), then any model torch.fx can trace and split."""
+    model, taps = aux_model.model, aux_model.taps
+    try:
+        plan = cut(model, taps)
+        return plan, f"{len(plan.stages)} stages, samples leave the batch as they exit"
+    except NotStageable as error:
+        known = str(error)
+    try:
+        with eval_mode(model):  # the forward served, not training's (aux branches, dropout)
+            plan = fx_cut(model, taps)
+    except NotStageable as error:
+        return None, (f"it stops only once the whole batch has exited ({known}; and {error})")
+    return plan, (
+        f"{len(plan.stages)} stages split from the torch.fx graph, samples leave the batch as "
+        "they exit"
+    )
+
+
+class EarlyExit(nn.Module):
+    """Inference that stops at the first head confident enough for each sample.
+
+    Sample by sample, the logits come from the first exit (in `at` order) whose score is
+    strictly greater than its threshold, else from the main output. Runs in eval mode without
+    gradients and leaves the `AuxModel`'s modes as they were.
+
+    Args:
+        aux_model: the `AuxModel` whose heads are the exits; each head must predict the same
+            classes as the model. Its taps must be listed in the order they run.
+        thresholds: one per tap (a list in `at` order or a dict by name), or one number for
+            all. 0: every sample exits there; 1: none does (and the head is not run). All 1
+            (the default): the main head answers until `calibrate` sets them.
+        criterion: "confidence" (max softmax probability), "entropy" (1 - entropy / log K) or
+            a callable (B, K) logits -> (B,) scores in [0, 1], higher meaning surer.
+        mode: "auto" (staged if the model can be cut, else generic), "staged" or "generic".
+        return_exits: the forward (and the exported program) returns `(logits, exits)`,
+            with each sample's exit index, instead of the logits alone.
+
+    Attributes:
+        mode: "staged" or "generic" (see the module docstring).
+        mode_reason: why: the stages found, or why the model cannot be cut.
+        return_exits: as given; can be changed.
+        summary: the last `calibrate` (or `evaluate`) result, or None.
+
+    Example:
+        >>> aux = auxhead.attach(resnet, ["layer2", "layer3"], sample=x[:2])  # then train it
+        >>> early = auxhead.EarlyExit(aux, return_exits=True)
+        >>> print(early.calibrate(valid_dl, max_accuracy_drop=0.01, confidence=0.9))
+        >>> logits, exits = early(x)  # exits: tensor([0, 2, 1, ...]), 2 is the main head
+    """
+
+    def __init__(
+        self,
+        aux_model: AuxModel,
+        *,
+        thresholds: PerTap = 1.0,
+        criterion: str | Criterion = "confidence",
+        mode: str = "auto",
+        return_exits: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(aux_model, AuxModel):
+            raise TypeError(
+                f"EarlyExit needs the AuxModel that auxhead.attach returned, "
+                f"got {type(aux_model).__name__}"
+            )
+        if isinstance(criterion, str):
+            if criterion not in CRITERIA:
+                raise ValueError(
+                    f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)} or pass "
+                    "a callable (B, K) logits -> (B,) scores in [0, 1]"
+                )
+            self._criterion = CRITERIA[criterion]
+        elif callable(criterion):
+            self._criterion = criterion
+        else:
+            raise TypeError(f"criterion must be a name or a callable, got {criterion!r}")
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {list(MODES)}")
+        if MAIN in aux_model.taps:
+            raise ValueError(f"a tap is named {MAIN!r}, the name EarlyExit keeps for the model")
+        self.aux_model = aux_model
+        self.criterion = criterion if isinstance(criterion, str) else "custom"
+        self.thresholds = thresholds
+        self.temperatures = 1.0
+        self.return_exits = return_exits
+        self.summary: ExitSummary | None = None
+        self._plan: Plan | None = None
+        self.mode_reason = "mode='generic' was asked for"
+        if mode != "generic":
+            self._plan, self.mode_reason = _plan(aux_model)
+            if self._plan is None and mode == "staged":
+                raise ValueError(
+                    f"cannot route samples through {type(aux_model.model).__name__} stage "
+                    f"by stage: {self.mode_reason}. Use mode='generic' (or 'auto')."
+                )
+        self.mode = "staged" if self._plan is not None else "generic"
+        logger.info(
+            "EarlyExit runs %s in %s mode: %s",
+            type(aux_model.model).__name__,
+            self.mode,
+            self.mode_reason,
+        )
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> EarlyExit:
+        # .to()/.half() replace the model's buffers with new tensors; stages split by torch.fx
+        # hold the old ones (their get_attr copies), so cut again.
+        super()._apply(fn, recurse)
+        if self._plan is not None and self._plan.traced:
+            self._plan, self.mode_reason = _plan(self.aux_model)
+        return self
+
+    @property
+    def taps(self) -> list[str]:
+        return list(self.aux_model.taps)
+
+    @property
+    def exit_names(self) -> list[str]:
+        """The exits in index order: the taps, then "main"."""
+        return [*self.aux_model.taps, MAIN]
+
+    @property
+    def thresholds(self) -> tuple[float, ...]:
+        """One threshold per tap, in `at` order. Assign a list, a dict by name or a number."""
+        return self._thresholds
+
+    @thresholds.setter
+    def thresholds(self, value: PerTap) -> None:
+        self._thresholds = _check_thresholds(value, self.taps)
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        """One temperature per tap, in `at` order: a head's score is the criterion of its
+        logits / T (the logits it answers with are its own). `calibrate(temperature=True)`
+        fits them; assign a list, a dict by name or a number (1: unscaled)."""
+        return self._temperatures
+
+    @temperatures.setter
+    def temperatures(self, value: PerTap) -> None:
+        self._temperatures = _check_temperatures(value, self.taps)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        # Calibrated thresholds and temperatures travel with the state_dict.
+        return {"thresholds": list(self._thresholds), "temperatures": list(self._temperatures)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.thresholds = state["thresholds"]
+        self.temperatures = state.get("temperatures", 1.0)
+
+    def extra_repr(self) -> str:
+        scaled = "" if set(self.temperatures) == {1.0} else f", temperatures={self.temperatures}"
+        return (
+            f"mode={self.mode!r}, criterion={self.criterion!r}, "
+            f"thresholds={self.thresholds}{scaled}, return_exits={self.return_exits}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, ...) inputs -> (B, K) logits, each sample's from its exit; with `return_exits`,
+        `(logits, exits)`: exits (B,) the exit index of each sample, `len(taps)` the main head.
+        """
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"EarlyExit takes one input tensor, got {type(x).__name__}")
+        active = [threshold < 1.0 for threshold in self._thresholds]
+        with eval_mode(self.aux_model), torch.no_grad():
+            if self._plan is not None:
+                logits, exits = forward_staged(x, self._plan, self.aux_model, active, self._decide)
+            else:
+                logits, exits = forward_generic(x, self.aux_model, active, self._decide)
+        return (logits, exits) if self.return_exits else logits
+
+    def _decide(self, index: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's logits (b, K) and which of the b samples exit at tap `index` (b,)."""
+        logits = self.aux_model.head(self.taps[index])(features)
+        scores = score_logits(self._criterion, logits, self._temperatures[index])
+        return logits, leaves(scores, self._thresholds[index])
+
+    def export(self, path: str | Path, sample: torch.Tensor) -> Path:
+        """Save a `torch.export` program (.pt2), or one self-contained ONNX file (.onnx), that
+        routes like this `EarlyExit`, with its thresholds and temperatures baked in, and
+        returns what its forward returns: the logits (B, K), or with `return_exits` the
+        logits and each sample's exit index (B,).
+
+        At each exit a `torch.cond` skips the rest of the network when every sample of the
+        batch leaves there, so batch size 1 routes per sample as the eager forward does;
+        larger batches run on whole and take each sample's logits from its exit (same
+        outputs, compute saved only when a batch leaves together). Needs a staged
+        `EarlyExit`. In the ONNX file each `torch.cond` is an `If` node; writing it needs the
+        onnx and onnxscript packages (`pip install 'auxhead[onnx]'`), running it onnxruntime.
+
+        Args:
+            path: where to write, ending in .pt2 or .onnx.
+            sample: an input batch to trace with (the batch size stays dynamic).
+
+        Returns:
+            `path`; load a .pt2 with `torch.export.load(path).module()`, run a .onnx with
+            `onnxruntime.InferenceSession(path)` (input "x", outputs "logits" and, with
+            `return_exits`, "exit").
+
+        Raises:
+            ValueError: a path not ending in .pt2 or .onnx, a generic-mode `EarlyExit`, or
+                .onnx without the onnx/onnxscript packages.
+        """
+        if self._plan is None:
+            raise ValueError(
+                f"export needs a staged EarlyExit (this one is generic: {self.mode_reason})"
+            )
+        routed = Routed(
+            self._plan,
+            self.aux_model,
+            thresholds=self.thresholds,
+            temperatures=self.temperatures,
+            criterion=self._criterion,
+            return_exits=self.return_exits,
+        )
+        return export_program(routed, path, sample)
+
+    # ---- calibration ----
+
+    def calibrate(
+        self,
+        data: Iterable[Any],
+        *,
+        max_accuracy_drop: float = 0.005,
+        confidence: float = 0.9,
+        method: str = "ltt",
+        temperature: bool = False,
+        timing_batches: int = 8,
+        seed: int = 0,
+    ) -> ExitSummary:
+        """Choose the thresholds that save the most FLOPs while the accuracy drop against the
+        main head stays within `max_accuracy_drop` on new data, with probability at least
+        `confidence` (`calibrate_budget` asks for a compute budget instead).
+
+        One pass runs every head and the main output on `data` and keeps each exit's score and
+        correctness; the search then needs no more forwards. The cost of an exit counts the
+        heads that run before it, so a head that saves too little is turned off (threshold 1).
+        Thresholds lie midway between neighbouring scores of `data`, so a new sample that
+        scores like one of them, give or take float noise, routes the same way.
+
+        method="ltt" (the default) gives a distribution-free, finite-sample guarantee by
+        Learn then Test (Angelopoulos et al. 2021): `data` is split at random, 30% to order
+        candidate thresholds from safe to aggressive (the FLOPs-optimal ones for growing
+        numbers of harmed samples: main head right, exit wrong), 70% to test them in that
+        order with an exact binomial test at level 1 - confidence, stopping at the first that
+        fails. Then with probability >= `confidence` over the draw of `data`, the share of new
+        samples the exits harm, which bounds the accuracy drop, is at most
+        `max_accuracy_drop`. It assumes that `data` is exchangeable with the data served (for
+        example a random held-out part of the same distribution), and it counts only harm, not
+        the samples an exit gets right where the main head is wrong, so the measured drop is
+        usually well below the target. method="empirical" just meets the drop on `data`
+        itself: cheaper thresholds, and on new data the drop is over the target about as often
+        as not.
+
+        Args:
+            data: an iterable of `(inputs, targets)` batches with class-index targets, such as
+                a torch or fastai validation DataLoader; held-out data, never trained on.
+            max_accuracy_drop: the accuracy the exits may lose against the main head, as a
+                fraction (0.005 is half a percentage point).
+            confidence: the probability, over the draw of `data`, that the target holds on
+                new data ("ltt" only).
+            method: "ltt" (guaranteed) or "empirical" (met on `data` only).
+            temperature: fit one temperature per head (the NLL of softmax(logits / T) on the
+                path part of `data`, all of it with "empirical") before choosing the
+                thresholds; scores then come from the scaled logits.
+            timing_batches: how many of the first batches to keep for timing the early exit
+                against the full model after the search; 0 skips the timing.
+            seed: the random split of `data` ("ltt").
+
+        Returns:
+            An `ExitSummary` on all of `data` (also kept as `self.summary`), with the bound
+            the test held and the observed drop with its interval; the thresholds (and
+            temperatures) are set. Evaluate on a separate test set for unbiased numbers.
+
+        Raises:
+            ValueError: batches without labels, targets that are not class indices, empty data,
+                a drop outside [0, 1], a confidence outside (0, 1) or an unknown method.
+
+        Warns:
+            UserWarning: when no thresholds meet the target; every sample then goes to the
+                main head (thresholds 1).
+
+        Example:
+            >>> early = auxhead.EarlyExit(aux_model)
+            >>> summary = early.calibrate(valid_dl, max_accuracy_drop=0.005, confidence=0.9)
+            >>> summary.saving, summary.bound  # FLOPs saved on valid_dl, the tested bound
+        """
+        check_targets(max_accuracy_drop, confidence)
+        choose = functools.partial(choose_thresholds, max_accuracy_drop=max_accuracy_drop)
+        seen, choice = self._search(
+            data, choose, confidence, method, temperature, timing_batches, seed
+        )
+        if choice.fallback:
+            main_accuracy = seen.correct[:, -1].float().mean().item()
+            self._warn_fallback(
+                f"no exit keeps the accuracy within max_accuracy_drop={max_accuracy_drop} "
+                f"of the main head's {main_accuracy:.2%} while saving FLOPs",
+                "allow a larger drop",
+                choice,
+            )
+        return self._calibrated(seen, choice, drop=max_accuracy_drop)
+
+    def calibrate_budget(
+        self,
+        data: Iterable[Any],
+        *,
+        max_flops: float,
+        confidence: float = 0.9,
+        method: str = "ltt",
+        temperature: bool = False,
+        timing_batches: int = 8,
+        seed: int = 0,
+    ) -> ExitSummary:
+        """Choose the most accurate thresholds whose mean FLOPs per sample stay within a
+        compute budget: with "ltt", on new data with probability >= `confidence`
+        (Hoeffding-Bentkus test of the mean cost); with "empirical", on `data`.
+
+        Args:
+            data: labelled held-out batches, as in `calibrate`.
+            max_flops: the budget, a share of the full model's FLOPs per sample (0.4: 40%).
+            confidence: the probability that the budget holds on new data ("ltt" only).
+            method: "ltt" (guaranteed) or "empirical" (met on `data` only).
+            temperature: fit one temperature per head first, as in `calibrate`.
+            timing_batches: batches kept for timing, as in `calibrate`.
+            seed: the random split of `data` ("ltt").
+
+        Returns:
+            An `ExitSummary` on all of `data` (also kept as `self.summary`).
+
+        Raises:
+            ValueError: as `calibrate`, and a budget that is not a positive share.
+
+        Example:
+            >>> early.calibrate_budget(valid_dl, max_flops=0.4)  # best accuracy at 40% FLOPs
+        """
+        check_budget(max_flops)
+        check_targets(0.0, confidence)
+        choose = functools.partial(choose_budget_thresholds, max_flops=max_flops)
+        seen, choice = self._search(
+            data, choose, confidence, method, temperature, timing_batches, seed
+        )
+        if choice.fallback:
+            self._warn_fallback(
+                f"no exit keeps the mean FLOPs within max_flops={max_flops}",
+                "allow more FLOPs",
+                choice,
+            )
+        return self._calibrated(seen, choice, max_flops=max_flops)
+
+    def evaluate(self, data: Iterable[Any], *, timing_batches: int = 8) -> ExitSummary:
+        """The `ExitSummary` of the current thresholds on `data` (e.g. a test set after
+        `calibrate` on a validation set), without changing them. Arguments as in `calibrate`.
+        """
+        scaled = any(t != 1.0 for t in self.temperatures)
+        seen = collect(
+            self.aux_model, data, self._score, timing_batches=timing_batches, keep_logits=scaled
+        )
+        self.summary = self._summarise(seen)
+        return self.summary
+
+    def _score(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return score_logits(self._criterion, logits, temperature)
+
+    def _search(
+        self,
+        data: Iterable[Any],
+        choose: Callable[..., Calibration],
+        confidence: float,
+        method: str,
+        temperature: bool,
+        timing_batches: int,
+        seed: int,
+    ) -> tuple[Seen, Calibration]:
+        """One pass over `data`, then the thresholds `choose` picks from it."""
+        if method not in METHODS:  # before the pass over the data
+            raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        seen = collect(
+            self.aux_model,
+            data,
+            self._score,
+            timing_batches=timing_batches,
+            keep_logits=temperature,
+        )
+        choice = choose(
+            seen.scores,
+            seen.correct,
+            seen.profile,
+            confidence=confidence,
+            method=method,
+            logits=seen.logits,
+            targets=seen.targets,
+            score_fn=self._score if temperature else None,
+            seed=seed,
+        )
+        return seen, choice
+
+    def _warn_fallback(self, target: str, remedy: str, choice: Calibration) -> None:
+        guaranteed = choice.method == "ltt"
+        margin = f" at {choice.confidence:.0%} confidence" if guaranteed else ""
+        extra = ", a lower confidence or more data" if guaranteed else ""
+        warnings.warn(
+            f"{target}{margin}, so every sample goes to the main head (thresholds 1). "
+            f"Train the heads longer, {remedy}{extra}.",
+            stacklevel=3,
+        )
+
+    def _calibrated(self, seen: Seen, choice: Calibration, **target: float) -> ExitSummary:
+        """Set the chosen thresholds and temperatures; their summary on `seen`."""
+        self.thresholds = list(choice.thresholds)
+        self.temperatures = list(choice.temperatures)
+        self.summary = self._summarise(seen, calibration=choice, **target)
+        logger.info("calibrated early exits\n%s", self.summary)
+        return self.summary
+
+    def _summarise(self, seen: Seen, **calibration: Any) -> ExitSummary:
+        seconds = None
+        if seen.timing_inputs:
+            early_s = seconds_per_sample(self, seen.timing_inputs)
+            with eval_mode(self.aux_model), torch.no_grad():
+                full_s = seconds_per_sample(self.aux_model.model, seen.timing_inputs)
+            seconds = (early_s, full_s)
+        return summarise(
+            seen,
+            thresholds=self.thresholds,
+            temperatures=self.temperatures,
+            criterion=self.criterion,
+            score=self._score,
+            seconds=seconds,
+            **calibration,
+        )
