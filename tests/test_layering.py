@@ -25,8 +25,9 @@ PACKAGE = ROOT / "auxhead"
 LAYERS = ("core", "gan", "data", "adapter", "cli")
 # The modules that are not core. Everything else under auxhead/ (attach, heads, losses, the
 # early exits wherever they live, ...) is the core.
-# data loading (with its private folder and pixel readers); the CLI's model zoo
-DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models"}
+# data loading (with its private folder and pixel readers); the CLI's model zoo and its
+# weights reader
+DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models", "auxhead._weights"}
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
 
 # Third-party packages each layer may import when the module is imported ("eager"), and also
@@ -43,7 +44,8 @@ EAGER = {
 LAZY = {
     "core": CORE,
     "gan": CORE | {"torchmetrics"},  # the Fréchet distance's Inception network
-    "data": CORE | {"fastai", "sklearn", "PIL", "torchvision", "timm"},
+    "data": CORE
+    | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"},
     "adapter": CORE | {"fastai", "PIL", "matplotlib"},
     "cli": None,
 }

@@ -74,7 +74,7 @@ def _at_confidence(confidence: float | None) -> str:
     return "" if confidence is None else f" (with {confidence:.0%} confidence)"
 
 
-# Why the two tables' FLOPs differ for the same exit (both from `auxhead._flops.FlopProfile`).
+# Why the two tables' FLOPs differ for the same exit (both from `auxhead.exits.FlopProfile`).
 EARLY_EXIT_FLOPS_NOTE = (
     "FLOPs to leave here: the backbone up to the exit plus every head that runs on the way "
     "(a head with threshold 1 is never run), so they differ from the exits table above, "
