@@ -34,7 +34,7 @@ bare model take turns on the same images), measured with one torch thread. FLOPs
 by torch's FlopCounterMode, so they do not depend on the machine.
 
 Measured on 2 CPU cores (one torch thread; the same command with --seed 1 ran on the other
-core; torch 2.14, fastai 2.8), 14.9 minutes; the README has both seeds:
+core; torch 2.14, fastai 2.8), 14.9 minutes; docs/benchmarks/deep-supervision.md has both seeds:
 
     OMP_NUM_THREADS=1 python benchmarks/deep_supervision.py --seed 0 --out runs/ds-seed0
 

@@ -14,9 +14,9 @@ the cache with the same code `calibrate` runs (`auxhead.exits.choose_thresholds`
         test set: one calibration per mode (LTT's internal path/test split varies with its
         seed, --splits seeds).
 
-Modes: empirical (the old default: the drop met on the calibration images), normal 90% (the
-old `confidence=0.9`: the drop's normal-approximation 90% upper bound met), ltt 90% (the new
-default), ltt 90% + temperature, and the compute budget max_flops=0.4 (empirical and ltt).
+Modes: empirical (the drop met on the calibration images), normal 90% (the drop's
+normal-approximation 90% upper bound met on them), ltt 90% (`calibrate`'s default), ltt 90% +
+temperature, and the compute budget max_flops=0.4 (empirical and ltt).
 
 Commands:
 
@@ -74,7 +74,7 @@ def midpoints(column: torch.Tensor, limit: int = 64) -> list[float]:
 
 
 def normal_search(scores, correct, profile, drop: float, confidence: float = 0.9):
-    """The old `calibrate(confidence=0.9)`: least FLOPs whose drop's normal-approximation
+    """The normal-approximation baseline: least FLOPs whose drop's normal-approximation
     upper bound (mean of the paired differences + z standard errors) is within `drop`, over
     every combination of per-exit candidate thresholds (ties: more samples right)."""
     n, n_exits = scores.shape
@@ -105,7 +105,7 @@ def normal_search(scores, correct, profile, drop: float, confidence: float = 0.9
 
 MODES = {
     "empirical": {"method": "empirical"},
-    "normal 90% (old confidence=0.9)": None,
+    "normal 90%": None,
     "ltt 90% (default)": {"method": "ltt"},
     "ltt 90% + temperature": {"method": "ltt", "temperature": True},
     "max_flops=0.4, empirical": {"method": "empirical", "max_flops": 0.4},

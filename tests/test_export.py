@@ -1,7 +1,6 @@
 """Export paths: the stripped model scripts (TorchScript) and exports (`torch.export`) like the
 bare model; `torch.compile` of an `AuxModel` trains like eager."""
 
-import os
 import warnings
 
 import pytest
@@ -81,14 +80,18 @@ def _compiled_vs_eager(x: torch.Tensor, backend: str, fullgraph: bool = False) -
             loss.backward()
             optimizer.step()
             losses.append(loss.detach())
-        torch.testing.assert_close(losses[1], losses[0])
+        # Compiled kernels fuse and reorder float sums: explicit tolerances, a few float32 ulps
+        # of these magnitudes (losses ~2, logits ~1), far below what a wrong graph changes.
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         assert list(compiled.aux_outputs) == list(eager.aux_outputs)
         for name, logits in eager.aux_outputs.items():
-            torch.testing.assert_close(compiled.aux_outputs[name], logits)
+            torch.testing.assert_close(compiled.aux_outputs[name], logits, rtol=1e-5, atol=1e-6)
         for (name, p_eager), p_compiled in zip(
             eager.named_parameters(), compiled.parameters(), strict=True
         ):
-            torch.testing.assert_close(p_compiled.grad, p_eager.grad, msg=name)
+            torch.testing.assert_close(
+                p_compiled.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name
+            )
     assert compiled.aux_outputs and compiled.aux_outputs["1"].requires_grad
 
 
@@ -102,9 +105,6 @@ def test_compiled_aux_model_is_one_graph(x):
     _compiled_vs_eager(x, "aot_eager", fullgraph=True)
 
 
-@pytest.mark.skipif(
-    os.environ.get("AUXHEAD_TEST_INDUCTOR") != "1",
-    reason="inductor compiles C++ for ~45 s on a CPU; set AUXHEAD_TEST_INDUCTOR=1 to run",
-)
+@pytest.mark.slow  # inductor compiles C++ for ~45 s on a CPU
 def test_compiled_aux_model_trains_with_inductor(x):
     _compiled_vs_eager(x, "inductor")

@@ -737,7 +737,8 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     if n_train < FEW_IMAGES and config.augment == "none":
         say(
             f"tip: on few images ({n_train} to train) --augment "
-            "color,translation,cutout gave more varied samples (README: 'Your own few images')"
+            "color,translation,cutout gave more varied samples (docs/benchmarks/acgan.md, "
+            "'Your own few images')"
         )
     n_classifier = classifier_epochs(n_train, config.classifier_epochs)
     say(f"training the independent classifier ({n_classifier} epochs)...")

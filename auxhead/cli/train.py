@@ -63,7 +63,8 @@ __all__ = ["Budget", "TrainConfig", "TrainResult", "add_parser", "plan_budget", 
 
 # The budget when no --epochs/--steps is given: fitted to Fashion-MNIST's 60,000 images (3
 # epochs of 234 steps of 256 images: 92% in under 2 minutes on 2 quiet cores), and fitted to
-# smaller data sets so that they still get enough optimizer steps (digits: 99.7%, README).
+# smaller data sets so that they still get enough optimizer steps (digits: 99.7%; see
+# docs/benchmarks/train.md).
 DEFAULT_EPOCHS = 3
 DEFAULT_BS = 256
 DEFAULT_LR = 4e-3  # peak one-cycle lr at DEFAULT_BS; scaled by sqrt(bs / DEFAULT_BS) below it

@@ -361,7 +361,7 @@ class Discriminator(nn.Module):
         self.trunk = nn.Sequential(*layers)
         features = ch * side * side
         self.source = nn.Linear(features, 1)
-        # Built in this order so that "ac" and "tac" draw the same initial weights as before.
+        # Built in this order so that "ac" and "tac" draw the same initial weights at one seed.
         if conditioning in ("ac", "tac"):
             self.classifier = nn.Linear(features, num_classes)
         if conditioning == "tac":
