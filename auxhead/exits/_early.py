@@ -280,7 +280,8 @@ class EarlyExit(nn.Module):
 
         Args:
             path: where to write, ending in .pt2 or .onnx.
-            sample: an input batch to trace with (the batch size stays dynamic).
+            sample: an input batch to trace with, one input or more (the batch size stays
+                dynamic whatever the sample's size and the thresholds).
 
         Returns:
             `path`; load a .pt2 with `torch.export.load(path).module()`, run a .onnx with
@@ -288,8 +289,9 @@ class EarlyExit(nn.Module):
             `return_exits`, "exit").
 
         Raises:
-            ValueError: a path not ending in .pt2 or .onnx, a generic-mode `EarlyExit`, or
-                .onnx without the onnx/onnxscript packages.
+            ValueError: a path not ending in .pt2 or .onnx, a generic-mode `EarlyExit`, an
+                empty sample, .onnx without the onnx/onnxscript packages, or an ONNX file
+                whose batch size torch's exporter fixed (not written).
         """
         if self._plan is None:
             raise ValueError(
