@@ -370,7 +370,9 @@ class EarlyExit(nn.Module):
 
         Warns:
             UserWarning: when no thresholds meet the target; every sample then goes to the
-                main head (thresholds 1).
+                main head (thresholds 1). With `temperature=True`, for each head whose fit
+                runs to a search bound (0.02 or 50: too few samples, all of them right or
+                wrong at that head); its temperature stays 1.0.
 
         Example:
             >>> early = auxhead.EarlyExit(aux_model)
@@ -484,6 +486,15 @@ class EarlyExit(nn.Module):
             score_fn=self._score if temperature else None,
             seed=seed,
         )
+        for index, bound in choice.pinned:
+            warnings.warn(
+                f"the temperature of head {self.taps[index]!r} ran to its search bound "
+                f"T={bound:g} on {choice.path_samples} calibration samples (its loss has no "
+                "minimum inside the range, as when a head is right on every one of a few "
+                "samples), so it stays 1.0. Calibrate on more held-out data, or pass "
+                "temperature=False.",
+                stacklevel=3,
+            )
         return seen, choice
 
     def _warn_fallback(self, target: str, remedy: str, choice: Calibration) -> None:
