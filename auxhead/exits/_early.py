@@ -261,7 +261,7 @@ class EarlyExit(nn.Module):
 
     def _decide(self, index: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's logits (b, K) and which of the b samples exit at tap `index` (b,)."""
-        logits = self.aux_model.head(self.taps[index])(features)
+        logits = self.aux_model.run_head(self.taps[index], features)
         scores = score_logits(self._criterion, logits, self._temperatures[index])
         return logits, leaves(scores, self._thresholds[index])
 

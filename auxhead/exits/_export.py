@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from auxhead.attach import AuxModel
+from auxhead.exits._forward import head_copy
 from auxhead.exits._route import Criterion, leaves
 from auxhead.exits._stages import Plan
 
@@ -89,13 +90,14 @@ class Routed(nn.Module):
 
 
 class _HeadInput:
-    """aux_model.head_input for one tap (a plain callable: not a submodule)."""
+    """aux_model.head_input for one tap, copied as the eager forward copies it (`head_copy`)
+    (a plain callable: not a submodule)."""
 
     def __init__(self, aux_model, tap: str) -> None:
         self.aux_model, self.tap = aux_model, tap
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return self.aux_model.head_input(self.tap, output)
+        return head_copy(self.aux_model, self.tap, output)
 
 
 def _as_module(run: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
