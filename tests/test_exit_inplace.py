@@ -128,3 +128,24 @@ def test_efficientnet_v2_first_exit_is_its_head_on_the_tap_as_produced():
     x = torch.randn(2, 3, 64, 64)
     aux = auxhead.attach(model, ["features.4.5.block", "features.6.2.block.1"], sample=x).eval()
     _check_first_head_answers(aux, x, "auto")
+
+
+def test_calibration_scores_the_heads_as_the_forward_runs_them():
+    """`evaluate` (and `calibrate`, the same pass) counts each exit's share from the head on
+    the tap as produced, so its shares are the forward's, on a tap changed in place in eval."""
+    torch.manual_seed(0)
+    aux = auxhead.attach(
+        EvalInPlaceNet(), ["a.body", "b"], head="linear", sample=torch.zeros(2, 6)
+    ).eval()
+    x = torch.randn(64, 6) * 3
+    y = torch.zeros(64, dtype=torch.long)
+    scores = _as_tapped(aux, "a.body", x).softmax(-1).amax(-1).sort().values
+    gaps = scores[24:40].diff()
+    k = 24 + int(gaps.argmax())  # the widest gap near the median: far from float noise
+    assert gaps.max() > 1e-4
+    early = EarlyExit(
+        aux, thresholds=[float(scores[k] + scores[k + 1]) / 2, 1.0], return_exits=True
+    )
+    _, exits = early(x)
+    summary = early.evaluate([(x, y)], timing_batches=0)
+    assert summary.share == pytest.approx((exits.bincount(minlength=3) / len(x)).tolist())
