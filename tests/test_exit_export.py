@@ -163,3 +163,38 @@ def test_onnx_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
     aux = auxhead.attach(Net(), ["a", "b"], head="linear", sample=torch.zeros(2, 6))
     with pytest.raises(ValueError, match=r"needs the onnxscript package\(s\): pip install"):
         auxhead.EarlyExit(aux).export(tmp_path / "early.onnx", torch.zeros(2, 6))
+
+
+@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
+@pytest.mark.parametrize("thresholds", [[0.0, 1.0], [None, 0.0]])
+def test_one_image_sample_exports_a_dynamic_batch(suffix, thresholds, tmp_path, one_thread):
+    """Traced on one image, with thresholds of 0 (everyone leaves, what `calibrate` returns
+    when the first exit alone meets the target) and 1, the program takes any batch size and
+    routes like the eager forward."""
+    if suffix == ".onnx":
+        ort = pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    early, x = _mixed_early_exit("fx")
+    early.thresholds = [
+        t if t is not None else early.thresholds[i] for i, t in enumerate(thresholds)
+    ]
+    path = early.export(tmp_path / f"early{suffix}", x[:1])
+    if suffix == ".pt2":
+        program = torch.export.load(path).module()
+    else:
+        session = ort.InferenceSession(str(path))
+
+        def program(batch: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(map(torch.from_numpy, session.run(None, {"x": batch.numpy()})))
+
+    for batch in (x[:1], x[:7]):
+        logits, exits = program(batch)
+        expected, expected_exits = early(batch)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(exits, expected_exits)
+
+
+def test_export_refuses_an_empty_sample(tmp_path):
+    early, x = _mixed_early_exit("fx")
+    with pytest.raises(ValueError, match=r"sample batch \(B, ...\), B >= 1, got \(0, 6\)"):
+        early.export(tmp_path / "early.pt2", x[:0])

@@ -251,3 +251,101 @@ def test_moving_the_early_exit_moves_its_stages():
         net.scale.fill_(3.0)  # the stages read the model's buffer, not the one before .double()
     early.thresholds = 1.0
     torch.testing.assert_close(early(x), net(x))
+
+
+class _CachedBias(nn.Module):
+    """A tensor computed once per device and kept in a dict, as timm's LeViT keeps its
+    attention biases: under torch.fx the key is a traced device, and the value a traced one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6))
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.weight * 2
+        return x + self.cache[key]
+
+
+class _CachingNet(nn.Module):
+    def __init__(self, bias: nn.Module) -> None:
+        super().__init__()
+        self.a, self.bias, self.b, self.out = (
+            nn.Linear(6, 6),
+            bias,
+            nn.Linear(6, 6),
+            nn.Linear(6, 3),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.b(self.bias(self.a(x))))
+
+
+def test_a_cache_filled_while_tracing_is_emptied_again():
+    """The traced value does not stay in the model's cache, so cutting again (a second
+    EarlyExit, or `.to()`, which cuts again) works, and routes exactly."""
+    torch.manual_seed(0)
+    model = _CachingNet(_CachedBias()).eval()
+    aux = auxhead.attach(model, ["a", "b"], head="linear", sample=torch.zeros(2, 6)).eval()
+    x = torch.randn(8, 6)
+    for _ in range(2):
+        early = auxhead.EarlyExit(aux, thresholds=[1.0, 1.0])
+        assert early.mode == "staged", early.mode_reason
+        assert list(model.bias.cache) == ["cpu"]  # the attach dry run's, no traced value
+        with torch.no_grad():
+            torch.testing.assert_close(early(x), model(x), rtol=0, atol=0)
+    early.to(torch.float64).to(torch.float32)
+    assert early.mode == "staged", early.mode_reason
+
+
+class _SharedCacheBias(_CachedBias):
+    """The cache on the class: shared, out of reach of the cleanup."""
+
+    shared: dict[str, torch.Tensor] = {}  # noqa: RUF012
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in type(self).shared:
+            type(self).shared[key] = self.weight * 2
+        return x + type(self).shared[key]
+
+
+def test_a_value_from_an_earlier_trace_is_refused_with_the_reason():
+    """A traced value the cleanup cannot reach, met by a later trace: generic mode, with the
+    reason, instead of an internal KeyError (timm levit_128s raised `KeyError: getitem_6`)."""
+    torch.manual_seed(0)
+    model = _CachingNet(_SharedCacheBias()).eval()
+    try:
+        with pytest.raises(NotStageable):  # the first trace leaves a traced value behind
+            fx_cut(model, ["a", "b"])
+            fx_cut(model, ["a", "b"])
+        aux = auxhead.attach(model, ["a", "b"], head="linear", sample=torch.zeros(2, 6)).eval()
+        early = auxhead.EarlyExit(aux, thresholds=[1.0, 1.0])
+        assert early.mode == "generic"
+        assert "a value left from an earlier trace" in early.mode_reason
+        assert "caches computed tensors" in early.mode_reason
+        x = torch.randn(4, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(early(x), model(x), rtol=0, atol=0)
+    finally:
+        _SharedCacheBias.shared.clear()
+
+
+@pytest.mark.slow
+def test_levit_can_be_cut_twice():
+    """timm's LeViT caches its attention biases per device: a second cut raised
+    `KeyError: getitem_6` from the cutter."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    aux = auxhead.attach(model, ["stages.0.blocks.1", "stages.2.blocks.0"], sample=x).eval()
+    with torch.no_grad():
+        expected = model(x)
+    for _ in range(2):
+        early = auxhead.EarlyExit(aux, thresholds=[1.0, 1.0])
+        assert early.mode == "staged", early.mode_reason
+        with torch.no_grad():
+            torch.testing.assert_close(early(x), expected, rtol=0, atol=0)

@@ -93,15 +93,20 @@ def check_budget(max_flops: object) -> None:
 # ---- temperature scaling -----------------------------------------------------------------
 
 
+TEMPERATURE_BOUNDS = (0.02, 50.0)  # the range `fit_temperature` searches
+
+
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """The temperature T minimising the NLL of softmax(logits / T) (Guo et al. 2017), (N, K)
-    logits; a golden-section search on 1 / T in [0.02, 50] (the NLL is convex in 1 / T)."""
+    logits; a golden-section search on 1 / T in [0.02, 50] (the NLL is convex in 1 / T).
+    A result at a bound (`pinned_bound`) means the NLL has no minimum inside: a head that
+    separates every sample it is fitted on drives T to 0.02."""
     logits, targets = logits.double(), targets.long()
 
     def nll(beta: float) -> float:
         return torch.nn.functional.cross_entropy(logits * beta, targets).item()
 
-    low, high = math.log(0.02), math.log(50.0)
+    low, high = (math.log(t) for t in TEMPERATURE_BOUNDS)
     ratio = (math.sqrt(5) - 1) / 2
     a, b = high - ratio * (high - low), low + ratio * (high - low)
     fa, fb = nll(math.exp(a)), nll(math.exp(b))
@@ -115,6 +120,14 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
             b = low + ratio * (high - low)
             fb = nll(math.exp(b))
     return 1.0 / math.exp((low + high) / 2)
+
+
+def pinned_bound(temperature: float) -> float | None:
+    """The search bound `temperature` sits at (a fit that found no minimum inside), or None."""
+    for bound in TEMPERATURE_BOUNDS:
+        if math.isclose(temperature, bound, rel_tol=1e-6):
+            return bound
+    return None
 
 
 # ---- the whole calibration ---------------------------------------------------------------
@@ -135,6 +148,9 @@ class Calibration:
     test_samples: int  # samples that tested it (ltt)
     path_length: int  # threshold vectors on the path
     passed: int  # of them that passed the test in sequence
+    # (exit index, bound) of each temperature fit that ran to a search bound; that head's
+    # temperature falls back to 1.0
+    pinned: tuple[tuple[int, float], ...] = ()
 
 
 def _split(n: int, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,10 +284,16 @@ def _choose(
     else:
         path_rows = test_rows = torch.arange(n)
     temperatures = (1.0,) * n_exits
+    pinned: tuple[tuple[int, float], ...] = ()
     if logits is not None:
         assert targets is not None and score_fn is not None
+        fitted = [fit_temperature(logits[path_rows, e], targets[path_rows]) for e in range(n_exits)]
+        # A fit at a search bound found no minimum: its T is an artefact of the bound (0.02
+        # saturates the scores to ties at 1), so that head stays unscaled.
+        bounds = [pinned_bound(t) for t in fitted]
+        pinned = tuple((e, b) for e, b in enumerate(bounds) if b is not None)
         temperatures = tuple(
-            fit_temperature(logits[path_rows, e], targets[path_rows]) for e in range(n_exits)
+            1.0 if b is not None else t for t, b in zip(fitted, bounds, strict=True)
         )
         scores = torch.stack(
             [score_fn(logits[:, e], temperatures[e]) for e in range(n_exits)], dim=1
@@ -306,6 +328,7 @@ def _choose(
         test_samples=len(test_rows) if guaranteed else 0,
         path_length=len(found.path),
         passed=found.passed,
+        pinned=pinned,
     )
 
 

@@ -261,7 +261,7 @@ class EarlyExit(nn.Module):
 
     def _decide(self, index: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The head's logits (b, K) and which of the b samples exit at tap `index` (b,)."""
-        logits = self.aux_model.head(self.taps[index])(features)
+        logits = self.aux_model.run_head(self.taps[index], features)
         scores = score_logits(self._criterion, logits, self._temperatures[index])
         return logits, leaves(scores, self._thresholds[index])
 
@@ -280,7 +280,8 @@ class EarlyExit(nn.Module):
 
         Args:
             path: where to write, ending in .pt2 or .onnx.
-            sample: an input batch to trace with (the batch size stays dynamic).
+            sample: an input batch to trace with, one input or more (the batch size stays
+                dynamic whatever the sample's size and the thresholds).
 
         Returns:
             `path`; load a .pt2 with `torch.export.load(path).module()`, run a .onnx with
@@ -288,8 +289,9 @@ class EarlyExit(nn.Module):
             `return_exits`, "exit").
 
         Raises:
-            ValueError: a path not ending in .pt2 or .onnx, a generic-mode `EarlyExit`, or
-                .onnx without the onnx/onnxscript packages.
+            ValueError: a path not ending in .pt2 or .onnx, a generic-mode `EarlyExit`, an
+                empty sample, .onnx without the onnx/onnxscript packages, or an ONNX file
+                whose batch size torch's exporter fixed (not written).
         """
         if self._plan is None:
             raise ValueError(
@@ -368,7 +370,9 @@ class EarlyExit(nn.Module):
 
         Warns:
             UserWarning: when no thresholds meet the target; every sample then goes to the
-                main head (thresholds 1).
+                main head (thresholds 1). With `temperature=True`, for each head whose fit
+                runs to a search bound (0.02 or 50: too few samples, all of them right or
+                wrong at that head); its temperature stays 1.0.
 
         Example:
             >>> early = auxhead.EarlyExit(aux_model)
@@ -482,6 +486,15 @@ class EarlyExit(nn.Module):
             score_fn=self._score if temperature else None,
             seed=seed,
         )
+        for index, bound in choice.pinned:
+            warnings.warn(
+                f"the temperature of head {self.taps[index]!r} ran to its search bound "
+                f"T={bound:g} on {choice.path_samples} calibration samples (its loss has no "
+                "minimum inside the range, as when a head is right on every one of a few "
+                "samples), so it stays 1.0. Calibrate on more held-out data, or pass "
+                "temperature=False.",
+                stacklevel=3,
+            )
         return seen, choice
 
     def _warn_fallback(self, target: str, remedy: str, choice: Calibration) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from auxhead.attach import AuxModel
+from auxhead.exits._forward import head_copy
 from auxhead.exits._route import Criterion, leaves
 from auxhead.exits._stages import Plan
 
@@ -89,13 +90,14 @@ class Routed(nn.Module):
 
 
 class _HeadInput:
-    """aux_model.head_input for one tap (a plain callable: not a submodule)."""
+    """aux_model.head_input for one tap, copied as the eager forward copies it (`head_copy`)
+    (a plain callable: not a submodule)."""
 
     def __init__(self, aux_model, tap: str) -> None:
         self.aux_model, self.tap = aux_model, tap
 
     def __call__(self, output: torch.Tensor) -> torch.Tensor:
-        return self.aux_model.head_input(self.tap, output)
+        return head_copy(self.aux_model, self.tap, output)
 
 
 def _as_module(run: Callable[[torch.Tensor], torch.Tensor]) -> nn.Module:
@@ -113,6 +115,36 @@ class _Call(nn.Module):
         return self.fn(h)
 
 
+def _two_or_more(sample: torch.Tensor) -> torch.Tensor:
+    """A tracing sample of at least two: torch.export specialises a dimension of size 1 to 1
+    (a .pt2 then fails its dynamic-batch check, an ONNX file takes batch size 1 only), so a
+    one-image sample is traced twice over; the batch size stays dynamic either way."""
+    if not isinstance(sample, torch.Tensor) or sample.dim() == 0 or sample.shape[0] == 0:
+        got = tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__
+        raise ValueError(
+            f"export traces with a sample batch (B, ...), B >= 1, got {got}; pass one or more "
+            "inputs as the model takes them"
+        )
+    return torch.cat([sample, sample]) if sample.shape[0] == 1 else sample
+
+
+def _check_dynamic_batch(path: Path) -> None:
+    """Refuse an ONNX file whose input batch came out fixed (torch's exporter may fall back to
+    the sample's shapes without failing): it would reject every other batch size."""
+    import onnx
+
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape
+    first = dims.dim[0] if dims.dim else None
+    if first is None or not first.dim_param:
+        fixed = first.dim_value if first is not None else "none"
+        path.unlink(missing_ok=True)
+        raise ValueError(
+            f"torch's ONNX exporter fixed the batch size of {path.name} at {fixed}, so it would "
+            "reject other batch sizes; the file is not written. Export to a .pt2 file, or "
+            "report the model: its forward fixes the batch size somewhere"
+        )
+
+
 def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Path:
     """Export `routed` to `path`, traced on `sample` with a dynamic batch size: a `torch.export`
     program for .pt2 (load it with `torch.export.load(path).module()`), or one self-contained
@@ -125,6 +157,7 @@ def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Pa
             f"{path.name!r}"
         )
     routed = routed.eval()
+    sample = _two_or_more(sample)
     batch = torch.export.Dim("batch", min=1, max=65536)
     if path.suffix == ".onnx":
         missing = [
@@ -146,6 +179,7 @@ def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Pa
                 verbose=False,
             )
         program.save(str(path))
+        _check_dynamic_batch(path)
         return path
     with torch.no_grad():
         program = torch.export.export(routed, (sample,), dynamic_shapes=({0: batch},))

@@ -21,7 +21,7 @@ from auxhead.attach import AuxModel
 from auxhead.exits._route import MAIN, check_logits
 from auxhead.exits._stages import Plan
 
-__all__ = ["Decide", "forward_generic", "forward_staged"]
+__all__ = ["Decide", "forward_generic", "forward_staged", "head_copy"]
 
 Decide = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -49,6 +49,14 @@ def _take(output: Any, keep: torch.Tensor) -> Any:
     )
 
 
+def head_copy(aux_model: AuxModel, tap: str, output: Any) -> torch.Tensor:
+    """What the head at `tap` classifies, as a copy: the stage output goes on to the next
+    stage, and a head that changes its input in place (`ReLU(inplace=True)` first) must not
+    change what the rest of the model computes (the generic forward's row selection copies
+    too)."""
+    return aux_model.head_input(tap, output).clone()
+
+
 def _exits_by_stage(plan: Plan, active: Sequence[bool]) -> dict[int, list[int]]:
     """stage position -> the active exits (tap indices) decided after it."""
     at_stage: dict[int, list[int]] = {}
@@ -70,7 +78,7 @@ def _forward_one(
     for position, stage in enumerate(plan.stages):
         h = stage.run(h)
         for index in at_stage.get(position, ()):
-            logits, leave = decide(index, aux_model.head_input(taps[index], h))
+            logits, leave = decide(index, head_copy(aux_model, taps[index], h))
             first = logits if first is None else first
             logits = check_logits(logits, first, taps[index])
             if bool(leave[0]):
@@ -96,7 +104,7 @@ def forward_staged(
     for position, stage in enumerate(plan.stages):
         h = stage.run(h)
         for index in at_stage.get(position, ()):
-            logits, leave = decide(index, aux_model.head_input(taps[index], h))
+            logits, leave = decide(index, head_copy(aux_model, taps[index], h))
             if out is None:
                 out = logits.new_empty((batch, *logits.shape[1:]))
             logits = check_logits(logits, out, taps[index])

@@ -37,13 +37,49 @@ class _TapTracer(fx.Tracer):
 
 
 def _trace(model: nn.Module, taps: Sequence[str]) -> fx.Graph:
+    before = _dict_keys(model)
     try:
-        return _TapTracer(taps).trace(model)
+        graph = _TapTracer(taps).trace(model)
     except Exception as error:  # fx raises many kinds (TraceError, TypeError, ...)
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise NotStageable(
             f"torch.fx cannot trace {type(model).__name__} ({type(error).__name__}: {first[:200]})"
         ) from None
+    finally:
+        _forget_proxies(model, before)
+    own = set(graph.nodes)
+    for node in graph.nodes:
+        stale = [arg.name for arg in node.all_input_nodes if arg not in own]
+        if stale:
+            raise NotStageable(
+                f"the torch.fx graph of {type(model).__name__} uses {stale[0]!r}, a value left "
+                "from an earlier trace (its forward caches computed tensors, as timm's LeViT "
+                "does its attention biases)"
+            )
+    return graph
+
+
+def _dict_keys(model: nn.Module) -> dict[tuple[int, str], set]:
+    """The keys of each dict a module of `model` keeps as an attribute (a cache)."""
+    return {
+        (id(module), attr): set(value)
+        for module in model.modules()
+        for attr, value in vars(module).items()
+        if isinstance(value, dict) and not attr.startswith("_")
+    }
+
+
+def _forget_proxies(model: nn.Module, before: dict[tuple[int, str], set]) -> None:
+    """Drop what tracing cached in the model's dicts (a per-device cache keyed by a traced
+    device stores a traced value): the model stays as it was, and a later trace does not
+    reuse a value of this one."""
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if (id(module), attr) not in before or not isinstance(value, dict):
+                continue
+            for key in [k for k, v in value.items() if isinstance(v, fx.Proxy)]:
+                if key not in before[(id(module), attr)]:
+                    del value[key]
 
 
 def fx_cut(model: nn.Module, taps: Sequence[str]) -> Plan:
@@ -125,6 +161,10 @@ def _stage_graph(
         if node.op == "get_attr":  # a parameter or buffer: every stage reads its own
             env[node] = graph.node_copy(node, lookup)
             return env[node]
+        if node not in position:  # not of this graph (`_trace` refuses those first)
+            raise NotStageable(
+                f"the stage ending at {name!r} needs {node.name!r}, not in the graph"
+            )
         assert position[node] <= start  # values of this stage are copied in order
         raise NotStageable(
             f"the stage ending at {name!r} needs {node.name!r}, computed before the previous "

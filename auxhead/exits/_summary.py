@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from auxhead._probe import eval_mode
+from auxhead._hooks import HookSet
+from auxhead._probe import eval_mode, resolve
 from auxhead.attach import AuxModel
 from auxhead.exits._calibrate import Calibration
 from auxhead.exits._flops import FlopProfile, flop_profile
@@ -194,6 +196,25 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+def _every_head(aux_model: AuxModel, inputs: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+    """The model's output and each head's logits, the head run (`run_head`) on a copy of its
+    tap's output taken as the tap returns, as `EarlyExit`'s forward runs it: a model that
+    changes a tap's output in place later does not change what the head saw."""
+    by_tap: dict[str, Any] = {}
+
+    def run(tap: str):
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            by_tap[tap] = aux_model.run_head(tap, aux_model.head_input(tap, output).clone())
+
+        return hook
+
+    with HookSet() as hooks:
+        for tap, module in resolve(aux_model.model, aux_model.taps).items():
+            hooks.forward(module, run(tap))
+        main = aux_model.model(inputs)
+    return main, by_tap
+
+
 def collect(
     aux_model: AuxModel,
     data: Iterable[Any],
@@ -209,33 +230,30 @@ def collect(
     device = next(aux_model.parameters(), torch.empty(0)).device
     scores, correct, kept, logits, labels = [], [], [], [], []
     first: torch.Tensor | None = None
-    with eval_mode(aux_model), torch.no_grad(), aux_model.heads_enabled():
-        try:
-            for batch in data:
-                inputs, targets = split_batch(batch)
-                inputs, targets = inputs.to(device), targets.to(device)
-                main = aux_model(inputs)
-                missing = [tap for tap in taps if tap not in aux_model.aux_outputs]
-                if missing:
-                    raise ValueError(f"taps {missing} did not run on the calibration inputs")
-                heads = [aux_model.aux_outputs[tap] for tap in taps]
-                pairs = zip([*heads, main], names, strict=True)
-                outputs = [check_logits(out, heads[0], name) for out, name in pairs]  # (B, K)
-                if targets.shape[0] != main.shape[0]:
-                    raise ValueError(
-                        f"a batch has {main.shape[0]} inputs but {targets.shape[0]} targets"
-                    )
-                scores.append(torch.stack([score(h, 1.0) for h in heads], dim=1).cpu())
-                hits = [out.argmax(dim=-1) == targets for out in outputs]
-                correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
-                if keep_logits:
-                    logits.append(torch.stack(heads, dim=1).float().cpu())  # (B, E, K)
-                    labels.append(targets.cpu())
-                first = inputs[:1] if first is None else first
-                if len(kept) < timing_batches:
-                    kept.append(inputs)
-        finally:
-            aux_model.clear_aux()
+    with eval_mode(aux_model), torch.no_grad():
+        for batch in data:
+            inputs, targets = split_batch(batch)
+            inputs, targets = inputs.to(device), targets.to(device)
+            main, by_tap = _every_head(aux_model, inputs)
+            missing = [tap for tap in taps if tap not in by_tap]
+            if missing:
+                raise ValueError(f"taps {missing} did not run on the calibration inputs")
+            heads = [by_tap[tap] for tap in taps]
+            pairs = zip([*heads, main], names, strict=True)
+            outputs = [check_logits(out, heads[0], name) for out, name in pairs]  # (B, K)
+            if targets.shape[0] != main.shape[0]:
+                raise ValueError(
+                    f"a batch has {main.shape[0]} inputs but {targets.shape[0]} targets"
+                )
+            scores.append(torch.stack([score(h, 1.0) for h in heads], dim=1).cpu())
+            hits = [out.argmax(dim=-1) == targets for out in outputs]
+            correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
+            if keep_logits:
+                logits.append(torch.stack(heads, dim=1).float().cpu())  # (B, E, K)
+                labels.append(targets.cpu())
+            first = inputs[:1] if first is None else first
+            if len(kept) < timing_batches:
+                kept.append(inputs)
     if first is None:
         raise ValueError("the calibration data yielded no batches")
     return Seen(
