@@ -137,7 +137,10 @@ class AuxModel(nn.Module):
         would save tensors the recomputation in backward does not."""
         if self._active:
             features = self.head_input(name, output)
-            if name in self._copy:
+            # The dry run finds in-place changes in training mode; in eval a model may change
+            # a tap in place where training does not (torchvision's MBConv: `result += input`
+            # once stochastic depth is off), so in eval every head gets a copy.
+            if name in self._copy or not self.training:
                 features = features.clone()
             self._pending[name] = features
             keep = self._padding.get(self._mask_owner.get(name, ""))
@@ -585,8 +588,9 @@ def attach(
     every head parameter exists before an optimizer is built, and checks every tap: it must run
     once per forward, with gradients, with one row per sample; where the channels are in its
     output is read from the layers around it; a tap whose output the model later changes in
-    place (`ReLU(inplace=True)`, `out += identity`) is copied for its head, the others are not.
-    On any error nothing is left attached.
+    place (`ReLU(inplace=True)`, `out += identity`) is copied for its head, the others are not
+    (in eval, where a model may change a tap in place that training leaves alone, every head
+    gets a copy). On any error nothing is left attached.
 
     Each head draws its random numbers (init and dropout) from its own stream, seeded from
     `torch.initial_seed()` and the tap's name, so the model's own random numbers (its dropout
