@@ -411,6 +411,7 @@ def test_bad_out_is_refused(tmp_path, capsys):
     assert "is a file" in error_line(capsys, ["train", *QUICK, "--out", file])
     below_a_file = error_line(capsys, ["train", *QUICK, "--out", file / "run"])
     assert "--out" in below_a_file and "cannot be used" in below_a_file
+    assert below_a_file.endswith("choose another folder")  # the way out
     assert file.read_text() == "mine"
 
 
