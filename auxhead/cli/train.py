@@ -288,7 +288,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, metavar="DATA",
                    help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
                    "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
-                   "works), or a folder of images with one subfolder per class")  # fmt: skip
+                   "works), or a folder of images with one subfolder per class, or with "
+                   "train/ and val/ (or test/) folders that each have one")  # fmt: skip
     p.add_argument("--size", type=image_size, default=None, metavar="N",
                    help="resize every image to N x N, 8 to 1024 (default: the data's own "
                    "size)")  # fmt: skip
