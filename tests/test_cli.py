@@ -118,6 +118,9 @@ def test_budget_options_override():
     assert (steps.bs, steps.steps_per_epoch, steps.epochs) == (64, 22, 5)
     assert plan_budget(1438, TrainConfig(lr=0.1)).lr == 0.1
     assert plan_budget(10, TrainConfig(bs=256)).bs == 10  # never more than the data
+    for config in (TrainConfig(), TrainConfig(bs=256)):  # the reason gives the batch used
+        assert "batch size 5 for 5 training images" in plan_budget(5, config).why
+    assert "batch size" not in plan_budget(1438, TrainConfig(bs=64)).why  # as given
 
 
 # One real run --------------------------------------------------------------------------------

@@ -147,9 +147,9 @@ def plan_budget(n_train: int, config: TrainConfig) -> Budget:
         bs = DEFAULT_BS
         while bs > MIN_BS and n_train // bs < MIN_STEPS_PER_EPOCH:
             bs //= 2
-        if bs != DEFAULT_BS:
-            reasons.append(f"batch size {bs} for {n_train} training images")
-    bs = min(bs, n_train)
+    bs = min(bs, n_train)  # never more than the data: the reason below gives the batch used
+    if bs != (config.bs or DEFAULT_BS):
+        reasons.append(f"batch size {bs} for {n_train} training images")
     steps_per_epoch = max(1, n_train // bs)  # the last partial batch is dropped
     lr = config.lr
     if lr is None:
