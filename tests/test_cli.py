@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from auxhead import __version__
 from auxhead.cli import main
 from auxhead.cli._common import LOCK_NAME
 from auxhead.cli.train import (
@@ -532,6 +533,8 @@ def test_help_is_a_manual(capsys):
     assert "examples:" in text and "0    the table was printed" in text
     assert "wrote its report" not in text and "files that were kept" not in text
     assert main([]) == 2
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"auxhead {__version__}"
 
 
 def test_a_torchvision_model_trains_without_at(tmp_path, capsys):

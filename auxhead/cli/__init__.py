@@ -52,6 +52,12 @@ def _debug_option(parser: argparse.ArgumentParser, default: object) -> None:
     )
 
 
+def _version() -> str:
+    from auxhead import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     from auxhead.cli import acgan, layers, train
 
@@ -61,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is each command's manual.",
     )
     _debug_option(parser, False)
+    parser.add_argument("--version", action="version", version=f"auxhead {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, run in ((train, _run_train), (acgan, _run_acgan), (layers, _run_layers)):
         sub = module.add_parser(subparsers)
