@@ -624,6 +624,13 @@ def test_init_starts_from_a_state_dict(tmp_path, capsys):
     (tmp_path / "junk.pth").write_text("not a state_dict")
     line = error_line(capsys, ["train", *QUICK, "--init", tmp_path / "junk.pth", "--out", out])
     assert "--init" in line and "junk.pth" in line
+    earlier = tmp_path / "earlier"  # a run's folder given for the checkpoint in it
+    earlier.mkdir()
+    torch.save(start, earlier / "checkpoint.pth")
+    line = error_line(capsys, ["train", *QUICK, "--init", earlier, "--out", out])
+    assert line.endswith(f"not a weights file; give a file in it ({earlier / 'checkpoint.pth'})")
+    line = error_line(capsys, ["train", *QUICK, "--init", tmp_path, "--out", out])
+    assert line.endswith("is a folder, not a weights file")  # nothing in it to suggest
 
 
 def test_init_starts_from_auxhead_trains_own_checkpoint(quick_run, tmp_path, capsys):

@@ -376,6 +376,10 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError("--epochs and --steps both set the training length; give one")
     if config.pretrained and config.init is not None:
         raise UsageError("--pretrained and --init both choose the starting weights; give one")
+    if config.init is not None and Path(config.init).is_dir():
+        inside = Path(config.init) / "checkpoint.pth"
+        hint = f"; give a file in it ({inside})" if inside.is_file() else ""
+        raise UsageError(f"--init {config.init} is a folder, not a weights file{hint}")
     if config.init is not None and not Path(config.init).is_file():
         raise UsageError(f"--init {config.init}: no such file (a state_dict saved with torch.save)")
 
