@@ -877,6 +877,15 @@ def test_the_cli_shows_each_warning_once_instead_of_silencing_it():
     assert warnings.filters == before
 
 
+def test_the_libraries_deprecation_notices_at_import_are_not_shown():
+    # fastai's import warns about torch.jit.script and a pandas option: not the user's to fix.
+    out = subprocess.run(
+        [sys.executable, "-m", "auxhead", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("auxhead "), out.stderr
+    assert out.stderr == ""
+
+
 # A missing extra ------------------------------------------------------------------------------
 
 WITHOUT_FASTAI = "import sys; sys.modules['fastai'] = None\n"  # `import fastai` now fails

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from auxhead._extras import missing_extra
 from auxhead.cli._common import (
@@ -59,7 +60,15 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from auxhead.cli import acgan, layers, train
+    # The commands import fastai, whose import raises deprecation notices about its own code and
+    # its dependencies' (torch.jit.script, a pandas option): nothing a user of the command can act
+    # on, so they are not shown, even for --help (-W or PYTHONWARNINGS still choose). Warnings
+    # raised during a run are shown, each once (`warnings_shown_once`).
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+        from auxhead.cli import acgan, layers, train
 
     parser = argparse.ArgumentParser(
         prog="auxhead",
