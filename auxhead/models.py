@@ -339,13 +339,17 @@ def build_model(
             if pretrained:
                 return timm_pretrained(name, num_classes=num_classes, in_chans=channels)
             return timm.create_model(name, num_classes=num_classes, in_chans=channels)
-    known = ["small_cnn", *_torchvision_names()]
-    if _timm_available():
+    # Suggestions from where the name was looked for, each once, with the prefix it was given.
+    known = [] if source else ["small_cnn"]
+    if source in ("", "torchvision"):
+        known += _torchvision_names()
+    if source in ("", "timm") and _timm_available():
         import timm
 
         known += timm.list_models()
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=5, cutoff=0.6)
+    prefix = f"{source}:" if source else ""
+    hint = f" Did you mean: {', '.join(prefix + c for c in close)}?" if close else ""
     raise ValueError(
         f"unknown model {arch!r}.{hint} Use 'small_cnn', a torchvision model "
         "(torchvision.models.list_models()) or a timm model (timm.list_models(); "

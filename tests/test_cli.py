@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from auxhead import __version__
 from auxhead.cli import main
 from auxhead.cli._common import LOCK_NAME
 from auxhead.cli.train import (
@@ -118,6 +119,9 @@ def test_budget_options_override():
     assert (steps.bs, steps.steps_per_epoch, steps.epochs) == (64, 22, 5)
     assert plan_budget(1438, TrainConfig(lr=0.1)).lr == 0.1
     assert plan_budget(10, TrainConfig(bs=256)).bs == 10  # never more than the data
+    for config in (TrainConfig(), TrainConfig(bs=256)):  # the reason gives the batch used
+        assert "batch size 5 for 5 training images" in plan_budget(5, config).why
+    assert "batch size" not in plan_budget(1438, TrainConfig(bs=64)).why  # as given
 
 
 # One real run --------------------------------------------------------------------------------
@@ -411,6 +415,7 @@ def test_bad_out_is_refused(tmp_path, capsys):
     assert "is a file" in error_line(capsys, ["train", *QUICK, "--out", file])
     below_a_file = error_line(capsys, ["train", *QUICK, "--out", file / "run"])
     assert "--out" in below_a_file and "cannot be used" in below_a_file
+    assert below_a_file.endswith("choose another folder")  # the way out
     assert file.read_text() == "mine"
 
 
@@ -528,6 +533,8 @@ def test_help_is_a_manual(capsys):
     assert "examples:" in text and "0    the table was printed" in text
     assert "wrote its report" not in text and "files that were kept" not in text
     assert main([]) == 2
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"auxhead {__version__}"
 
 
 def test_a_torchvision_model_trains_without_at(tmp_path, capsys):
@@ -617,6 +624,13 @@ def test_init_starts_from_a_state_dict(tmp_path, capsys):
     (tmp_path / "junk.pth").write_text("not a state_dict")
     line = error_line(capsys, ["train", *QUICK, "--init", tmp_path / "junk.pth", "--out", out])
     assert "--init" in line and "junk.pth" in line
+    earlier = tmp_path / "earlier"  # a run's folder given for the checkpoint in it
+    earlier.mkdir()
+    torch.save(start, earlier / "checkpoint.pth")
+    line = error_line(capsys, ["train", *QUICK, "--init", earlier, "--out", out])
+    assert line.endswith(f"not a weights file; give a file in it ({earlier / 'checkpoint.pth'})")
+    line = error_line(capsys, ["train", *QUICK, "--init", tmp_path, "--out", out])
+    assert line.endswith("is a folder, not a weights file")  # nothing in it to suggest
 
 
 def test_init_starts_from_auxhead_trains_own_checkpoint(quick_run, tmp_path, capsys):
@@ -861,6 +875,15 @@ def test_the_cli_shows_each_warning_once_instead_of_silencing_it():
     assert out.stderr.count("FutureWarning: an old API") == 1, out.stderr
     main(["layers", "--help"])  # in process: the filters are put back
     assert warnings.filters == before
+
+
+def test_the_libraries_deprecation_notices_at_import_are_not_shown():
+    # fastai's import warns about torch.jit.script and a pandas option: not the user's to fix.
+    out = subprocess.run(
+        [sys.executable, "-m", "auxhead", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("auxhead "), out.stderr
+    assert out.stderr == ""
 
 
 # A missing extra ------------------------------------------------------------------------------

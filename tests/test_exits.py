@@ -622,6 +622,11 @@ def test_bad_calibration_data():
     soft = DataLoader(TensorDataset(MIXED, torch.rand(4, 2)), batch_size=2)
     with pytest.raises(ValueError, match=r"class indices of shape \(B,\)"):
         early.calibrate(soft)
+    beyond = DataLoader(TensorDataset(MIXED, torch.tensor([0, 1, 1, 2])), batch_size=2)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\) .* outputs, got 2"):
+        early.calibrate(beyond)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 2\) .* outputs, got -100"):
+        early.calibrate([(MIXED, torch.tensor([0, -100, 1, 1]))])
     with pytest.raises(ValueError, match="yielded no batches"):
         early.calibrate([])
     with pytest.raises(ValueError, match=r"max_accuracy_drop is a fraction in \[0, 1\]"):

@@ -112,6 +112,7 @@ def test_tiny_run_with_tac_writes_everything(tmp_path, capsys):
     assert_same_state(before, process_state())  # threads, seeds and cuDNN flags put back
     stdout = capsys.readouterr().out
     assert "wrote" in stdout
+    assert "AC-GAN: 1 epoch (" in stdout  # not "1 epochs"
     assert "tip: on few images (30 to train) --augment color,translation,cutout" in stdout
     assert not (out / "grids" / "grid_epoch_099.png").exists()  # the earlier run's: removed
     for folder in (out, out / "tac"):

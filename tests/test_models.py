@@ -112,6 +112,12 @@ def test_build_model_unknown_name():
         build_model("resnet181")
     with pytest.raises(ValueError, match=r"torchvision\.models\.list_models\(\)"):
         build_model("no_such_net_at_all")
+    with pytest.raises(ValueError, match=r"unknown model 'timm:resnet181'\. Did you mean: timm:"):
+        build_model("timm:resnet181")  # suggestions keep the prefix
+    with pytest.raises(ValueError) as raised:
+        build_model("resnet181")
+    close = str(raised.value).split("Did you mean: ")[1].split("?")[0].split(", ")
+    assert len(close) == len(set(close))  # a name torchvision and timm both know, once
     with pytest.raises(ValueError, match="unknown model source 'keras'"):
         build_model("keras:resnet18")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from auxhead._extras import missing_extra
 from auxhead.cli._common import (
@@ -52,8 +53,22 @@ def _debug_option(parser: argparse.ArgumentParser, default: object) -> None:
     )
 
 
+def _version() -> str:
+    from auxhead import __version__
+
+    return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from auxhead.cli import acgan, layers, train
+    # The commands import fastai, whose import raises deprecation notices about its own code and
+    # its dependencies' (torch.jit.script, a pandas option): nothing a user of the command can act
+    # on, so they are not shown, even for --help (-W or PYTHONWARNINGS still choose). Warnings
+    # raised during a run are shown, each once (`warnings_shown_once`).
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+        from auxhead.cli import acgan, layers, train
 
     parser = argparse.ArgumentParser(
         prog="auxhead",
@@ -61,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "is each command's manual.",
     )
     _debug_option(parser, False)
+    parser.add_argument("--version", action="version", version=f"auxhead {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module, run in ((train, _run_train), (acgan, _run_acgan), (layers, _run_layers)):
         sub = module.add_parser(subparsers)

@@ -167,7 +167,9 @@ class OutputFolder:
                 f"--out {out} is not writable ({error.strerror}); choose another folder"
             ) from None
         except OSError as error:
-            raise UsageError(f"--out {out} cannot be used: {error}") from None
+            raise UsageError(
+                f"--out {out} cannot be used ({error.strerror or error}); choose another folder"
+            ) from None
         for name in self.owned:
             target = out / name
             if target.is_dir() and not target.is_symlink():

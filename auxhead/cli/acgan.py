@@ -741,7 +741,7 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
             "'Your own few images')"
         )
     n_classifier = classifier_epochs(n_train, config.classifier_epochs)
-    say(f"training the independent classifier ({n_classifier} epochs)...")
+    say(f"training the independent classifier ({n_classifier} epoch{'s' * (n_classifier != 1)})...")
     t = time.perf_counter()
     evaluator = GANEvaluator.fit(
         data.train_x,
@@ -770,7 +770,8 @@ def _run(config: ACGANConfig, say: Callable[[str], None]) -> ACGANResult:
     )
     for i, conditioning in enumerate(config.conditioning):
         name = VARIANT_NAMES[conditioning]
-        say(f"training the {name}: {budget.epochs} epochs ({budget.why})...")
+        epochs = f"{budget.epochs} epoch{'s' * (budget.epochs != 1)}"
+        say(f"training the {name}: {epochs} ({budget.why})...")
         folder = "" if i == 0 else conditioning
         with seeded(config.seed):  # each variant starts from the same seed
             run = _train_variant(config, data, evaluator, budget, conditioning, folder)

@@ -148,9 +148,9 @@ def plan_budget(n_train: int, config: TrainConfig) -> Budget:
         bs = DEFAULT_BS
         while bs > MIN_BS and n_train // bs < MIN_STEPS_PER_EPOCH:
             bs //= 2
-        if bs != DEFAULT_BS:
-            reasons.append(f"batch size {bs} for {n_train} training images")
-    bs = min(bs, n_train)
+    bs = min(bs, n_train)  # never more than the data: the reason below gives the batch used
+    if bs != (config.bs or DEFAULT_BS):
+        reasons.append(f"batch size {bs} for {n_train} training images")
     steps_per_epoch = max(1, n_train // bs)  # the last partial batch is dropped
     lr = config.lr
     if lr is None:
@@ -289,7 +289,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", default=d.data, metavar="DATA",
                    help="'fashion-mnist' (default: Debian's dataset-fashion-mnist), 'digits' "
                    "(scikit-learn's 8x8 digits), a folder with the four idx files (MNIST "
-                   "works), or a folder of images with one subfolder per class")  # fmt: skip
+                   "works), or a folder of images with one subfolder per class, or with "
+                   "train/ and val/ (or test/) folders that each have one")  # fmt: skip
     p.add_argument("--size", type=image_size, default=None, metavar="N",
                    help="resize every image to N x N, 8 to 1024 (default: the data's own "
                    "size)")  # fmt: skip
@@ -376,6 +377,10 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError("--epochs and --steps both set the training length; give one")
     if config.pretrained and config.init is not None:
         raise UsageError("--pretrained and --init both choose the starting weights; give one")
+    if config.init is not None and Path(config.init).is_dir():
+        inside = Path(config.init) / "checkpoint.pth"
+        hint = f"; give a file in it ({inside})" if inside.is_file() else ""
+        raise UsageError(f"--init {config.init} is a folder, not a weights file{hint}")
     if config.init is not None and not Path(config.init).is_file():
         raise UsageError(f"--init {config.init}: no such file (a state_dict saved with torch.save)")
 

@@ -245,6 +245,14 @@ def collect(
                 raise ValueError(
                     f"a batch has {main.shape[0]} inputs but {targets.shape[0]} targets"
                 )
+            classes = outputs[-1].shape[-1]
+            outside = targets[(targets < 0) | (targets >= classes)]
+            if outside.numel():  # would count as wrong everywhere: a silent 0% accuracy
+                raise ValueError(
+                    f"targets must be class indices in [0, {classes}) for the model's "
+                    f"{classes} outputs, got {outside[0].item()}; check the labels (or "
+                    "num_classes)"
+                )
             scores.append(torch.stack([score(h, 1.0) for h in heads], dim=1).cpu())
             hits = [out.argmax(dim=-1) == targets for out in outputs]
             correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
