@@ -42,7 +42,7 @@ EAGER = {
     "cli": None,  # anything: the command line is the top of the stack
 }
 LAZY = {
-    "core": CORE,
+    "core": CORE | {"onnx"},  # the `onnx` extra: EarlyExit.export("x.onnx") checks what it wrote
     "gan": CORE | {"torchmetrics"},  # the Fréchet distance's Inception network
     "data": CORE
     | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"},
