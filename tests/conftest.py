@@ -1,3 +1,6 @@
+import random
+
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -57,3 +60,22 @@ def cnn() -> nn.Sequential:
 @pytest.fixture
 def x() -> torch.Tensor:
     return torch.randn(4, 3, 16, 16)
+
+
+def process_state() -> dict:
+    """What a run may change process-wide and must put back."""
+    return {
+        "threads": torch.get_num_threads(),
+        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["threads"] == before["threads"]
+    assert after["cudnn"] == before["cudnn"]
+    assert torch.equal(after["torch_rng"], before["torch_rng"])
+    assert after["python_rng"] == before["python_rng"]
+    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])

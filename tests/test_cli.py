@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_state, process_state
 
 from auxhead import __version__
 from auxhead.cli import main
@@ -50,25 +51,6 @@ def _threads_are_left_alone():
     threads = torch.get_num_threads()  # --threads 1 sets them for the run only
     yield
     assert torch.get_num_threads() == threads
-
-
-def process_state() -> dict:
-    """What a run may change process-wide and must put back."""
-    return {
-        "threads": torch.get_num_threads(),
-        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state()[1].copy(),
-    }
-
-
-def assert_same_state(before: dict, after: dict) -> None:
-    assert after["threads"] == before["threads"]
-    assert after["cudnn"] == before["cudnn"]
-    assert torch.equal(after["torch_rng"], before["torch_rng"])
-    assert after["python_rng"] == before["python_rng"]
-    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
 def error_line(capsys, argv) -> str:

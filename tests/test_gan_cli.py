@@ -2,12 +2,12 @@
 the GAN metrics' refusal of non-finite samples."""
 
 import json
-import random
 import re
 
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_state, process_state
 
 from auxhead.cli import main
 from auxhead.cli._common import LOCK_NAME
@@ -30,25 +30,6 @@ def _threads_are_left_alone():
     threads = torch.get_num_threads()  # --threads 1 sets them for the run only
     yield
     assert torch.get_num_threads() == threads
-
-
-def process_state() -> dict:
-    """What a run may change process-wide and must put back."""
-    return {
-        "threads": torch.get_num_threads(),
-        "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
-        "torch_rng": torch.get_rng_state(),
-        "python_rng": random.getstate(),
-        "numpy_rng": np.random.get_state()[1].copy(),
-    }
-
-
-def assert_same_state(before: dict, after: dict) -> None:
-    assert after["threads"] == before["threads"]
-    assert after["cudnn"] == before["cudnn"]
-    assert torch.equal(after["torch_rng"], before["torch_rng"])
-    assert after["python_rng"] == before["python_rng"]
-    assert np.array_equal(after["numpy_rng"], before["numpy_rng"])
 
 
 def _image_folder(root, classes=("a", "b", "c"), n=12, size=(28, 28)):
