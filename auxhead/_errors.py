@@ -8,4 +8,8 @@ class DataError(ValueError):
     """Data that cannot be loaded. The message is one line a command line can print."""
 
 
-DataError.__module__ = "auxhead.data"
+class MixedSizes(DataError):
+    """A folder whose images differ in size, loaded without `size=`: nothing to stack them at."""
+
+
+DataError.__module__ = MixedSizes.__module__ = "auxhead.data"

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from auxhead._errors import DataError
+from auxhead._errors import DataError, MixedSizes
 from auxhead._extras import raise_missing_extra
 from auxhead._folders import Layout, find_layout
 from auxhead._pixels import is_grey, read_pixels
@@ -38,6 +38,7 @@ __all__ = [
     "FASHION_MNIST_DIR",
     "DataError",
     "ImageData",
+    "MixedSizes",
     "dataloaders",
     "load_data",
     "read_idx",
@@ -313,7 +314,7 @@ def _read_images(files: list[Path], size: int | None) -> tuple[torch.Tensor, lis
         if shape is None:
             shape, first = (width, height), path
         elif (width, height) != shape:
-            raise DataError(
+            raise MixedSizes(
                 f"{path} is {width}x{height} but {first} is {shape[0]}x{shape[1]}; pass a size "
                 "(--size N, load_data(size=N)) to resize all"
             )

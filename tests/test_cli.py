@@ -21,7 +21,8 @@ from conftest import assert_same_state, process_state
 
 from auxhead import __version__
 from auxhead.cli import main
-from auxhead.cli._common import LOCK_NAME
+from auxhead.cli._common import LOCK_NAME, MIXED_SIZE
+from auxhead.cli.layers import LayersConfig, run_layers
 from auxhead.cli.train import (
     DEFAULT_BS,
     DEFAULT_EPOCHS,
@@ -237,20 +238,28 @@ def test_bad_data_one_clear_line(tmp_path, capsys):
     assert "b.png" in error_line(capsys, ["train", "--data", tmp_path / "bad", *out])
 
 
-def test_images_of_mixed_sizes_need_size_which_exists(tmp_path, capsys):
+def test_images_of_mixed_sizes_are_resized_to_the_size_asked_or_said(tmp_path, capsys):
     for k, name in enumerate(("cat", "dog")):
         for i in range(6):
             _png(tmp_path / "pets" / name / f"{i}.png", value=60 + 120 * k)
     from PIL import Image
 
     Image.new("L", (12, 10), 30).save(tmp_path / "pets" / "dog" / "big.png")
-    line = error_line(capsys, ["train", "--data", tmp_path / "pets", "--out", tmp_path / "o"])
-    assert "big.png is 12x10" in line and "--size N" in line
-    argv = ["train", "--data", tmp_path / "pets", "--size", "8", "--epochs", "1",
-            "--threads", "1", "--out", tmp_path / "o"]  # fmt: skip
-    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-2000:]
-    report = json.loads((tmp_path / "o" / "report.json").read_text())
-    assert report["classes"] == ["cat", "dog"] and report["n_train"] + report["n_test"] == 13
+    for size, said in ((["--size", "8"], None), ([], MIXED_SIZE)):
+        argv = ["train", "--data", tmp_path / "pets", *size, "--epochs", "1",
+                "--threads", "1", "--out", tmp_path / "o"]  # fmt: skip
+        assert main([str(a) for a in argv]) == 0, capsys.readouterr().err[-2000:]
+        out = capsys.readouterr().out
+        report = json.loads((tmp_path / "o" / "report.json").read_text())
+        assert report["classes"] == ["cat", "dog"] and report["n_train"] + report["n_test"] == 13
+        assert report["config"]["size"] == (None if said else 8)
+        resized = f"resizing every image to {MIXED_SIZE}x{MIXED_SIZE} (--size N chooses)"
+        assert (resized in out) == bool(said)
+        if said:
+            assert "big.png is 12x10" in out
+    result = run_layers(LayersConfig(arch="small_cnn", data=tmp_path / "pets"), say=print)
+    assert result.input_shape == (1, MIXED_SIZE, MIXED_SIZE)
+    assert "resizing every image" in capsys.readouterr().out
 
 
 def test_a_class_without_a_held_out_image_gets_a_line_in_the_report(tmp_path, capsys, caplog):
@@ -836,7 +845,7 @@ WARNS_TWICE = """
 import types, warnings, auxhead.cli.layers as layers
 from auxhead.cli import main
 
-def run_layers(config):
+def run_layers(config, say=None):
     for _ in range(2):
         warnings.warn("an old API", DeprecationWarning, stacklevel=1)
         warnings.warn("an old API", FutureWarning, stacklevel=1)

@@ -16,6 +16,7 @@ from auxhead.data import (
     FASHION_MNIST_DIR,
     DataError,
     ImageData,
+    MixedSizes,
     dataloaders,
     load_data,
     read_idx,
@@ -223,7 +224,7 @@ def test_image_folder_errors(tmp_path):
     for i in range(2):
         write_png(tmp_path / "sizes" / "a" / f"{i}.png", gray(0, (6, 6)))
         write_png(tmp_path / "sizes" / "b" / f"{i}.png", gray(0, (5, 6)))
-    with pytest.raises(DataError, match="is 6x5 but .* is 6x6; pass a size"):
+    with pytest.raises(MixedSizes, match="is 6x5 but .* is 6x6; pass a size"):  # a DataError
         load_data(tmp_path / "sizes")
     assert load_data(tmp_path / "sizes", size=6, valid_pct=0.5).size == 6
 

@@ -138,7 +138,8 @@ def _run_acgan(args: argparse.Namespace) -> int:
 def _run_layers(args: argparse.Namespace) -> int:
     from auxhead.cli.layers import config_from_args, run_layers
 
-    print(run_layers(config_from_args(args)).table())
+    result = run_layers(config_from_args(args), say=lambda line: print(line, flush=True))
+    print(result.table())
     return EXIT_OK
 
 

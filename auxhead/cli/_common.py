@@ -14,11 +14,19 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from auxhead.data import ImageData
 
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOCK_NAME = ".auxhead.lock"  # in --out while a run writes there: the run's process id
+# The size a folder of images of mixed sizes is resized to when no --size is given: small
+# enough to train on a CPU; pretrained ImageNet models get the size they were trained at.
+MIXED_SIZE = 64
+IMAGENET_SIZE = 224
 
 
 class UsageError(Exception):
@@ -29,6 +37,27 @@ class UsageError(Exception):
 
 
 _FASTAI_PREFIX = "Exception occured in `"  # fastai rewrites errors raised in callbacks
+
+
+def load_images(
+    spec: str | os.PathLike,
+    *,
+    size: int | None,
+    fallback: int,
+    say: Callable[[str], None],
+    seed: int = 0,
+) -> ImageData:
+    """`load_data(spec, seed=seed, size=size)`; a folder whose images differ in size, with no
+    --size given, is resized to `fallback` pixels and the run says so (one line)."""
+    from auxhead.data import MixedSizes, load_data
+
+    try:
+        return load_data(spec, seed=seed, size=size)
+    except MixedSizes as error:
+        if size is not None:
+            raise
+        say(f"{error} -- resizing every image to {fallback}x{fallback} (--size N chooses)")
+        return load_data(spec, seed=seed, size=fallback)
 
 
 def one_line(error: BaseException) -> str:

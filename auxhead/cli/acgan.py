@@ -42,6 +42,7 @@ from auxhead.cli._common import (
     atomic_path,
     collect_warnings,
     ema_decay,
+    load_images,
     nonnegative_float,
     positive_float,
     positive_int,
@@ -541,7 +542,9 @@ def gan_budget(n_train: int, bs: int, requested: int | None = None) -> GANBudget
 
 
 def _load(config: ACGANConfig, say: Callable[[str], None]) -> ImageData:
-    data = load_data(config.data, seed=config.seed, size=config.size)
+    data = load_images(
+        config.data, seed=config.seed, size=config.size, fallback=max(SIZES), say=say
+    )
     if config.size is None and data.size not in SIZES:
         # e.g. digits (8 px): the smallest size the networks make that is not smaller
         size = min((s for s in SIZES if s >= data.size), default=max(SIZES))

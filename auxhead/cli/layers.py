@@ -7,6 +7,7 @@ shapes for the data's images, the default taps marked.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +16,18 @@ import torch
 from auxhead._format import table
 from auxhead._probe import LayerInfo, list_layers
 from auxhead.cli._common import (
+    IMAGENET_SIZE,
+    MIXED_SIZE,
     ManualFormatter,
     UsageError,
     image_size,
+    load_images,
     positive_int,
 )
 
 __all__ = ["LayersConfig", "LayersResult", "add_parser", "run_layers"]
 
 DEFAULT_SIZE = {"small_cnn": 28}  # without --data or --size; other models: IMAGENET_SIZE
-IMAGENET_SIZE = 224
 NUM_CLASSES = 10  # the classifier's width does not change which layers exist
 
 DESCRIPTION = """\
@@ -106,7 +109,9 @@ def config_from_args(args: argparse.Namespace) -> LayersConfig:
     return LayersConfig(arch=args.arch, data=args.data, size=args.size, channels=args.channels)
 
 
-def run_layers(config: LayersConfig) -> LayersResult:
+def run_layers(
+    config: LayersConfig, say: Callable[[str], None] = lambda line: None
+) -> LayersResult:
     """Build the architecture, probe it with two blank images, and list its layers.
 
     Raises:
@@ -117,9 +122,7 @@ def run_layers(config: LayersConfig) -> LayersResult:
     from auxhead.models import build_model, default_taps
 
     if config.data is not None:
-        from auxhead.data import load_data
-
-        data = load_data(config.data, size=config.size)
+        data = load_images(config.data, size=config.size, fallback=MIXED_SIZE, say=say)
         channels, size, n_classes = data.channels, data.size, data.c
     else:
         channels = config.channels or (1 if config.arch == "small_cnn" else 3)

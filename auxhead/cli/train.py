@@ -33,6 +33,8 @@ from auxhead._weights import InitWeights, read_init
 from auxhead.attach import AttachError, AuxModel
 from auxhead.cli._common import (
     EXIT_CODES,
+    IMAGENET_SIZE,
+    MIXED_SIZE,
     ManualFormatter,
     UsageError,
     atomic_path,
@@ -40,13 +42,14 @@ from auxhead.cli._common import (
     fraction,
     image_size,
     is_out_of_memory,
+    load_images,
     nonnegative_float,
     one_line,
     positive_float,
     positive_int,
 )
 from auxhead.cli._state import seeded, torch_threads
-from auxhead.data import ImageData, dataloaders, load_data
+from auxhead.data import ImageData, dataloaders
 from auxhead.exits import EarlyExit, ExitSummary, check_targets, exit_flops, exit_params
 from auxhead.fastai import AuxHeads, export_learner
 from auxhead.heads import HEAD_KINDS
@@ -538,8 +541,9 @@ def _batches(x: torch.Tensor, y: torch.Tensor, bs: int):
     return list(zip(x.split(bs), y.split(bs), strict=True))
 
 
-def _load(config: TrainConfig) -> ImageData:
-    data = load_data(config.data, seed=config.seed, size=config.size)
+def _load(config: TrainConfig, say: Callable[[str], None]) -> ImageData:
+    fallback = IMAGENET_SIZE if config.pretrained else MIXED_SIZE  # a folder of mixed sizes
+    data = load_images(config.data, seed=config.seed, size=config.size, fallback=fallback, say=say)
     noted = set(_untested(data))  # load_data's notes (logged) name these already
     if config.limit:
         data = data.subset(config.limit, max(config.limit // 4, data.c * 2), seed=config.seed)
@@ -696,7 +700,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> TrainResult:
     check_config(config)
     out = Path(config.out)
     init = _read_init(config)  # a file it cannot read is refused before the data loads
-    data = _load(config)
+    data = _load(config, say)
     holdout = None
     if config.early_exit:
         n = min(config.holdout, len(data.train_y) // 5)
