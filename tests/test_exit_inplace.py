@@ -113,7 +113,9 @@ def test_a_head_that_changes_its_input_leaves_the_model_alone(mode):
     for batch in (slice(0, 1), slice(0, 8)):
         logits, exits = early(x[batch])
         assert exits.eq(1).all()
-        torch.testing.assert_close(logits, main[batch], rtol=0, atol=0)
+        # `main` ran at batch 8: at batch 1 other kernels may sum in another order (1e-8 apart
+        # under ATEN_CPU_CAPABILITY=default); the bug this guards against moved them by 0.16.
+        torch.testing.assert_close(logits, main[batch], rtol=1e-5, atol=1e-6)
 
 
 def test_efficientnet_v2_first_exit_is_its_head_on_the_tap_as_produced():
