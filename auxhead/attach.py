@@ -19,6 +19,7 @@ from torch import nn
 from auxhead._hooks import HookSet, dry_run_state, training_mode
 from auxhead._probe import LAYOUTS, Probe, Select, batch_size, first_tensor, probe, resolve
 from auxhead._rng import RngStream, generator_state, stream_seed
+from auxhead._tokens import POOLS, MaskFn, ModelMask, pool_tokens, takes_attention_mask
 from auxhead.heads import MASKABLE_HEADS, HeadFactory, build_head, check_num_classes
 
 __all__ = ["AttachError", "AuxModel", "attach"]
@@ -68,6 +69,8 @@ class AuxModel(nn.Module):
         permute: Mapping[str, tuple[int, ...] | None] | None = None,
         copy: Collection[str] | None = None,
         random: Collection[str] | None = None,
+        pool: Mapping[str, str | None] | None = None,
+        mask: MaskFn | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -94,6 +97,10 @@ class AuxModel(nn.Module):
         # The padding mask each batch-first nn.TransformerEncoder(Layer) around a tap got in
         # this forward, as "keep" (True at real tokens): filled by pre-hooks, by owner name.
         self._padding: dict[str, torch.Tensor | None] = {}
+        # Per tap: how its (B, N, C) output is pooled to (B, C) before its head ("cls", "mean").
+        self._pool = {name: how for name, how in (pool or {}).items() if how}
+        # The user's (args, kwargs) -> real tokens (B, N); None: the model's `attention_mask`.
+        self._mask_fn = mask
         self._register_hooks()
         # The mode the model is in (a model in eval stays so; its heads follow it).
         self.training = model.training
@@ -104,7 +111,12 @@ class AuxModel(nn.Module):
         around a tap whose head pools over real tokens; on failure, none stays."""
         modules = resolve(self.model, self.taps)
         self._tapped = modules  # to tell a tap that did not run from one that was replaced
-        maskable = [name for name in self.taps if isinstance(self.head(name), MASKABLE_HEADS)]
+        maskable = [
+            name
+            for name in self.taps
+            if isinstance(self.head(name), MASKABLE_HEADS) or name in self._pool
+        ]
+        self._masked = set(maskable)  # taps whose pooling reads which tokens are real
         self._mask_owner = _padding_owners(self.model, maskable)
         try:
             for name, module in modules.items():
@@ -112,6 +124,11 @@ class AuxModel(nn.Module):
             for owner in sorted(set(self._mask_owner.values())):
                 module = self.model.get_submodule(owner)
                 self._hooks.forward(module, _KeepPadding(self, owner), pre=True, with_kwargs=True)
+            if maskable and (self._mask_fn is not None or takes_attention_mask(self.model)):
+                # The model's own inputs say which tokens are real (Hugging Face's
+                # `attention_mask`): kept under the owner name "", the whole model.
+                hook = ModelMask(self.model, self._mask_fn, functools.partial(_keep_model, self))
+                self._hooks.forward(self.model, hook, pre=True, with_kwargs=True)
         except BaseException:
             self._remove_hooks()
             raise
@@ -145,7 +162,8 @@ class AuxModel(nn.Module):
             self._pending[name] = features
             keep = self._padding.get(self._mask_owner.get(name, ""))
             if (
-                keep is not None
+                name in self._masked
+                and keep is not None
                 and not features.is_nested
                 and features.dim() == 3
                 and features.shape[:2] == keep.shape
@@ -165,6 +183,8 @@ class AuxModel(nn.Module):
     ) -> torch.Tensor:
         head = self.heads[_key(name)]
         stream = self._streams.get(name)
+        if name in self._pool:
+            features, keep = pool_tokens(features, keep, self._pool[name]), None  # (B, C)
         if features.is_nested:
             return _per_length(head, features, self._permute.get(name))
         run = head if keep is None else functools.partial(head, keep=keep)
@@ -322,6 +342,12 @@ class AuxModel(nn.Module):
         state["aux_outputs"] = {}
         state["_pending"], state["_keep"], state["_padding"] = None, {}, {}
         return state
+
+
+def _keep_model(aux_model: AuxModel, keep: torch.Tensor | None) -> None:
+    """Where `ModelMask` leaves the real tokens of the wrapped model's call (in a forward)."""
+    if aux_model._pending is not None:
+        aux_model._padding[""] = keep
 
 
 class _KeepPadding:
@@ -580,6 +606,8 @@ def attach(
     sample: Any = None,
     select: Select | Mapping[str, Select] | None = None,
     layout: str | Mapping[str, str] | None = None,
+    pool: str | Mapping[str, str] | None = None,
+    mask: MaskFn | None = None,
 ) -> AuxModel:
     """Attach auxiliary classifier heads to `model` at the named layers.
 
@@ -614,6 +642,15 @@ def attach(
             (B, N, C)); one for all taps or a dict by name. Built-in heads and factories get
             maps as (B, C, H, W) and sequences as (B, N, C); an `nn.Module` head gets the
             output as the layer gives it.
+        pool: for taps whose output is a sequence (B, N, C): "cls" gives the head the first
+            token (B, C) (BERT's [CLS]), "mean" the mean over the real tokens (B, C); one for
+            all taps or a dict by name. None (the default): the head gets (B, N, C), and the
+            built-in heads pool it themselves over the real tokens.
+        mask: which tokens are real, for the pooling: a callable `(args, kwargs) -> (B, N)`
+            given the model's call, True (or 1) at real tokens. None: the `attention_mask`
+            argument of a model that takes one (Hugging Face models), and the
+            `src_key_padding_mask` given to a batch-first `nn.TransformerEncoder` around the
+            tap. Either way padding never changes a head's logits.
 
     Returns:
         An `AuxModel` wrapping `model`.
@@ -623,7 +660,8 @@ def attach(
             run in training, runs twice, runs without gradients or folds other things into the
             batch; a layout that cannot be told; a head whose output is not (B, num_classes);
             one `nn.Module` given for several taps; a sample of one for a model with BatchNorm
-            (a tensor sample of one is doubled, a tuple or dict is not).
+            (a tensor sample of one is doubled, a tuple or dict is not); `pool` on a tap whose
+            output is not a sequence.
         ValueError: a `num_classes` that is not a whole number >= 1.
         Exception: whatever the model itself raises on `sample`, as it is, with a note that
             the dry run raised it.
@@ -656,6 +694,14 @@ def attach(
     bad = {name: value for name, value in layouts.items() if value not in (None, *LAYOUTS)}
     if bad:
         raise AttachError(f"layout must be one of {list(LAYOUTS)}; got {bad}")
+    pools = _per_tap(pool, names, "pool")
+    bad = {name: value for name, value in pools.items() if value not in (None, *POOLS)}
+    if bad:
+        raise AttachError(f"pool must be one of {list(POOLS)} (or None); got {bad}")
+    if mask is not None and not callable(mask):
+        raise TypeError(
+            f"mask must be a callable (args, kwargs) -> (B, N) real tokens, got {mask!r}"
+        )
 
     needs_sizing = [name for name, spec in pairs if not isinstance(spec, nn.Module)]
     if sample is None:
@@ -664,7 +710,9 @@ def attach(
                 f"heads at {needs_sizing} are sized from the tap's output: pass `sample=` (an "
                 "input batch) so auxhead can do a dry run, or give an nn.Module for each layer."
             )
-        return AuxModel(model, dict(pairs), select=selects)
+        if any(pools.values()):
+            raise AttachError("`pool=` needs `sample=`, to check that each tap is a sequence")
+        return AuxModel(model, dict(pairs), select=selects, mask=mask)
 
     if isinstance(sample, torch.Tensor) and sample.dim() > 0 and sample.shape[0] == 1:
         # A training step sees batches: BatchNorm refuses a batch of one in training mode.
@@ -702,9 +750,14 @@ def attach(
     copy, random = set(), set()
     for name, spec in pairs:
         shape = rows[name].shape
+        if pools[name]:
+            # A sequence pooled before its head: the head sees (B, C), whatever it is.
+            dims = _sequence_dims(name, shape, layouts[name] or rows[name].layout)
+            shape = (shape[0], shape[1] if dims else shape[2])
         if isinstance(spec, nn.Module):
             built = spec
-            dims = _PERMUTE.get((len(shape), layouts[name])) if layouts[name] else None
+            if not pools[name]:
+                dims = _PERMUTE.get((len(shape), layouts[name])) if layouts[name] else None
         else:
             found = layouts[name] or rows[name].layout
             if len(shape) in (3, 4) and found is None:
@@ -714,9 +767,10 @@ def attach(
                     "(B, C, L)) or 'channels_last' ((B, H, W, C) or (B, N, C)) for it, or tap "
                     "another layer."
                 )
-            dims = _PERMUTE.get((len(shape), found))
-            if dims is not None:
-                shape = tuple(shape[d] for d in dims)
+            if not pools[name]:
+                dims = _PERMUTE.get((len(shape), found))
+                if dims is not None:
+                    shape = tuple(shape[d] for d in dims)
             with RngStream(stream_seed(f"init:{name}")).on(torch.device("cpu")):
                 built = build_head(spec, shape, num_classes)
             if reference is not None:
@@ -726,10 +780,38 @@ def attach(
         features = run.checks[name].features
         if dims is not None:
             features = features.permute(*dims)
+        if pools[name]:
+            features = pool_tokens(features, None, pools[name])  # (B, C)
         sized = not isinstance(spec, nn.Module)
         changes_input, draws = _dry_run_head(name, built, features, num_classes, sized=sized)
         if changes_input or run.checks[name].modified:
             copy.add(name)
         if draws:
             random.add(name)
-    return AuxModel(model, heads, select=selects, permute=permute, copy=copy, random=random)
+    return AuxModel(
+        model,
+        heads,
+        select=selects,
+        permute=permute,
+        copy=copy,
+        random=random,
+        pool=pools,
+        mask=mask,
+    )
+
+
+def _sequence_dims(name: str, shape: tuple[int, ...], layout: str | None) -> tuple | None:
+    """The permutation that puts a sequence tap's output in (B, N, C) (None: it is), or an
+    AttachError naming the tap when its output is no sequence for `pool=`."""
+    if len(shape) != 3:
+        raise AttachError(
+            f"pool= needs a sequence (B, N, C) at {name!r}, which outputs shape {shape}. "
+            "Leave pool unset for this tap (pool={tap: 'cls', ...} names the taps it is for)."
+        )
+    if layout is None:
+        raise AttachError(
+            f"layer {name!r} outputs {shape}, and the layers around it do not tell where its "
+            "channels are: pass layout='channels_last' ((B, N, C)) or 'channels_first' "
+            "((B, C, L)) for it."
+        )
+    return _PERMUTE.get((3, layout))

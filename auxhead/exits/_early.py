@@ -28,6 +28,7 @@ from torch import nn
 
 from auxhead._probe import eval_mode
 from auxhead._spread import per_name
+from auxhead._tokens import refuse_token_model
 from auxhead.attach import AuxModel
 from auxhead.exits._calibrate import (
     METHODS,
@@ -155,6 +156,7 @@ class EarlyExit(nn.Module):
                 f"EarlyExit needs the AuxModel that auxhead.attach returned, "
                 f"got {type(aux_model).__name__}"
             )
+        refuse_token_model(aux_model.model)  # no silent wrong routing of padded batches
         if isinstance(criterion, str):
             if criterion not in CRITERIA:
                 raise ValueError(

@@ -1,0 +1,117 @@
+"""Token taps: which tokens of a (B, N, C) tap are real, and pooling them to one row per sample.
+
+A model that pads its sequences says which tokens are real in its inputs: Hugging Face models
+take an `attention_mask` keyword (1 at real tokens, 0 at padding); `nn.TransformerEncoder`
+takes a `src_key_padding_mask` (True at padding), read in `attach`. Here: the mask of the
+wrapped model's own inputs, read by a forward pre-hook, and the two poolings a head can ask for
+(`attach(..., pool=...)`): the first token (BERT's [CLS], RoBERTa's <s>) or the mean over the
+real tokens. Either way a sample's pooled features, so its head's logits, do not depend on how
+much padding its batch added (right padding: the real tokens keep their positions).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["POOLS", "MaskFn", "ModelMask", "keep_from", "pool_tokens", "refuse_token_model"]
+
+# How a head on a (B, N, C) tap pools it to (B, C): the first token, or the mean of the real ones.
+POOLS = ("cls", "mean")
+
+# The user's own way to find the real tokens: (args, kwargs) of the model's call -> (B, N)
+# mask, True (or 1) at real tokens.
+MaskFn = Callable[[tuple, dict], torch.Tensor | None]
+
+# The keyword Hugging Face models take their padding mask by (1: real token, 0: padding).
+ATTENTION_MASK = "attention_mask"
+
+
+def keep_from(mask: Any) -> torch.Tensor | None:
+    """A (B, N) mask, True or nonzero at real tokens, as a bool tensor; a row with no real token
+    keeps them all (its mean is then over every token, not a division by zero). Anything that
+    is not a 2-D tensor: None (no mask)."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.is_nested:
+        return None
+    keep = mask if mask.dtype == torch.bool else mask != 0  # (B, N)
+    return keep | ~keep.any(dim=1, keepdim=True)
+
+
+def pool_tokens(features: torch.Tensor, keep: torch.Tensor | None, how: str) -> torch.Tensor:
+    """(B, N, C) -> (B, C): the first token ("cls") or the mean over the tokens `keep` (B, N)
+    marks real ("mean"; every token without `keep`). A nested tensor (one (N_i, C) sequence per
+    sample, the padding already dropped, as `nn.TransformerEncoder` passes them in eval) pools
+    each sample's own tokens."""
+    if features.is_nested:
+        samples = features.unbind()  # (N_i, C) each
+        if how == "cls":
+            return torch.stack([sample[0] for sample in samples])
+        return torch.stack([sample.mean(dim=0) for sample in samples])
+    if how == "cls":
+        return features[:, 0]  # (B, C)
+    if keep is None:
+        return features.mean(dim=1)
+    kept = keep.unsqueeze(-1)  # (B, N, 1)
+    count = kept.sum(dim=1).clamp(min=1).to(features.dtype)  # (B, 1)
+    return features.masked_fill(~kept, 0).sum(dim=1) / count
+
+
+def _position(model: nn.Module, name: str) -> int | None:
+    """Where `name` stands among the positional parameters of `model.forward`, or None."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    positional = [
+        p.name
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    return positional.index(name) if name in positional else None
+
+
+def takes_attention_mask(model: nn.Module) -> bool:
+    """Whether `model.forward` has an `attention_mask` parameter (Hugging Face models do)."""
+    try:
+        return ATTENTION_MASK in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ModelMask:
+    """A forward pre-hook on the wrapped model: the real tokens of this call, as `keep` (B, N),
+    from `mask(args, kwargs)` when the user gave one, else from the `attention_mask` argument
+    (by keyword or at its place among the positional ones). `store(keep)` receives it, or None.
+    A plain class, not a closure, so an `AuxModel` holding it can be pickled and deep-copied."""
+
+    def __init__(self, model: nn.Module, mask: MaskFn | None, store: Callable[[Any], None]):
+        self.mask = mask
+        self.store = store
+        self.position = None if mask is not None else _position(model, ATTENTION_MASK)
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.mask is not None:
+            found = self.mask(args, kwargs)
+        elif ATTENTION_MASK in kwargs:
+            found = kwargs[ATTENTION_MASK]
+        elif self.position is not None and len(args) > self.position:
+            found = args[self.position]
+        else:
+            found = None
+        self.store(keep_from(found))
+
+
+def refuse_token_model(model: nn.Module) -> None:
+    """Raise naming the model if it takes an `attention_mask` (a Hugging Face token model):
+    routing its samples needs the mask to follow them, which early exits do not do yet."""
+    if takes_attention_mask(model):
+        raise ValueError(
+            f"EarlyExit cannot route {type(model).__name__} yet: it takes an attention_mask, "
+            "and early exits for token models (narrowing the batch and its mask as samples "
+            "leave) are planned (issue #22), not built. Its heads train and evaluate as usual: "
+            "aux_model.heads_enabled() gives every head's logits."
+        )
