@@ -15,6 +15,8 @@ EXTRA_OF = {
     "onnx": "onnx",
     "onnxruntime": "onnx",
     "onnxscript": "onnx",
+    "tokenizers": "transformers",
+    "transformers": "transformers",
 }
 
 

@@ -29,6 +29,7 @@ from auxhead._errors import DataError, MixedSizes
 from auxhead._extras import raise_missing_extra
 from auxhead._folders import Layout, find_layout
 from auxhead._pixels import is_grey, read_pixels
+from auxhead._text import MR_CLASSES, MR_TINY, TextData, TokenDataset, load_mr, read_mr
 
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
@@ -43,6 +44,8 @@ __all__ = [
     "load_data",
     "read_idx",
 ]
+# Text: MR sentence polarity as token ids (auxhead._text).
+__all__ += ["MR_CLASSES", "MR_TINY", "TextData", "TokenDataset", "load_mr", "read_mr"]
 
 # Where the Debian/Ubuntu package `dataset-fashion-mnist` installs the four idx files.
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

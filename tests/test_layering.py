@@ -28,6 +28,7 @@ LAYERS = ("core", "gan", "data", "adapter", "cli")
 # data loading (with its private folder and pixel readers); the CLI's model zoo and its
 # weights reader
 DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models", "auxhead._weights"}
+DATA |= {"auxhead._text"}  # MR sentences, tokenised by a `tokenizers` tokenizer trained on them
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
 
 # Third-party packages each layer may import when the module is imported ("eager"), and also
@@ -45,7 +46,8 @@ LAZY = {
     "core": CORE | {"onnx"},  # the `onnx` extra: EarlyExit.export("x.onnx") checks what it wrote
     "gan": CORE | {"torchmetrics"},  # the Fréchet distance's Inception network
     "data": CORE
-    | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"},
+    | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"}
+    | {"tokenizers"},
     "adapter": CORE | {"fastai", "PIL", "matplotlib"},
     "cli": None,
 }
