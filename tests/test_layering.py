@@ -30,6 +30,7 @@ LAYERS = ("core", "gan", "data", "adapter", "cli")
 DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models", "auxhead._weights"}
 DATA |= {"auxhead._text"}  # MR sentences, tokenised by a `tokenizers` tokenizer trained on them
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
+ADAPTERS |= {"auxhead.hf"}  # the Hugging Face Trainer's
 
 # Third-party packages each layer may import when the module is imported ("eager"), and also
 # inside a function or under TYPE_CHECKING ("lazy": needed only by the function that uses it).
@@ -39,7 +40,7 @@ EAGER = {
     "core": CORE,
     "gan": CORE,
     "data": CORE,
-    "adapter": CORE | {"fastai", "PIL"},
+    "adapter": CORE | {"fastai", "PIL", "transformers"},
     "cli": None,  # anything: the command line is the top of the stack
 }
 LAZY = {
