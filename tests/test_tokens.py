@@ -193,3 +193,41 @@ def test_pooled_heads_copy_pickle_and_strip():
             torch.testing.assert_close(clone.aux_outputs["enc.layers.0"], expected)
     bare = aux.strip()
     assert bare is model and hook_count(model) == 0
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.parametrize("pool", POOLS)
+def test_the_padding_mask_given_to_the_encoder_itself_counts(pool):
+    # The model is the nn.TransformerEncoder, called as encoder(x, src_key_padding_mask=pad).
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoder = nn.TransformerEncoder(layer, 2)
+    sentence = torch.randn(1, 5, 16)
+
+    def padded(width):
+        x = torch.cat([sentence, torch.randn(1, width - 5, 16)], dim=1)
+        x = torch.cat([x, torch.randn(1, width, 16)])  # a second, full-length sample
+        pad = torch.zeros(2, width, dtype=torch.bool)
+        pad[0, 5:] = True
+        return x, pad
+
+    x, pad = padded(8)
+    aux = auxhead.attach(
+        encoder,
+        ["layers.0", "layers.1"],
+        head="linear",
+        num_classes=3,
+        pool=pool,
+        sample={"src": x, "src_key_padding_mask": pad},
+    )
+    for train in (True, False):
+        aux.train(train)
+        with aux.heads_enabled(), torch.no_grad():
+            aux(sentence)
+            alone = {tap: logits[0] for tap, logits in aux.aux_outputs.items()}
+            for width in (6, 11):
+                x, pad = padded(width)
+                aux(x, src_key_padding_mask=pad)
+                for tap, logits in aux.aux_outputs.items():
+                    torch.testing.assert_close(logits[0], alone[tap], **TOL)
