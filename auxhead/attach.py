@@ -52,6 +52,8 @@ class AuxModel(nn.Module):
     `nn.TransformerEncoder` run with a padding mask, the built-in heads pool over each sample's
     real tokens, in train and eval alike; in eval, where torch's fast path passes nested
     tensors between the layers, every head does (the samples of each length run together).
+    Likewise on any model called with an `attention_mask` (Hugging Face's), or given `mask=`
+    at attach; with `pool=` ("cls" or "mean") a head gets one vector per sample, whatever it is.
 
     Attributes:
         model: the wrapped model, unchanged but for forward hooks on the tapped layers.

@@ -3,6 +3,8 @@ tiny configs (no download), called with keyword arguments, returning `ModelOutpu
 every encoder layer; the model's output unchanged bit for bit; padding never changes a head's
 logits; strip gives back the model `save_pretrained` writes and `from_pretrained` reads."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,3 +160,19 @@ def test_early_exit_refuses_a_token_model_by_name(family):
     )
     with pytest.raises(ValueError, match=f"cannot route {type(model).__name__} yet.*planned"):
         auxhead.EarlyExit(aux)
+
+
+def test_a_copied_aux_model_reads_its_own_attention_mask():
+    model = tiny("bert").eval()
+    sentence, other = sentences([4, 9])
+    aux = auxhead.attach(
+        model, LAYERS["bert"], num_classes=2, pool="mean", sample=batch([sentence, other], "bert")
+    )
+    clone = copy.deepcopy(aux).eval()
+    assert clone.model is not model
+    with clone.heads_enabled(), torch.no_grad():
+        clone(**batch([sentence], "bert"))
+        alone = clone.aux_outputs
+        clone(**batch([sentence, other], "bert"))
+    for tap in LAYERS["bert"]:
+        torch.testing.assert_close(clone.aux_outputs[tap][0], alone[tap][0], **TOL)
