@@ -821,8 +821,8 @@ def load_segmentation(
         void: the mask value to ignore in the loss and metrics; None for none; "auto" (the
             default) takes a codes.txt line named Void / Unlabelled / Ignore (dropped from
             `codes` when it is the last line), else 255 when the masks hold it (as Pascal VOC's
-            do). CamVid as in ../shared/data/camvid (no codes.txt) needs
-            `codes=CAMVID_CODES, void=CAMVID_VOID`.
+            do). A folder named *camvid* without codes.txt whose masks fit CamVid's is read
+            as `codes=CAMVID_CODES, void=CAMVID_VOID` (../shared/data/camvid), and says so.
 
     Returns:
         A `SegmentationData`: float32 (N, 3, H, W) images in [0, 1], int64 (N, H, W) masks.
@@ -866,8 +866,19 @@ def load_segmentation(
     images = [path for pairs in found.values() for path in pairs.images]
     masks = [path for pairs in found.values() for path in pairs.masks]
     x, y = read_pairs(images, masks, size)  # one read, so every split gets the same size
+    notes = list(layout.notes)
+    # As for idx files named *fashion*: a folder named *camvid* without codes.txt, whose masks
+    # fit CamVid's 11 classes and void, is CamVid (../shared/data/camvid).
+    camvid = "camvid" in root.name.lower() and int(y.max()) <= CAMVID_VOID
+    if codes is None and layout.codes_file is None and camvid:
+        codes = list(CAMVID_CODES)
+        void = CAMVID_VOID if void == "auto" else void
+        notes.append(
+            f"{root}: no codes.txt; the folder is named CamVid, so its masks are read as "
+            f"CamVid's 11 classes with void {CAMVID_VOID} (pass codes= to say otherwise)"
+        )
     classes = resolve_classes(y, masks, codes=codes, codes_file=layout.codes_file, void=void)
-    notes = layout.notes + classes.notes
+    notes += classes.notes
     tensors, files, start = {}, {}, 0
     for split, pairs in found.items():
         end = start + len(pairs.images)

@@ -150,6 +150,38 @@ def test_test_folder_without_val_is_validation(tmp_path):
     assert any("validation uses test/" in note for note in data.notes)
 
 
+def test_test_folder_without_masks_is_left_out(tmp_path):  # a competition's test images
+    _pairs(tmp_path / "train" / "images", tmp_path / "train" / "masks", 3)
+    _pairs(tmp_path / "val" / "images", tmp_path / "val" / "masks", 2, start=5)
+    _save(tmp_path / "test" / "images" / "unknown.png", _image(9))
+    data = load_segmentation(tmp_path)
+    assert (len(data.train_y), len(data.valid_y), data.test_y) == (3, 2, None)
+    assert any("test holds no image folder beside a mask folder" in n for n in data.notes)
+
+
+def test_files_that_are_not_images_are_skipped_and_said(tmp_path):
+    _pairs(tmp_path / "images", tmp_path / "labels", 5)
+    (tmp_path / "images" / "notes.txt").write_text("x")
+    (tmp_path / "labels" / ".DS_Store").write_text("x")
+    data = load_segmentation(tmp_path)
+    assert len(data.train_y) + len(data.valid_y) == 5
+    assert [n for n in data.notes if "not images" in n] == [
+        f"{tmp_path / 'images'}: skipped 1 file(s) that are not images (notes.txt)"
+    ]
+
+
+def test_a_folder_named_camvid_without_codes_is_camvid(tmp_path):
+    root = tmp_path / "CamVid"
+    written = _pairs(root / "images", root / "labels", 5)
+    mask = written["frame000"][1].copy()
+    mask[0, 0] = CAMVID_VOID
+    _save(root / "labels" / "frame000.png", mask)
+    data = load_segmentation(root)
+    assert data.codes == CAMVID_CODES and data.void == CAMVID_VOID
+    assert any("named CamVid" in note for note in data.notes)
+    assert load_segmentation(root, codes=["a", "b", "c"], void=11).codes == ["a", "b", "c"]
+
+
 def test_image_and_mask_folders_holding_splits(tmp_path):  # mmsegmentation, ADE20K
     written = _pairs(tmp_path / "images" / "train", tmp_path / "annotations" / "train", 4)
     written |= _pairs(tmp_path / "images" / "val", tmp_path / "annotations" / "val", 2, start=9)
@@ -327,6 +359,14 @@ def test_unrecognised_layout_names_the_layouts(tmp_path):
     assert str(tmp_path) in message and "images/ + labels/" in message and "pictures/" in message
 
 
+@pytest.mark.parametrize("present", ["images", "masks"])
+def test_an_image_folder_without_a_mask_folder(tmp_path, present):
+    _pairs(tmp_path / present, tmp_path / "other", 3)
+    missing = "mask" if present == "images" else "image"
+    with pytest.raises(DataError, match=rf"has {present}/ but no {missing} folder beside it"):
+        load_segmentation(tmp_path)
+
+
 def test_split_folder_without_a_pair_is_refused(tmp_path):
     _pairs(tmp_path / "train" / "images", tmp_path / "train" / "labels", 3)
     _pairs(tmp_path / "val" / "photos", tmp_path / "val" / "labels", 2)
@@ -448,7 +488,8 @@ SHARED_CAMVID = (
 def test_shared_camvid_loads_in_the_segnet_split():
     if not SHARED_CAMVID.is_dir():
         pytest.skip(f"no CamVid copy at {SHARED_CAMVID} (../shared/data/camvid)")
-    data = load_segmentation(SHARED_CAMVID, codes=CAMVID_CODES, void=CAMVID_VOID)
+    data = load_segmentation(SHARED_CAMVID)  # no codes.txt: named camvid, read as CamVid
+    assert data.codes == CAMVID_CODES
     assert (len(data.train_y), len(data.valid_y), len(data.test_y)) == (367, 101, 233)
     assert data.size == (180, 240) and data.c == 11 and data.void == 11
     assert int(data.train_y.max()) == 11
