@@ -32,7 +32,8 @@ from auxhead._extras import raise_missing_extra
 from auxhead._folders import Layout, find_layout
 from auxhead._masks import read_pairs, resolve_classes
 from auxhead._pixels import is_grey, read_pixels
-from auxhead._seg_folders import find_seg_layout
+from auxhead._seg_folders import IMAGE_DIRS as SEG_IMAGE_DIRS
+from auxhead._seg_folders import MASK_DIRS, find_seg_layout
 
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
@@ -412,6 +413,7 @@ def _held_out_notes(data: ImageData, layout: Layout, valid_pct: float) -> list[s
 
 def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | None) -> ImageData:
     layout = find_layout(folder)
+    _refuse_segmentation(folder, list(layout.train))
     groups = {"train": layout.train}
     if layout.valid is not None:
         groups["valid"] = layout.valid
@@ -439,6 +441,17 @@ def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | No
         logger.warning("%s", note)
     data.notes = notes
     return data
+
+
+def _refuse_segmentation(folder: Path, classes: list[str]) -> None:
+    """Two "classes" named as an image folder and a mask folder are segmentation data: a
+    classifier would learn to tell photos from masks."""
+    lower = sorted(classes, key=lambda name: name.lower() not in SEG_IMAGE_DIRS)
+    if len(lower) == 2 and lower[0].lower() in SEG_IMAGE_DIRS and lower[1].lower() in MASK_DIRS:
+        raise DataError(
+            f"{folder} holds {lower[0]}/ and {lower[1]}/, a segmentation layout, not one folder "
+            "per class: load it with load_segmentation(PATH) (`auxhead train --task segment`)"
+        )
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -904,9 +917,22 @@ def load_segmentation(
         files=files,
         notes=notes,
     )
+    notes += _absent_classes(data)
     for note in notes:
         logger.warning("%s", note)
     return data
+
+
+def _absent_classes(data: SegmentationData) -> list[str]:
+    """A line for the classes no training mask holds: the model never learns them."""
+    counts = torch.bincount(data.train_y.flatten(), minlength=data.c)[: data.c].tolist()
+    absent = [name for i, name in enumerate(data.codes) if counts[i] == 0 and i != data.void]
+    if not absent:
+        return []
+    return [
+        f"class(es) {', '.join(map(repr, absent))} appear in no training mask: the model never "
+        "learns them (their IoU will be 0 or undefined)"
+    ]
 
 
 def _hold_out(

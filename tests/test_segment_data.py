@@ -206,6 +206,24 @@ def test_fastai_camvid_layout_with_codes_and_valid_txt(tmp_path):
     _assert_matches(data.train_x, data.train_y, data.files["train"], written)
 
 
+def test_a_class_in_no_training_mask_is_said(tmp_path):
+    _pairs(tmp_path / "images", tmp_path / "labels", 5)
+    (tmp_path / "codes.txt").write_text("a\nb\nc\nnever\n")
+    data = load_segmentation(tmp_path)
+    assert [n for n in data.notes if "no training mask" in n] == [
+        "class(es) 'never' appear in no training mask: the model never learns them (their IoU "
+        "will be 0 or undefined)"
+    ]
+
+
+def test_a_segmentation_folder_is_not_loaded_as_classes(tmp_path):
+    from auxhead.data import load_data
+
+    _pairs(tmp_path / "train" / "images", tmp_path / "train" / "labels", 3)
+    with pytest.raises(DataError, match=r"holds images/ and labels/, a segmentation layout"):
+        load_data(tmp_path)
+
+
 def test_void_named_in_the_middle_of_codes_stays_a_code(tmp_path):
     _pairs(tmp_path / "images", tmp_path / "labels", 5)
     (tmp_path / "codes.txt").write_text("background\nUnlabelled\nthing\n")
