@@ -304,6 +304,28 @@ def test_grey_rgb_masks_and_16_bit_masks_are_indices(tmp_path):
         assert torch.equal(y, torch.from_numpy(_mask(int(image_file.stem[1:])).astype(np.int64)))
 
 
+@pytest.mark.parametrize("mode", ["1", "LA", "I;16"])
+def test_other_mask_modes_are_indices_and_resize_nearest(tmp_path, mode):
+    k = 2 if mode == "1" else 3
+    for i in range(4):
+        _save(tmp_path / "images" / f"m{i}.png", _image(i))
+        mask = _mask(i, k=k)
+        if mode == "1":
+            pil = Image.fromarray(mask.astype(bool))
+        elif mode == "I;16":
+            pil = Image.fromarray(mask.astype(np.uint16))
+        else:
+            pil = Image.fromarray(mask, "L").convert(mode)
+        assert pil.mode == mode
+        pil.save(_dir(tmp_path / "masks") / f"m{i}.png")
+    data = load_segmentation(tmp_path, valid_pct=0.25, size=(3, 4))
+    assert data.codes == [str(c) for c in range(k)]
+    for y, image_file in zip(data.train_y, data.files["train"], strict=True):
+        mask = _mask(int(image_file.stem[1:]), k=k)
+        want = np.array(Image.fromarray(mask).resize((4, 3), Image.Resampling.NEAREST), np.int64)
+        assert torch.equal(y, torch.from_numpy(want))
+
+
 def test_jpeg_images_and_grey_images_become_rgb(tmp_path):
     for i in range(3):
         Image.fromarray(_image(i)[..., 0]).save(_dir(tmp_path / "images") / f"g{i}.jpg")
@@ -448,6 +470,16 @@ def test_unreadable_file_is_named(tmp_path, which):
     with pytest.raises(DataError, match=r"cannot read image .*frame001\.png") as error:
         load_segmentation(tmp_path)
     assert str(bad) in _one_line(error)
+
+
+def test_jpeg_masks_with_blurred_values_are_refused(tmp_path):
+    for i in range(3):
+        _save(tmp_path / "images" / f"j{i}.png", _image(i))
+        Image.fromarray((_mask(i, k=2) * 255).astype(np.uint8)).save(
+            _dir(tmp_path / "masks") / f"j{i}.jpg", quality=75
+        )
+    with pytest.raises(DataError, match=r"j0\.jpg is a JPEG mask, .* save the masks as PNG"):
+        load_segmentation(tmp_path)
 
 
 def test_two_mask_folders_are_ambiguous(tmp_path):
