@@ -414,6 +414,14 @@ def test_split_folder_without_a_pair_is_refused(tmp_path):
         load_segmentation(tmp_path)
 
 
+def test_shipped_frames_missing_say_where_they_are(tmp_path, monkeypatch):
+    import auxhead.data
+
+    monkeypatch.setattr(auxhead.data, "CAMVID_TINY", tmp_path / "camvid-tiny")
+    with pytest.raises(DataError, match=r"ship in auxhead's source repository"):
+        load_segmentation(tmp_path / "camvid-tiny")
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match=r"nowhere is not found"):
         load_segmentation(tmp_path / "nowhere")
@@ -511,6 +519,9 @@ def test_valid_txt_naming_a_missing_image(tmp_path):
         ({"size": (4, 0)}, "size must be"),
         ({"void": -1}, "void must be"),
         ({"codes": ["only"]}, "at least two classes"),
+        ({"codes": "codes.txt"}, "codes must be a list of class names"),
+        ({"void": True}, "void must be"),
+        ({"void": "255"}, "void must be"),
         ({"valid_pct": 1.0}, "valid_pct"),
     ],
 )
