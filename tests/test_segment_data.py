@@ -85,7 +85,7 @@ def test_shipped_camvid_frames_load_with_their_classes():
     assert torch.equal(data.train_y[0], torch.from_numpy(np.array(Image.open(label))).long())
 
 
-def test_shipped_frames_are_tracked_and_small():
+def test_shipped_frames_are_small_and_documented():
     files = [p for p in CAMVID_TINY.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 1_000_000
     assert (CAMVID_TINY / "README.md").is_file() and (CAMVID_TINY / "codes.txt").is_file()
