@@ -27,8 +27,16 @@ LAYERS = ("core", "gan", "data", "adapter", "cli")
 # early exits wherever they live, ...) is the core.
 # data loading (with its private folder and pixel readers); the CLI's model zoo and its
 # weights reader
-DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models", "auxhead._weights"}
-DATA |= {"auxhead._text"}  # MR sentences, tokenised by a `tokenizers` tokenizer trained on them
+DATA = {
+    "auxhead.data",
+    "auxhead._folders",
+    "auxhead._masks",
+    "auxhead._pixels",
+    "auxhead._seg_folders",
+    "auxhead._text",  # MR sentences, tokenised by a `tokenizers` tokenizer trained on them
+    "auxhead.models",
+    "auxhead._weights",
+}
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
 ADAPTERS |= {"auxhead.hf"}  # the Hugging Face Trainer's
 
