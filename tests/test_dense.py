@@ -287,6 +287,10 @@ def test_main_weight_scales_the_main_term(segmenter, seg_batch):
     expected = 0.5 * ce(out, y) + 0.2 * loss_func.components["down1"]
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
     assert loss_func.components["main"] == ce(out, y)  # unweighted
+    aux_model.eval()
+    with torch.no_grad():
+        out = aux_model(x)
+        assert loss_func(out, y) == ce(out, y)  # validation: the main loss alone, unweighted
     with pytest.raises(ValueError, match="main_weight must be"):
         auxhead.AuxLoss(ce, aux_model, main_weight=-1.0)
 
@@ -337,3 +341,29 @@ def test_distillation_loss_mask_counts_kept_places_only():
     per_place = auxhead.distillation_loss(student, teacher, temperature=1.0, reduction="none")
     masked = auxhead.distillation_loss(student, teacher, temperature=1.0, mask=mask)
     torch.testing.assert_close(masked, per_place[mask].mean())
+
+
+class ChannelsLast(nn.Module):
+    """A map kept (B, H, W, C) between blocks, as Swin and ConvNeXt's MLPs keep theirs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.mlp = nn.Linear(8, 8)  # on (B, H, W, C)
+        self.classifier = nn.Conv2d(8, K, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.mlp(self.stem(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        return self.classifier(x.permute(0, 3, 1, 2))
+
+
+def test_dense_head_on_a_channels_last_map_predicts_channels_first():
+    x = torch.randn(2, 3, 6, 5)
+    aux_model = auxhead.attach(ChannelsLast(), ["mlp"], head="conv1x1", sample=x)
+    features = {}
+    aux_model.model.mlp.register_forward_hook(lambda _m, _a, out: features.setdefault("f", out))
+    aux_model(x)
+    head = aux_model.head("mlp").conv
+    expected = F.conv2d(features["f"].permute(0, 3, 1, 2), head.weight, head.bias)
+    assert aux_model.aux_outputs["mlp"].shape == (2, K, 6, 5)
+    torch.testing.assert_close(aux_model.aux_outputs["mlp"], expected, rtol=0, atol=0)
