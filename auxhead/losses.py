@@ -160,6 +160,18 @@ def _ignore_index(head_loss: LossFunc) -> int | None:
     return None
 
 
+def _teacher(pred: Any) -> torch.Tensor | None:
+    """The main output's logits, the self-distillation teacher: the output itself, a Hugging
+    Face `ModelOutput`'s `logits`, or torchvision segmentation's `{"out": ...}`."""
+    if isinstance(pred, torch.Tensor):
+        return pred
+    for key in ("logits", "out"):
+        found = pred.get(key) if isinstance(pred, Mapping) else getattr(pred, key, None)
+        if isinstance(found, torch.Tensor):
+            return found
+    return None
+
+
 class AuxLoss:
     """main loss + sum_i w_i * s(t) * head_loss(aux_i, *targets).
 
@@ -352,7 +364,7 @@ class AuxLoss:
         logits, targets = match_size(logits, targets, self.resize, cache=resized)
         term = head_loss_term(head_loss, name, logits, targets, pred, resize=self.resize)
         if self.distill:
-            teacher = pred if isinstance(pred, torch.Tensor) else None
+            teacher = _teacher(pred)
             if teacher is None or teacher.shape != logits.shape:
                 hint = ""
                 if logits.dim() > 2 and teacher is not None and self.resize != "logits":

@@ -111,6 +111,19 @@ def test_head_loss_and_distillation(setup):
     torch.testing.assert_close(loss_func(out, y), expected)
 
 
+@pytest.mark.parametrize("key", ["logits", "out"])
+def test_distillation_teacher_from_a_dict_output(setup, key):
+    """A Hugging Face ModelOutput's `logits` or torchvision's `{"out": ...}` is the teacher:
+    the loss equals the one computed from the bare tensor."""
+    aux, x, y = setup
+    out = aux(x)
+    ce = nn.CrossEntropyLoss()
+    kwargs = {"weights": 1.0, "distill": 0.5, "temperature": 2.0}
+    from_tensor = auxhead.AuxLoss(ce, aux, **kwargs)(out, y)
+    wrapped = auxhead.AuxLoss(lambda o, t: ce(o[key], t), aux, head_loss=ce, **kwargs)
+    torch.testing.assert_close(wrapped({key: out}, y), from_tensor, rtol=0, atol=0)
+
+
 def test_distillation_teacher_is_detached(setup):
     aux, x, _y = setup
     out = aux(x)
