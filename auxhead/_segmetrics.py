@@ -15,7 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SegmentationMeter", "SegmentationScores", "segmentation_scores"]
+__all__ = [
+    "SegmentationMeter",
+    "SegmentationScores",
+    "at_label_size",
+    "segmentation_scores",
+]
 
 
 @dataclass
@@ -116,6 +121,19 @@ class SegmentationMeter:
         for metric in (self._iou, self._dice, self._accuracy):
             metric.reset()
         self.pixels = 0
+
+
+def at_label_size(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dense logits (B, K, h, w) upsampled to the labels' size (B, H, W), bilinear with
+    align_corners=False as torchvision's and mmsegmentation's auxiliary heads are scored (linear
+    for (B, K, L)); as they are when the sizes already match."""
+    size = tuple(target.shape[1:])
+    if tuple(logits.shape[2:]) == size:
+        return logits
+    mode = "linear" if len(size) == 1 else "bilinear"
+    return torch.nn.functional.interpolate(
+        logits.float(), size=size, mode=mode, align_corners=False
+    )
 
 
 def segmentation_scores(
