@@ -42,8 +42,9 @@ def unreadable(path: Path, error: BaseException) -> str:
     )
 
 
-def read_pixels(path: Path, size: int | None) -> Pixels:
-    """Decode the first frame of `path`, resized to `size` x `size` when a size is given.
+def read_pixels(path: Path, size: int | tuple[int, int] | None) -> Pixels:
+    """Decode the first frame of `path`, resized to `size` x `size` (or to a (height, width)
+    pair) when a size is given.
 
     Raises:
         DataError: the file cannot be decoded, or its values cannot be put in [0, 1].
@@ -70,7 +71,15 @@ def is_grey(values: np.ndarray) -> bool:
     return bool((red == green).all() and (green == blue).all())
 
 
-def _values(image: Image.Image, path: Path, size: int | None) -> np.ndarray:
+def pil_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    """`size` (pixels a side, or (height, width)) as PIL's (width, height)."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return width, height
+
+
+def _values(image: Image.Image, path: Path, size: int | tuple[int, int] | None) -> np.ndarray:
     from PIL import Image
 
     mode = image.mode
@@ -86,11 +95,11 @@ def _values(image: Image.Image, path: Path, size: int | None) -> np.ndarray:
             "image as an 8- or 16-bit PNG or a JPEG"
         ) from None
     if size is not None:
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
+        image = image.resize(pil_size(size), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8)
 
 
-def _wide_values(image: Image.Image, path: Path, size: int | None) -> np.ndarray:
+def _wide_values(image: Image.Image, path: Path, size: int | tuple[int, int] | None) -> np.ndarray:
     """Pixels of a 16-bit, 32-bit integer or float image, as float32 in [0, 1]."""
     from PIL import Image
 
@@ -120,6 +129,6 @@ def _wide_values(image: Image.Image, path: Path, size: int | None) -> np.ndarray
             )
         values = raw.astype(np.float32) / _LARGEST_16_BIT
     if size is not None:
-        resized = Image.fromarray(values).resize((size, size), Image.Resampling.BILINEAR)
+        resized = Image.fromarray(values).resize(pil_size(size), Image.Resampling.BILINEAR)
         values = np.clip(np.asarray(resized, dtype=np.float32), 0, 1)
     return values

@@ -1,9 +1,11 @@
 """Image data for everything in auxhead: Fashion-MNIST / MNIST idx files, scikit-learn's digits
-and folders of images, as in-memory tensors (`load_data`) or fastai DataLoaders (`dataloaders`).
+and folders of images, as in-memory tensors (`load_data`) or fastai DataLoaders (`dataloaders`);
+segmentation folders (images and class-index masks) likewise (`load_segmentation`,
+`segmentation_dataloaders`), with a few CamVid frames shipped in the repository (`CAMVID_TINY`).
 
-Images are float32 (N, C, H, W) in [0, 1], labels int64 (N,). No normalisation is applied
-anywhere: the built-in CNN starts with BatchNorm and needs none; if your model wants it, add
-fastai's `Normalize.from_stats(mean, std)` to the loaders' `after_batch`.
+Images are float32 (N, C, H, W) in [0, 1], labels int64 (N,), masks int64 (N, H, W). No
+normalisation is applied anywhere: the built-in CNN starts with BatchNorm and needs none; if your
+model wants it, add fastai's `Normalize.from_stats(mean, std)` to the loaders' `after_batch`.
 
 Only torch and numpy are imported here; scikit-learn, PIL and fastai are imported by the
 functions that need them.
@@ -28,20 +30,28 @@ import torch.nn.functional as F
 from auxhead._errors import DataError, MixedSizes
 from auxhead._extras import raise_missing_extra
 from auxhead._folders import Layout, find_layout
+from auxhead._masks import read_pairs, resolve_classes
 from auxhead._pixels import is_grey, read_pixels
+from auxhead._seg_folders import find_seg_layout
 
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
 
 __all__ = [
+    "CAMVID_CODES",
+    "CAMVID_TINY",
+    "CAMVID_VOID",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_DIR",
     "DataError",
     "ImageData",
     "MixedSizes",
+    "SegmentationData",
     "dataloaders",
     "load_data",
+    "load_segmentation",
     "read_idx",
+    "segmentation_dataloaders",
 ]
 
 # Where the Debian/Ubuntu package `dataset-fashion-mnist` installs the four idx files.
@@ -59,6 +69,27 @@ FASHION_MNIST_CLASSES = [
     "Bag",
     "Ankle boot",
 ]
+
+# 20 CamVid frames (12 train, 4 val, 4 test) at 240x180, in the repository beside the package
+# (data/camvid-tiny/, with a README saying where they come from); a pip-installed auxhead does
+# not have them: load_segmentation says where to get them.
+CAMVID_TINY = Path(__file__).resolve().parent.parent / "data" / "camvid-tiny"
+# CamVid's 11 classes in the SegNet version (../shared/data/camvid, data/camvid-tiny); pixels
+# labelled CAMVID_VOID (Unlabelled) are ignored in the loss and the metrics.
+CAMVID_CODES = [
+    "Sky",
+    "Building",
+    "Pole",
+    "Road",
+    "Pavement",
+    "Tree",
+    "SignSymbol",
+    "Fence",
+    "Car",
+    "Pedestrian",
+    "Bicyclist",
+]
+CAMVID_VOID = 11
 
 # The four files of an idx data set (MNIST, Fashion-MNIST, KMNIST...), by role.
 _IDX_STEMS = {
@@ -512,15 +543,23 @@ def _tensor_dl_type() -> type:
         """
 
         def __init__(
-            self, dataset: Any = None, arrays: Any = None, image_type: Any = None, **kwargs: Any
+            self,
+            dataset: Any = None,
+            arrays: Any = None,
+            image_type: Any = None,
+            target_type: Any = None,
+            **kwargs: Any,
         ) -> None:
             self.arrays = arrays  # (images, labels) as numpy arrays, in dataset order
             self.image_type = image_type  # TensorImageBW or TensorImage
+            self.target_type = target_type or TensorCategory  # TensorMask for segmentation
             super().__init__(dataset, **kwargs)
 
         def new(self, dataset: Any = None, cls: type | None = None, **kwargs: Any):
             if cls is None and (dataset is None or dataset is self.dataset):
-                kwargs.update(arrays=self.arrays, image_type=self.image_type)
+                kwargs.update(
+                    arrays=self.arrays, image_type=self.image_type, target_type=self.target_type
+                )
                 return super().new(dataset, cls, **kwargs)
             return super().new(dataset, cls or TfmdDL, **kwargs)
 
@@ -536,7 +575,7 @@ def _tensor_dl_type() -> type:
                     break
                 # numpy's gather: torch's x[chunk] is 10-100x slower on a busy 2-core CPU.
                 images = self.image_type(torch.from_numpy(x[chunk]))
-                yield images, TensorCategory(torch.from_numpy(y[chunk]))
+                yield images, self.target_type(torch.from_numpy(y[chunk]))
 
         def create_item(self, s):
             return super().create_item(s if s is None else s % len(self.dataset))
@@ -628,3 +667,344 @@ def dataloaders(
     train = loader(data.train_x, data.train_y, True)
     valid = loader(data.valid_x, data.valid_y, False)
     return DataLoaders(train, valid, device=device)
+
+
+# --- Segmentation: images with class-index masks -------------------------------------------
+
+
+@dataclass
+class SegmentationData:
+    """A semantic segmentation data set held in memory.
+
+    Attributes:
+        name: the folder's name.
+        codes: class names; mask value i is `codes[i]` (as fastai's `codes`).
+        void: the mask value to ignore in the loss and the metrics (CamVid's 11, VOC's 255),
+            or None when every pixel is labelled. It may lie outside `range(len(codes))`.
+        train_x: float32 (N, 3, H, W) images in [0, 1].
+        train_y: int64 (N, H, W) masks of class indices (and `void`).
+        valid_x: the validation split (a val/ folder, valid.txt, or a seeded held-out share).
+        valid_y: its masks.
+        test_x: the test split when the folder has one (test/ beside val/), else None.
+        test_y: its masks, or None.
+        files: each split's image files, in the order of its tensors ("train", "valid",
+            "test").
+        notes: what loading decided, one line each (also logged as warnings): which folder or
+            list is validation, binary masks read as 0/1, images left out.
+    """
+
+    name: str
+    codes: list[str]
+    void: int | None
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    valid_x: torch.Tensor
+    valid_y: torch.Tensor
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    files: dict[str, list[Path]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for split in ("train", "valid", "test"):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if split == "test" and x is None and y is None:
+                continue
+            if (
+                x is None
+                or y is None
+                or x.dim() != 4
+                or y.dim() != 3
+                or len(x) != len(y)
+                or x.shape[2:] != y.shape[1:]
+            ):
+                shapes = [None if t is None else tuple(t.shape) for t in (x, y)]
+                raise ValueError(
+                    f"{split}_x must be (N, C, H, W) and {split}_y (N, H, W) of the same N, H "
+                    f"and W, got {shapes[0]} and {shapes[1]}"
+                )
+
+    @property
+    def c(self) -> int:
+        """The number of classes (the model's output channels)."""
+        return len(self.codes)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of every image and mask."""
+        return int(self.train_x.shape[2]), int(self.train_x.shape[3])
+
+    def subset(
+        self, n_train: int, n_valid: int | None = None, *, seed: int = 0
+    ) -> SegmentationData:
+        """A random subset for quick runs: `n_train` training and `n_valid` validation images
+        (the test split is kept whole).
+
+        Args:
+            n_train: training images to keep (all of them if there are fewer).
+            n_valid: validation images to keep; None keeps them all.
+            seed: seeds the choice, so the same arguments give the same subset.
+        """
+        for what, n in (("n_train", n_train), ("n_valid", n_valid)):
+            if n is not None and n < 1:
+                raise ValueError(f"{what} must be at least 1, got {n}")
+        generator = torch.Generator().manual_seed(seed)
+        files = dict(self.files)
+
+        def pick(split: str, n: int | None):
+            x, y = getattr(self, f"{split}_x"), getattr(self, f"{split}_y")
+            if n is None or n >= len(y):
+                return x, y
+            keep = torch.randperm(len(y), generator=generator)[:n].sort().values
+            if split in files:
+                files[split] = [files[split][i] for i in keep.tolist()]
+            return x[keep], y[keep]
+
+        train_x, train_y = pick("train", n_train)
+        valid_x, valid_y = pick("valid", n_valid)
+        return SegmentationData(
+            self.name,
+            list(self.codes),
+            self.void,
+            train_x,
+            train_y,
+            valid_x,
+            valid_y,
+            self.test_x,
+            self.test_y,
+            files,
+            list(self.notes),
+        )
+
+    def __repr__(self) -> str:
+        height, width = self.size
+        test = "" if self.test_y is None else f" + {len(self.test_y)} test"
+        return (
+            f"SegmentationData({self.name!r}, {self.c} classes, void={self.void}, "
+            f"{len(self.train_y)} train + {len(self.valid_y)} valid{test} images of "
+            f"{width}x{height})"
+        )
+
+
+def load_segmentation(
+    path: str | os.PathLike,
+    *,
+    valid_pct: float = 0.2,
+    seed: int = 0,
+    size: int | tuple[int, int] | None = None,
+    codes: list[str] | None = None,
+    void: int | str | None = "auto",
+) -> SegmentationData:
+    """Load a folder of images and class-index masks into memory.
+
+    Layouts accepted (folder names in any case): an image folder beside a mask folder
+    (`images/` + `labels/`, `imgs/` + `masks/`, `image/` + `label/`, `img/` + `ann/`,
+    `JPEGImages/` + `SegmentationClass/`, `img_dir/` + `ann_dir/`, ...), at the top (split by
+    a `valid.txt` naming the validation images as fastai's CamVid, by VOC's
+    `ImageSets/Segmentation/val.txt`, or else a seeded `valid_pct`), inside each of `train/`,
+    `val/` (`valid/`, `validation/`) and `test/`, or each holding `train/` and `val/` folders.
+    A mask has its image's stem, or that stem with `_P`, `_mask`, `_label`, `_labels`, `_gt`
+    or `_seg` after it. Anything else is refused in one line naming the file or folder.
+
+    Masks are single-channel PNGs (8 or 16 bits) or palette PNGs, read as class indices;
+    masks holding only 0 and 255 are binary (255 becomes 1). RGB colour masks are refused.
+
+    Args:
+        path: the folder.
+        valid_pct: the share held out for validation when the folder has no split of its own.
+        seed: seeds that split.
+        size: resize images (bilinear) and masks (nearest) to `size` x `size`, or to a
+            (height, width) pair. None keeps their size, which must then be the same for all
+            (else `MixedSizes`).
+        codes: class names, in index order; None reads `codes.txt` (or `classes.txt`) in the
+            folder, one name a line, or else names the classes "0".."K-1".
+        void: the mask value to ignore in the loss and metrics; None for none; "auto" (the
+            default) takes a codes.txt line named Void / Unlabelled / Ignore (dropped from
+            `codes` when it is the last line), else 255 when the masks hold it (as Pascal VOC's
+            do). CamVid as in ../shared/data/camvid (no codes.txt) needs
+            `codes=CAMVID_CODES, void=CAMVID_VOID`.
+
+    Returns:
+        A `SegmentationData`: float32 (N, 3, H, W) images in [0, 1], int64 (N, H, W) masks.
+
+    Raises:
+        DataError: the folder's layout is not one of those accepted, or a file is bad (no
+            partner, another size than its image, a colour mask, a class index beyond
+            `codes`, unreadable); the message names it and what to do.
+
+    Example:
+        >>> data = load_segmentation(CAMVID_TINY)
+        >>> data
+        SegmentationData('camvid-tiny', 11 classes, void=11, 12 train + 4 valid + 4 test images of 240x180)
+    """  # noqa: E501
+    _check_valid_pct(valid_pct)
+    if size is not None:
+        sizes = (size,) if isinstance(size, int) else tuple(size)
+        if len(sizes) not in (1, 2) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in sizes
+        ):
+            raise DataError(
+                f"size must be a positive number of pixels or a (height, width) pair, got {size!r}"
+            )
+        size = size if isinstance(size, int) else (sizes[0], sizes[1])
+    if not (void is None or void == "auto" or (isinstance(void, int) and void >= 0)):
+        raise DataError(f"void must be a class index >= 0, None or 'auto', got {void!r}")
+    if codes is not None:
+        codes = [str(name) for name in codes]
+        if len(codes) < 2:
+            raise DataError(f"codes must name at least two classes, got {codes!r}")
+    root = Path(path).expanduser()
+    if not root.exists() and root == CAMVID_TINY:
+        raise DataError(
+            f"{root} is not here: the CamVid frames ship in auxhead's source repository "
+            "(data/camvid-tiny/), not in the pip package; clone the repository, or copy that "
+            "folder and pass its path"
+        )
+    layout = find_seg_layout(root)
+    splits = {"train": layout.train, "valid": layout.valid, "test": layout.test}
+    found = {split: pairs for split, pairs in splits.items() if pairs is not None}
+    images = [path for pairs in found.values() for path in pairs.images]
+    masks = [path for pairs in found.values() for path in pairs.masks]
+    x, y = read_pairs(images, masks, size)  # one read, so every split gets the same size
+    classes = resolve_classes(y, masks, codes=codes, codes_file=layout.codes_file, void=void)
+    notes = layout.notes + classes.notes
+    tensors, files, start = {}, {}, 0
+    for split, pairs in found.items():
+        end = start + len(pairs.images)
+        tensors[split] = (x[start:end], y[start:end])
+        files[split] = list(pairs.images)
+        start = end
+    if layout.valid is None:
+        tensors, files = _hold_out(root, tensors, files, valid_pct, seed)
+        notes.append(
+            f"{root}: no validation folder or list: {len(files['valid'])} of "
+            f"{len(files['train']) + len(files['valid'])} images are held out "
+            f"(valid_pct={valid_pct:g}, seed={seed})"
+        )
+    test_x, test_y = tensors.get("test", (None, None))
+    data = SegmentationData(
+        root.name,
+        classes.codes,
+        classes.void,
+        *tensors["train"],
+        *tensors["valid"],
+        test_x,
+        test_y,
+        files=files,
+        notes=notes,
+    )
+    for note in notes:
+        logger.warning("%s", note)
+    return data
+
+
+def _hold_out(
+    root: Path,
+    tensors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    files: dict[str, list[Path]],
+    valid_pct: float,
+    seed: int,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[Path]]]:
+    """Split the train tensors into train and a seeded held-out `valid_pct`."""
+    x, y = tensors["train"]
+    n_valid = round(valid_pct * len(y))
+    if n_valid < 1 or n_valid >= len(y):
+        raise DataError(
+            f"{root} holds {len(y)} image(s): holding out {valid_pct:.0%} for validation leaves "
+            f"{len(y) - n_valid} to train on and {n_valid} to validate; add images, a val/ "
+            "folder or a valid.txt, or another valid_pct"
+        )
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    valid_idx, train_idx = order[:n_valid].sort().values, order[n_valid:].sort().values
+    tensors = dict(tensors, train=(x[train_idx], y[train_idx]), valid=(x[valid_idx], y[valid_idx]))
+    names = files["train"]
+    files = dict(
+        files,
+        train=[names[i] for i in train_idx.tolist()],
+        valid=[names[i] for i in valid_idx.tolist()],
+    )
+    return tensors, files
+
+
+def segmentation_dataloaders(
+    data: SegmentationData,
+    *,
+    bs: int = 8,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    shuffle_train: bool = True,
+) -> DataLoaders:
+    """fastai DataLoaders over a `SegmentationData`, typed as fastai's
+    `SegmentationDataLoaders` types its batches: (TensorImage float (B, 3, H, W) in [0, 1],
+    TensorMask int64 (B, H, W)), with the codes on the masks.
+
+    So `unet_learner(dls, arch, n_out=dls.c)`, `show_batch`, `get_preds` and `show_results`
+    (masks drawn over the images) work as on fastai's own. `dls.c` is the number of classes,
+    `dls.vocab` the codes. The default loss (`Learner(dls, model)` without `loss_func`) is
+    `CrossEntropyLossFlat(axis=1, ignore_index=data.void)`: void pixels do not count. With a
+    test split, `dls[2]` is its loader (`learn.get_preds(ds_idx=2)`). Inputs stay in [0, 1]
+    (fastai's `unet_learner` adds ImageNet normalisation for pretrained encoders). An exported
+    learner holds only fastai classes and loads with plain fastai.
+
+    Args:
+        data: from `load_segmentation`.
+        bs: batch size (validation and test use the same).
+        seed: seeds the training shuffle; the same seed gives the same batches.
+        device: where batches go; None picks fastai's default (the GPU if there is one).
+        shuffle_train: shuffle the training set each epoch (and drop its last partial batch).
+
+    Returns:
+        A fastai `DataLoaders` with `train`, `valid` and, when `data` has one, a test loader.
+
+    Example:
+        >>> dls = segmentation_dataloaders(load_segmentation(CAMVID_TINY), bs=4)
+        >>> learn = unet_learner(dls, resnet18, pretrained=False)  # loss ignores void
+    """
+    try:
+        import fastai.vision.data  # noqa: F401  (registers show_batch / show_results for images)
+        from fastai.data.core import DataLoaders, Datasets
+        from fastai.data.transforms import ItemGetter, Transform
+        from fastai.losses import CrossEntropyLossFlat
+        from fastai.torch_core import TensorImage, TensorMask, default_device
+        from fastai.vision.core import AddMaskCodes
+    except ModuleNotFoundError as error:
+        raise_missing_extra(error, "auxhead.data.segmentation_dataloaders")
+        raise
+
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"bs must be an integer >= 1, got {bs!r}")
+    dl_type = _tensor_dl_type()
+    ignore = -100 if data.void is None else data.void  # -100: torch's "ignore nothing" default
+
+    def loader(x: torch.Tensor, y: torch.Tensor, split_idx: int):
+        # Items are (image, mask) tensor pairs; the mask pipeline ends as fastai's MaskBlock's
+        # does (AddMaskCodes), and carries the loss fastai's Learner picks up by default.
+        codes = AddMaskCodes(codes=list(data.codes))
+        codes.loss_func = CrossEntropyLossFlat(axis=1, ignore_index=ignore)
+        dataset = Datasets(
+            list(zip(x.unbind(0), y.unbind(0), strict=True)),
+            tfms=[
+                [ItemGetter(0), Transform(TensorImage)],
+                [ItemGetter(1), Transform(TensorMask), codes],
+            ],
+            split_idx=min(split_idx, 1),
+        )
+        shuffle = split_idx == 0 and shuffle_train
+        dl = dl_type(
+            dataset,
+            arrays=(x.detach().cpu().numpy(), y.detach().cpu().numpy()),
+            image_type=TensorImage,
+            target_type=TensorMask,
+            bs=bs,
+            shuffle=shuffle,
+            drop_last=shuffle and len(y) > bs,
+            num_workers=0,
+        )
+        dl.rng = random.Random(seed)
+        return dl
+
+    device = default_device() if device is None else torch.device(device)
+    loaders = [loader(data.train_x, data.train_y, 0), loader(data.valid_x, data.valid_y, 1)]
+    if data.test_x is not None and data.test_y is not None:
+        loaders.append(loader(data.test_x, data.test_y, 2))
+    return DataLoaders(*loaders, device=device)

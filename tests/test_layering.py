@@ -27,7 +27,15 @@ LAYERS = ("core", "gan", "data", "adapter", "cli")
 # early exits wherever they live, ...) is the core.
 # data loading (with its private folder and pixel readers); the CLI's model zoo and its
 # weights reader
-DATA = {"auxhead.data", "auxhead._folders", "auxhead._pixels", "auxhead.models", "auxhead._weights"}
+DATA = {
+    "auxhead.data",
+    "auxhead._folders",
+    "auxhead._masks",
+    "auxhead._pixels",
+    "auxhead._seg_folders",
+    "auxhead.models",
+    "auxhead._weights",
+}
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
 
 # Third-party packages each layer may import when the module is imported ("eager"), and also
