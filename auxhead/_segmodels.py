@@ -148,6 +148,8 @@ def segment_taps(arch: str, model: nn.Module, heads: str) -> dict[str, list[str]
             # torchvision's own aux_classifier: on layer3 of a ResNet, on the MobileNet's
             # fourth-last stage (features 4) for deeplabv3_mobilenet_v3_large.
             stage = "backbone.layer3" if "resnet" in arch else "backbone.4"
+        elif arch == "smp-pspnet":
+            stage = "encoder.layer2"  # smp's PSPNet stops its encoder there (depth 3)
         else:
             stage = "encoder.layer3"
         if stage not in names:

@@ -593,7 +593,7 @@ def class_colours(n: int) -> list[tuple[float, float, float]]:
     return [tuple(cmap(k % cmap.N)[:3]) for k in range(n)]
 
 
-def _colour(mask: Any, colours: list, void: int | None) -> Any:
+def _colour(mask: Any, colours: list) -> Any:
     import numpy as np
 
     palette = np.array([*colours, (0.0, 0.0, 0.0)])  # void and anything else: black
@@ -620,16 +620,17 @@ def _plot_predictions(result: SegmentResult, path: Path) -> None:
             if masks is None:
                 ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
             else:
-                ax.imshow(_colour(masks[i], colours, result.void), interpolation="nearest")
+                ax.imshow(_colour(masks[i], colours), interpolation="nearest")
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title, fontsize=9)
     handles = [Patch(color=c, label=name) for c, name in zip(colours, result.codes, strict=True)]
     if result.void is not None:
         handles.append(Patch(color=(0, 0, 0), label="void"))
+    legend_rows = -(-len(handles) // 6)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / fig.get_figheight(), 1, 1))
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7,
                frameon=False)  # fmt: skip
-    fig.tight_layout(rect=(0, 0.08 + 0.02 * (len(handles) // 6), 1, 1))
     _savefig(fig, path)
     plt.close(fig)
 

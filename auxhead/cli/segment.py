@@ -229,7 +229,9 @@ def _model(config: TrainConfig, data) -> nn.Module:
     return model
 
 
-def _heads(config: TrainConfig, model: nn.Module) -> dict[str, dict[str, Any]]:
+def _heads(
+    config: TrainConfig, model: nn.Module, sample: torch.Tensor
+) -> dict[str, dict[str, Any]]:
     """Each tap's head kind, weight and how its logits meet the labels."""
     if config.at:
         return {
@@ -243,9 +245,40 @@ def _heads(config: TrainConfig, model: nn.Module) -> dict[str, dict[str, Any]]:
     heads = {}
     for tap in taps.get("fcn", []):
         heads[tap] = {"kind": "fcn", "weight": config.aux_weight, "resize": "logits"}
-    for tap in taps.get("deep", []):
-        heads[tap] = {"kind": "conv1x1", "weight": None, "resize": "targets"}
+    # One resize for every head (AuxLoss takes one): with both presets, torchvision's.
+    deep_resize = "logits" if "fcn" in taps else "targets"
+    for tap, weight in _nnunet_weights(model, sample, taps.get("deep", [])).items():
+        heads[tap] = {"kind": "conv1x1", "weight": weight, "resize": deep_resize}
     return heads
+
+
+def _nnunet_weights(model: nn.Module, sample: torch.Tensor, taps: list[str]) -> dict[str, float]:
+    """nnU-Net's deep-supervision weights of the decoder blocks at `taps`, relative to the main
+    output's (the same optimum as nnU-Net's normalised sum, scaled); the coarsest block, whose
+    weight is 0, gets no head at all: it would never train."""
+    if not taps:
+        return {}
+    from auxhead import deep_supervision_weights
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    hooks = [
+        model.get_submodule(tap).register_forward_hook(
+            lambda _m, _i, out, tap=tap: shapes.__setitem__(tap, tuple(out.shape))
+        )
+        for tap in taps
+    ]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(sample)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    out = out["out"] if isinstance(out, Mapping) else out
+    weights = deep_supervision_weights({"main": tuple(out.shape), **shapes})
+    main = weights.pop("main")
+    return {tap: weights[tap] / main for tap in taps if weights[tap] > 0}
 
 
 def _learner(dls, model: nn.Module, void: int | None, cbs: list, out: Path) -> Learner:
@@ -277,7 +310,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> SegmentResult:
 
     dls = segmentation_dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu")
     model = _model(config, data)
-    heads = _heads(config, model)
+    heads = _heads(config, model, data.train_x[:2])
     callback = _aux_heads(heads, data, model)
     meta = {"arch": config.arch, "encoder": config.encoder, "heads": heads,
             "codes": data.codes, "void": data.void, "size": data.size}  # fmt: skip
@@ -292,7 +325,6 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> SegmentResult:
             f"--at/--heads: cannot attach heads at {', '.join(heads)} ({one_line(error)}); "
             f"choose other layers (`auxhead layers --arch {config.arch}` lists them)"
         ) from None
-    _fill_weights(heads, callback)
     start = time.perf_counter()
     learn.fit_one_cycle(budget.epochs, budget.lr)
     train_seconds = time.perf_counter() - start
@@ -333,34 +365,16 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> SegmentResult:
 def _aux_heads(heads: dict[str, dict[str, Any]], data, model: nn.Module) -> AuxHeads:
     """The AuxHeads callback for `heads`: FCN heads upsample their logits to the labels,
     deep-supervision heads get the labels downsampled to them (nnU-Net)."""
-    resize = {h["resize"] for h in heads.values()}
-    weights = {tap: h["weight"] if h["weight"] is not None else 0.0 for tap, h in heads.items()}
+    (resize,) = {h["resize"] for h in heads.values()}
+    weights = {tap: h["weight"] for tap, h in heads.items()}
     return AuxHeads(
         {tap: h["kind"] for tap, h in heads.items()},
         num_classes=data.c,
         weights=weights,
-        resize=resize.pop() if len(resize) == 1 else "logits",
+        resize=resize,
         head_loss=_loss(data.void),
         ignore_index=data.void,
     )
-
-
-def _fill_weights(heads: dict[str, dict[str, Any]], callback: AuxHeads) -> None:
-    """nnU-Net's weights for the deep-supervision heads, now that attach has sized them: the
-    head weights relative to the main output's (the whole loss scaled by the main output's
-    weight is the same optimum)."""
-    deep = [tap for tap, h in heads.items() if h["weight"] is None]
-    if not deep:
-        return
-    from auxhead.dense import deep_supervision_weights
-
-    aux_model = callback.aux_model
-    shapes = {tap: aux_model.head_shapes[tap] for tap in deep}
-    shapes["main"] = aux_model.output_shape
-    weights = deep_supervision_weights(shapes)
-    for tap in deep:
-        heads[tap]["weight"] = weights[tap] / weights["main"]
-        callback.aux_loss.weights[tap] = heads[tap]["weight"]
 
 
 def _test_split(data) -> tuple[torch.Tensor, torch.Tensor, str]:
