@@ -43,6 +43,7 @@ SMP_SEGMENTERS = {  # --arch -> smp's class name
     "smp-pspnet": "PSPNet",
 }
 HEAD_PRESETS = ("fcn", "deep", "both")
+DEEP_SUPERVISED = ("unet", "smp-unet", "smp-fpn")  # a decoder with one block per scale
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,13 @@ def _fastai_unet(encoder: str, num_classes: int, size: tuple[int, int]) -> nn.Mo
     return create_unet_model(body, num_classes, size, pretrained=False)
 
 
+def deep_refusal(arch: str) -> str:
+    return (
+        f"deep supervision needs a decoder with one block per scale ({', '.join(DEEP_SUPERVISED)}"
+        f"); {arch} has none: use --heads fcn"
+    )
+
+
 def segment_taps(arch: str, model: nn.Module, heads: str) -> dict[str, list[str]]:
     """Where the preset heads go on `model` (built by `build_segmenter(arch, ...)`).
 
@@ -166,9 +174,6 @@ def segment_taps(arch: str, model: nn.Module, heads: str) -> dict[str, list[str]
         elif arch == "smp-fpn":
             blocks = ["decoder.p5", "decoder.p4", "decoder.p3", "decoder.p2"]
         else:
-            raise ValueError(
-                f"deep supervision needs a decoder with one block per scale (unet, smp-unet, "
-                f"smp-fpn); {arch} has none: use --heads fcn"
-            )
+            raise ValueError(deep_refusal(arch))
         taps["deep"] = blocks
     return taps

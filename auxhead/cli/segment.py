@@ -23,7 +23,14 @@ from torch import nn
 
 from auxhead._format import count, recorder_history
 from auxhead._segmetrics import SegmentationMeter, at_label_size
-from auxhead._segmodels import DEFAULT_ENCODER, build_segmenter, segment_arch, segment_taps
+from auxhead._segmodels import (
+    DEEP_SUPERVISED,
+    DEFAULT_ENCODER,
+    build_segmenter,
+    deep_refusal,
+    segment_arch,
+    segment_taps,
+)
 from auxhead.attach import AttachError, AuxModel
 from auxhead.cli._common import MIXED_SIZE, UsageError, atomic_path, one_line
 from auxhead.cli._state import seeded, torch_threads
@@ -144,6 +151,8 @@ def check_segment_config(config: TrainConfig) -> None:
         spec = segment_arch(config.arch)
     except ValueError as error:
         raise UsageError(f"--arch: {error}") from None
+    if config.heads in ("deep", "both") and not config.at and spec.name not in DEEP_SUPERVISED:
+        raise UsageError(f"--heads {config.heads}: {deep_refusal(spec.name)}")
     if config.encoder is not None and not spec.takes_encoder:
         raise UsageError(
             f"--encoder: {config.arch} names its encoder itself; drop --encoder (or use unet, "
