@@ -326,7 +326,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--void", type=void_label, default=d.void, metavar="N",
                    help="segment: the mask value of unlabelled pixels, left out of the loss and "
                    "the scores ('none' for none; default: a Void line of codes.txt, else 255 "
-                   "when the masks hold it)")  # fmt: skip
+                   "when the masks hold it, or 11 for a folder named camvid)")  # fmt: skip
     p.add_argument("--pretrained", action="store_true",
                    help="start from the architecture's pretrained weights (torchvision's or "
                    "timm's cache; $TORCH_HOME/hub/checkpoints for torchvision) and fine-tune "
