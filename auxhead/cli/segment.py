@@ -397,7 +397,7 @@ def score(
     aux_model: AuxModel | nn.Module, x: torch.Tensor, y: torch.Tensor, data, *, bs: int
 ) -> tuple[SegmentScores, list[SegmentScores], torch.Tensor]:
     """The main output's scores (and each head's, with heads) on (x, y), eval mode, and the
-    main output's predicted classes (N, H, W)."""
+    main output's predicted classes on the first FIGURE_IMAGES images."""
     has_heads = isinstance(aux_model, AuxModel)
     taps = aux_model.taps if has_heads else []
     meters = {name: SegmentationMeter(data.c, ignore_index=data.void) for name in ["main", *taps]}
@@ -416,7 +416,8 @@ def score(
             out = out["out"] if isinstance(out, Mapping) else out
             classes = at_label_size(out, yb).argmax(1)
             meters["main"].update(classes, yb)
-            predicted.append(classes)
+            if sum(map(len, predicted)) < FIGURE_IMAGES:  # the figure's, not every image's
+                predicted.append(classes[:FIGURE_IMAGES])
             for tap, logits in aux.items():
                 meters[tap].update(at_label_size(logits, yb).argmax(1), yb)
     finally:
