@@ -169,6 +169,7 @@ def test_classify_stays_the_default_task():
         (["--arch", "unet", "--encoder", "vgg16"], "takes a torchvision ResNet encoder"),
         (["--arch", "smp-unet", "--encoder", "resnet1"], "unknown smp encoder 'resnet1'"),
         (["--void", "x"], "--void: must be a mask value"),
+        (["--at", "layers.0.66"], "--at layers.0.66: no such layer in unet (close matches: "),
     ],
 )
 def test_bad_segment_options_end_in_one_line(tmp_path, capsys, extra, expected):

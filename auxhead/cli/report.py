@@ -579,7 +579,8 @@ def _segment_markdown(result: SegmentResult) -> str:
 
 
 def _segment_timing(result: SegmentResult) -> list[str]:
-    lines = [f"training time with heads: {_seconds(result.train_seconds)} s"]
+    lines = [f"training time with heads: {_seconds(result.train_seconds)} s (with saving "
+             "checkpoint.pth after every epoch)"]  # fmt: skip
     if result.baseline_seconds is not None:
         lines.append(f"training time without heads: {_seconds(result.baseline_seconds)} s")
     return lines

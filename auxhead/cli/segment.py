@@ -32,7 +32,13 @@ from auxhead._segmodels import (
     segment_taps,
 )
 from auxhead.attach import AttachError, AuxModel
-from auxhead.cli._common import MIXED_SIZE, UsageError, atomic_path, one_line
+from auxhead.cli._common import (
+    MIXED_SIZE,
+    UsageError,
+    atomic_path,
+    collect_warnings,
+    one_line,
+)
 from auxhead.cli._state import seeded, torch_threads
 from auxhead.cli.train import (
     Budget,
@@ -40,6 +46,7 @@ from auxhead.cli.train import (
     EpochLog,
     StopOnNonFinite,
     TrainConfig,
+    _taps,
     check_runs,
 )
 from auxhead.fastai import AuxHeads, export_learner, segmentation_metrics
@@ -191,8 +198,6 @@ def run_segment(
         UsageError: bad options, naming the option.
         DataError: a bad data folder or file, naming it.
     """
-    from auxhead.cli._common import collect_warnings
-
     with collect_warnings() as caught, torch_threads(config.threads), seeded(config.seed):
         result = _run(config, say)
     result.warnings = caught
@@ -242,10 +247,10 @@ def _heads(
     config: TrainConfig, model: nn.Module, sample: torch.Tensor
 ) -> dict[str, dict[str, Any]]:
     """Each tap's head kind, weight and how its logits meet the labels."""
-    if config.at:
+    if config.at:  # names checked as for classification, with close matches
         return {
             tap: {"kind": "fcn", "weight": config.aux_weight, "resize": "logits"}
-            for tap in config.at
+            for tap in _taps(config, model, sample)
         }
     try:
         taps = segment_taps(config.arch, model, config.heads)
@@ -320,7 +325,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> SegmentResult:
     dls = segmentation_dataloaders(data, bs=budget.bs, seed=config.seed, device="cpu")
     model = _model(config, data)
     heads = _heads(config, model, data.train_x[:2])
-    callback = _aux_heads(heads, data, model)
+    callback = _aux_heads(heads, data, config)
     meta = {"arch": config.arch, "encoder": config.encoder, "heads": heads,
             "codes": data.codes, "void": data.void, "size": data.size}  # fmt: skip
     checkpoint = out / "checkpoint.pth"
@@ -371,7 +376,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> SegmentResult:
     return result
 
 
-def _aux_heads(heads: dict[str, dict[str, Any]], data, model: nn.Module) -> AuxHeads:
+def _aux_heads(heads: dict[str, dict[str, Any]], data, config: TrainConfig) -> AuxHeads:
     """The AuxHeads callback for `heads`: FCN heads upsample their logits to the labels,
     deep-supervision heads get the labels downsampled to them (nnU-Net)."""
     (resize,) = {h["resize"] for h in heads.values()}
@@ -380,6 +385,7 @@ def _aux_heads(heads: dict[str, dict[str, Any]], data, model: nn.Module) -> AuxH
         {tap: h["kind"] for tap, h in heads.items()},
         num_classes=data.c,
         weights=weights,
+        schedule=config.schedule,
         resize=resize,
         head_loss=_loss(data.void),
         ignore_index=data.void,
