@@ -19,7 +19,11 @@ from auxhead.cli._common import LOCK_NAME
 from auxhead.cli.train import TrainConfig, add_parser, config_from_args
 from auxhead.data import CAMVID_TINY, load_segmentation
 
-SHARED_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "data" / "camvid"
+ROOT = Path(__file__).resolve().parents[1]
+# ../shared beside the clone (CI), or beside the main checkout for a worktree one level down
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()),
+              ROOT.parent / "shared")  # fmt: skip
+SHARED_CAMVID = SHARED / "data" / "camvid"
 QUICK = ["--task", "segment", "--epochs", "1", "--threads", "1"]
 
 
