@@ -193,7 +193,9 @@ class AuxLoss:
             "targets" (the targets downsampled to each head's size, nearest neighbour, labels
             and the ignore label kept exact: nnU-Net's). Pooled (B, K) heads are untouched.
             The ignore label is the loss's own (`nn.CrossEntropyLoss(ignore_index=255)`).
-        main_weight: the main loss's weight (1: the main loss as it is).
+        main_weight: the main loss's weight in training (1: the main loss as it is); a
+            validation loss is the main loss alone, unweighted. A trainer that adds
+            `aux_term` to its own main loss applies it itself.
 
     Attributes:
         progress: training progress t in [0, 1]; a trainer sets it (the fastai callback does).
@@ -267,6 +269,8 @@ class AuxLoss:
         main = self.loss_func(pred, *targets)
         aux = self.aux_term(pred, *targets)
         self.components = {"main": main.detach(), **self.components}
+        if not self.aux_model.training:
+            return main  # a validation loss is the main loss alone, unweighted
         if self.main_weight != 1.0:
             main = self.main_weight * main
         return main if aux is None else main + aux
