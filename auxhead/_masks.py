@@ -11,7 +11,8 @@ the metrics ignore): `void=` when given (an index, or None for none); else a cod
 named Void, Unlabelled, Unlabeled or Ignore (dropped from the class names when it is the last
 line: CamVid's 11 classes with void 11); else 255 if masks hold it (Pascal VOC's border).
 Masks that hold only 0 and 255 are binary (milesial's Carvana, most medical sets): 255 becomes
-class 1, unless `void=255` says otherwise.
+class 1, unless `void=255` says otherwise. JPEG masks holding more than two values are refused
+unless `codes` is given: compression has blurred their indices.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ VOID_NAMES = {"void", "unlabelled", "unlabeled", "ignore"}
 BINARY_VALUE = 255  # the foreground of masks saved as 0/255
 DEFAULT_VOID = 255  # Pascal VOC's, torchvision's and mmsegmentation's ignore index
 _LARGEST_INDEX = 65535
+_JPEG = {".jpg", ".jpeg", ".jpe"}
 
 
 def read_pairs(
@@ -110,8 +112,8 @@ def _indices(mask: Image.Image, path: Path, size: int | tuple[int, int] | None) 
     from PIL import Image
 
     mode = mask.mode
-    if mode in ("P", "PA"):  # palette: the indices are the classes, the colours are for show
-        mask = mask.convert("P") if mode == "PA" else mask
+    if mode in ("P", "PA"):
+        pass  # palette: the indices are the classes (PA's first channel), the colours for show
     elif mode in ("1", "LA", "La"):
         mask = mask.convert("L")
     elif mode in ("RGB", "RGBA", "RGBX"):
@@ -194,6 +196,13 @@ def resolve_classes(
         present = sorted(set(y.unique().tolist()))
         notes.append("the masks hold only 0 and 255: read as binary, 255 as class 1")
     kept = [v for v in present if v != void]
+    jpeg = [path for path in masks if path.suffix.lower() in _JPEG]
+    if codes is None and jpeg and len(kept) > 2:
+        raise DataError(
+            f"{jpeg[0]} is a JPEG mask, and the masks hold {len(kept)} different values: JPEG "
+            "compression blurs class indices; save the masks as PNG (or pass codes= naming "
+            "the classes, to take the values as they are)"
+        )
     if codes is None:
         n = max(kept, default=0) + 1
         if n < 2:

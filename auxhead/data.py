@@ -860,8 +860,15 @@ def load_segmentation(
                 f"size must be a positive number of pixels or a (height, width) pair, got {size!r}"
             )
         size = size if isinstance(size, int) else (sizes[0], sizes[1])
-    if not (void is None or void == "auto" or (isinstance(void, int) and void >= 0)):
+    index = isinstance(void, (int, np.integer)) and not isinstance(void, bool)
+    if not (void is None or (isinstance(void, str) and void == "auto") or (index and void >= 0)):
         raise DataError(f"void must be a class index >= 0, None or 'auto', got {void!r}")
+    void = int(void) if index else void
+    if isinstance(codes, (str, os.PathLike)):
+        raise DataError(
+            f"codes must be a list of class names, got {codes!r}; to read a file, put it in the "
+            "data folder as codes.txt"
+        )
     if codes is not None:
         codes = [str(name) for name in codes]
         if len(codes) < 2:

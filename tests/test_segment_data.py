@@ -85,7 +85,7 @@ def test_shipped_camvid_frames_load_with_their_classes():
     assert torch.equal(data.train_y[0], torch.from_numpy(np.array(Image.open(label))).long())
 
 
-def test_shipped_frames_are_tracked_and_small():
+def test_shipped_frames_are_small_and_documented():
     files = [p for p in CAMVID_TINY.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 1_000_000
     assert (CAMVID_TINY / "README.md").is_file() and (CAMVID_TINY / "codes.txt").is_file()
@@ -304,6 +304,28 @@ def test_grey_rgb_masks_and_16_bit_masks_are_indices(tmp_path):
         assert torch.equal(y, torch.from_numpy(_mask(int(image_file.stem[1:])).astype(np.int64)))
 
 
+@pytest.mark.parametrize("mode", ["1", "LA", "I;16"])
+def test_other_mask_modes_are_indices_and_resize_nearest(tmp_path, mode):
+    k = 2 if mode == "1" else 3
+    for i in range(4):
+        _save(tmp_path / "images" / f"m{i}.png", _image(i))
+        mask = _mask(i, k=k)
+        if mode == "1":
+            pil = Image.fromarray(mask.astype(bool))
+        elif mode == "I;16":
+            pil = Image.fromarray(mask.astype(np.uint16))
+        else:
+            pil = Image.fromarray(mask, "L").convert(mode)
+        assert pil.mode == mode
+        pil.save(_dir(tmp_path / "masks") / f"m{i}.png")
+    data = load_segmentation(tmp_path, valid_pct=0.25, size=(3, 4))
+    assert data.codes == [str(c) for c in range(k)]
+    for y, image_file in zip(data.train_y, data.files["train"], strict=True):
+        mask = _mask(int(image_file.stem[1:]), k=k)
+        want = np.array(Image.fromarray(mask).resize((4, 3), Image.Resampling.NEAREST), np.int64)
+        assert torch.equal(y, torch.from_numpy(want))
+
+
 def test_jpeg_images_and_grey_images_become_rgb(tmp_path):
     for i in range(3):
         Image.fromarray(_image(i)[..., 0]).save(_dir(tmp_path / "images") / f"g{i}.jpg")
@@ -392,6 +414,14 @@ def test_split_folder_without_a_pair_is_refused(tmp_path):
         load_segmentation(tmp_path)
 
 
+def test_shipped_frames_missing_say_where_they_are(tmp_path, monkeypatch):
+    import auxhead.data
+
+    monkeypatch.setattr(auxhead.data, "CAMVID_TINY", tmp_path / "camvid-tiny")
+    with pytest.raises(DataError, match=r"ship in auxhead's source repository"):
+        load_segmentation(tmp_path / "camvid-tiny")
+
+
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match=r"nowhere is not found"):
         load_segmentation(tmp_path / "nowhere")
@@ -450,6 +480,16 @@ def test_unreadable_file_is_named(tmp_path, which):
     assert str(bad) in _one_line(error)
 
 
+def test_jpeg_masks_with_blurred_values_are_refused(tmp_path):
+    for i in range(3):
+        _save(tmp_path / "images" / f"j{i}.png", _image(i))
+        Image.fromarray((_mask(i, k=2) * 255).astype(np.uint8)).save(
+            _dir(tmp_path / "masks") / f"j{i}.jpg", quality=75
+        )
+    with pytest.raises(DataError, match=r"j0\.jpg is a JPEG mask, .* save the masks as PNG"):
+        load_segmentation(tmp_path)
+
+
 def test_two_mask_folders_are_ambiguous(tmp_path):
     _pairs(tmp_path / "images", tmp_path / "labels", 3)
     _pairs(tmp_path / "images", tmp_path / "masks", 3)
@@ -479,6 +519,9 @@ def test_valid_txt_naming_a_missing_image(tmp_path):
         ({"size": (4, 0)}, "size must be"),
         ({"void": -1}, "void must be"),
         ({"codes": ["only"]}, "at least two classes"),
+        ({"codes": "codes.txt"}, "codes must be a list of class names"),
+        ({"void": True}, "void must be"),
+        ({"void": "255"}, "void must be"),
         ({"valid_pct": 1.0}, "valid_pct"),
     ],
 )
