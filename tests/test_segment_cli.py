@@ -185,6 +185,10 @@ def test_bad_segment_options_end_in_one_line(tmp_path, capsys, extra, expected):
 def test_segment_options_are_refused_for_classification(tmp_path, capsys):
     line = error_line(capsys, ["train", "--encoder", "resnet18", "--out", tmp_path])
     assert line == "auxhead: error: --encoder is for --task segment"
+    out = tmp_path / "o"
+    line = error_line(capsys, ["train", "--data", "digits", "--head", "fcn", "--out", out])
+    assert "--head fcn predicts a class per pixel: it is for --task segment" in line
+    assert "inception, linear, sdn" in line and not out.exists()
 
 
 def test_bad_data_ends_in_one_line_naming_the_file(tmp_path, capsys):

@@ -53,7 +53,7 @@ from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders
 from auxhead.exits import EarlyExit, ExitSummary, check_targets, exit_flops, exit_params
 from auxhead.fastai import AuxHeads, export_learner
-from auxhead.heads import HEAD_KINDS
+from auxhead.heads import DENSE_KINDS, HEAD_KINDS
 from auxhead.models import (
     WeightsUnavailable,
     build_model,
@@ -414,6 +414,11 @@ def check_config(config: TrainConfig) -> None:
         raise UsageError(
             f"--bs {config.bs}: training needs at least 2 images a batch (BatchNorm layers "
             "normalise over the batch)"
+        )
+    if config.head in DENSE_KINDS:
+        raise UsageError(
+            f"--head {config.head} predicts a class per pixel: it is for --task segment; a "
+            f"classifier takes {', '.join(k for k in sorted(HEAD_KINDS) if k not in DENSE_KINDS)}"
         )
     if config.epochs is not None and config.steps is not None:
         raise UsageError("--epochs and --steps both set the training length; give one")
