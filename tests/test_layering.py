@@ -35,6 +35,7 @@ DATA = {
     "auxhead._seg_folders",
     "auxhead._text",  # MR sentences, tokenised by a `tokenizers` tokenizer trained on them
     "auxhead.models",
+    "auxhead._segmodels",
     "auxhead._weights",
 }
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
@@ -52,11 +53,14 @@ EAGER = {
     "cli": None,  # anything: the command line is the top of the stack
 }
 LAZY = {
-    "core": CORE | {"onnx"},  # the `onnx` extra: EarlyExit.export("x.onnx") checks what it wrote
+    # the `onnx` extra: EarlyExit.export("x.onnx") checks what it wrote; the `fastai` extra's
+    # torchmetrics: the segmentation scores (auxhead._segmetrics)
+    "core": CORE | {"onnx", "torchmetrics"},
     "gan": CORE | {"torchmetrics"},  # the Fréchet distance's Inception network
     "data": CORE
     | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"}
-    | {"tokenizers"},
+    | {"tokenizers"}  # MR's tokenizer (auxhead._text)
+    | {"segmentation_models_pytorch"},  # the `segment` extra's models (auxhead._segmodels)
     "adapter": CORE | {"fastai", "PIL", "matplotlib"},
     "cli": None,
 }
