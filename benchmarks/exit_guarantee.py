@@ -1,22 +1,24 @@
-"""Does `EarlyExit.calibrate` keep the accuracy drop it promises on new data?
+"""Does `EarlyExit.calibrate` keep the accuracy drop it promises on new data, and what does
+the promise cost in FLOPs, at each calibration-set size?
 
 A ResNet-style CNN with two "sdn" heads (the deep-supervision benchmark's model, trained with
 self-distillation on 55,000 Fashion-MNIST training images) is run once on 5,000 held-out
 training images and the 10,000 test images, and each image's head logits, main logits and
 label are cached (`benchmarks/_exit_cache.py`). Every calibration below is then replayed from
-the cache with the same code `calibrate` runs (`auxhead.exits.choose_thresholds`, and
-`choose_budget_thresholds` for `calibrate_budget`), so hundreds of calibrations take minutes:
+the cache with the same code `calibrate` runs (`auxhead.exits.choose_thresholds`), so
+thousands of calibrations take minutes.
 
-    exchangeable: the 15,000 cached images are pooled; each of --splits random splits
-        calibrates on --calib-size of them and measures on the rest. The guarantee says the
-        test drop exceeds eps in at most delta of the splits.
-    protocol: what users do, calibrate on the 5,000 held-out training images and serve the
-        test set: one calibration per mode (LTT's internal path/test split varies with its
-        seed, --splits seeds).
+Sizes (the default): the 15,000 cached images are pooled; for each calibration-set size in
+--sizes, each of --splits random splits calibrates on that many of them and measures on the
+rest. Per method: the share of splits whose drop on the rest exceeds eps (the guarantee says
+at most delta = 10%, up to chance: the table gives its 95% Clopper-Pearson upper bound), the
+mean FLOPs saved, and that saving as a share of the plain fit's (`method="empirical"`, no
+guarantee) and of the oracle's (the cheapest thresholds within eps fitted on the evaluation
+images themselves: the limit; on the first --oracle-splits splits, it varies little).
 
-Modes: empirical (the drop met on the calibration images), normal 90% (the drop's
-normal-approximation 90% upper bound met on them), ltt 90% (`calibrate`'s default), ltt 90% +
-temperature, and the compute budget max_flops=0.4 (empirical and ltt).
+--detail adds the earlier table at --calib-size: the normal-approximation baseline,
+temperature scaling, the compute budget, and the protocol (calibrate on the 5,000 held-out
+training images, serve the test set).
 
 Commands:
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -107,6 +110,7 @@ MODES = {
     "empirical": {"method": "empirical"},
     "normal 90%": None,
     "ltt 90% (default)": {"method": "ltt"},
+    "ltt-harm 90%": {"method": "ltt-harm"},
     "ltt 90% + temperature": {"method": "ltt", "temperature": True},
     "max_flops=0.4, empirical": {"method": "empirical", "max_flops": 0.4},
     "max_flops=0.4, ltt 90%": {"method": "ltt", "max_flops": 0.4},
@@ -177,23 +181,9 @@ def summarise(results: list[dict], eps: float, budget: float, is_budget: bool) -
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
-    parser.add_argument("--splits", type=int, default=200)
-    parser.add_argument("--calib-size", type=int, default=5000)
-    parser.add_argument("--eps", type=float, default=0.005)
-    parser.add_argument("--budget", type=float, default=0.4)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(1)
+def detail(args: argparse.Namespace, cache: dict, profile: FlopProfile) -> None:
+    """The earlier table: every mode at --calib-size, and the protocol."""
     start = time.perf_counter()
-    cache = torch.load(args.cache)
-    profile = FlopProfile(**cache["profile"])
     held = Pool(cache["held"]["heads"], cache["held"]["main"], cache["held"]["y"])
     test = Pool(cache["test"]["heads"], cache["test"]["main"], cache["test"]["y"])
     everything = Pool(
@@ -202,13 +192,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.cat([held.y, test.y]),
     )
     n = len(everything.y)
-    main_acc = test.correct[:, -1].double().mean().item()
-    print(
-        f"model: {cache['train']}; main head test accuracy {main_acc:.2%}; full model "
-        f"{profile.full / 1e6:.2f} MFLOPs; eps = {args.eps * 100:.1f} pt, delta = 0.1, "
-        f"budget {args.budget:.0%}; one torch thread",
-        flush=True,
-    )
     exchangeable: dict[str, list[dict]] = {name: [] for name in MODES}
     protocol: dict[str, list[dict]] = {name: [] for name in MODES}
     for split in range(args.splits):
@@ -254,7 +237,135 @@ def main(argv: Sequence[str] | None = None) -> None:
         saved = 1 - statistics.fmean(r["flops"] for r in rows)
         over = sum(r["drop"] > args.eps for r in rows)
         print(f"| {name} | {drop * 100:.2f} pt | {saved:.1%} | {over} of {len(rows)} |")
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    print(f"\ndetail: {time.perf_counter() - start:.0f} s")
+
+
+SIZE_METHODS = {
+    "empirical (plain fit, no guarantee)": {"method": "empirical"},
+    "ltt-harm (harm rate, binomial, 30/70 split; the old default)": {"method": "ltt-harm"},
+    "ltt (drop, betting, shared threshold, no split; the default)": {"method": "ltt"},
+    "ltt, path_share=0.2 (drop, betting, per-exit path on 20%)": {
+        "method": "ltt",
+        "path_share": 0.2,
+    },
+}
+
+
+def clopper_pearson_upper(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate, k events in n: the largest p with
+    P(Bin(n, p) <= k) >= 1 - level."""
+    if k >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+    low, high = k / n, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) > 1 - level else (low, mid)
+    return high
+
+
+def oracle(pool: Pool, profile: FlopProfile, eps: float) -> dict[str, float]:
+    """The cheapest thresholds within eps on `pool` itself, measured on it: the limit."""
+    choice = choose_thresholds(
+        pool.scores, pool.correct, profile, max_accuracy_drop=eps, method="empirical"
+    )
+    return measure(pool, profile, torch.tensor(choice.thresholds, dtype=torch.float64), (1.0,))
+
+
+def sizes_table(args: argparse.Namespace, everything: Pool, profile: FlopProfile) -> None:
+    """Per calibration-set size, per method: violations, saving, shares of plain and oracle."""
+    n = len(everything.y)
+    print(
+        f"\n(sizes) {args.splits} random splits of the {n} held-out + test images per size: "
+        f"calibrate on the size, measure on the rest; eps = {args.eps * 100:.1f} pt, "
+        f"delta = 0.1; oracle on the first {args.oracle_splits} splits\n",
+        flush=True,
+    )
+    rows = []
+    for size in args.sizes:
+        start = time.perf_counter()
+        results: dict[str, list[dict]] = {name: [] for name in SIZE_METHODS}
+        oracles = []
+        for split in range(args.splits):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + split))
+            calib, rest = subset(everything, order[:size]), subset(everything, order[size:])
+            for name, options in SIZE_METHODS.items():
+                choice = choose_thresholds(
+                    calib.scores, calib.correct, profile, max_accuracy_drop=args.eps,
+                    confidence=0.9, seed=split, **options,
+                )  # fmt: skip
+                thresholds = torch.tensor(choice.thresholds, dtype=torch.float64)
+                results[name].append(measure(rest, profile, thresholds, choice.temperatures))
+            if split < args.oracle_splits:
+                oracles.append(oracle(rest, profile, args.eps))
+        plain = 1 - statistics.fmean(r["flops"] for r in results[next(iter(SIZE_METHODS))])
+        limit = 1 - statistics.fmean(r["flops"] for r in oracles)
+        for name, runs in results.items():
+            over = sum(r["drop"] > args.eps for r in runs)
+            saved = 1 - statistics.fmean(r["flops"] for r in runs)
+            rows.append(
+                f"| {size:,} | {name} | {over} ({over / len(runs):.1%}) | "
+                f"{clopper_pearson_upper(over, len(runs)):.1%} | "
+                f"{statistics.fmean(r['drop'] for r in runs) * 100:.2f} pt | {saved:.1%} | "
+                f"{saved / plain:.0%} | {saved / limit:.0%} |"
+            )
+        rows.append(
+            f"| {size:,} | oracle (fitted on the evaluation images) | - | - | "
+            f"{statistics.fmean(r['drop'] for r in oracles) * 100:.2f} pt | {limit:.1%} | "
+            f"{limit / plain:.0%} | 100% |"
+        )
+        print(f"  size {size}: {time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"\n| calibration images | method | splits with drop > {args.eps * 100:.1f} pt | "
+        "95% upper bound on that rate | mean drop | FLOPs saved | share of plain | "
+        "share of oracle |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
+    parser.add_argument("--splits", type=int, default=200)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 5000])
+    parser.add_argument("--oracle-splits", type=int, default=20)
+    parser.add_argument("--eps", type=float, default=0.005)
+    parser.add_argument("--detail", action="store_true", help="the earlier table too")
+    parser.add_argument("--calib-size", type=int, default=5000, help="--detail's size")
+    parser.add_argument("--budget", type=float, default=0.4, help="--detail's FLOPs budget")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    cache = torch.load(args.cache)
+    profile = FlopProfile(**cache["profile"])
+    everything = Pool(
+        torch.cat([cache["held"]["heads"], cache["test"]["heads"]]),
+        torch.cat([cache["held"]["main"], cache["test"]["main"]]),
+        torch.cat([cache["held"]["y"], cache["test"]["y"]]),
+    )
+    test_right = cache["test"]["main"].argmax(-1) == cache["test"]["y"]
+    print(
+        f"model: {cache['train']}; main head test accuracy {test_right.double().mean():.2%}; "
+        f"full model {profile.full / 1e6:.2f} MFLOPs; one torch thread; load average "
+        f"{os.getloadavg()[0]:.2f} at the start",
+        flush=True,
+    )
+    sizes_table(args, everything, profile)
+    if args.detail:
+        detail(args, cache, profile)
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f} "
+        "at the end"
+    )
 
 
 if __name__ == "__main__":
