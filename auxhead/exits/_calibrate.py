@@ -373,8 +373,7 @@ def _choose(
             found = _test_harm(path_part, test_part, profile, value, delta, limit)
         else:
             found = _test_drop(path_part, test_part, profile, value, delta, limit, shared)
-    chosen = found.path[found.passed - 1] if found.passed else torch.ones(n_exits)
-    values = tuple(float(t) for t in chosen.tolist())
+    values = tuple(float(t) for t in found.chosen(n_exits).tolist())
     return Calibration(
         thresholds=values,
         temperatures=temperatures,
@@ -428,8 +427,16 @@ def _nearest(point: torch.Tensor, low: torch.Tensor, per_exit: list[list[float]]
 @dataclass
 class _Found:
     path: list[torch.Tensor]  # threshold vectors, safe to aggressive
-    passed: int  # how many of them passed, in sequence; the last of them is chosen
-    bound: float | None  # its (1 - delta) upper bound on the tested risk
+    passed: int  # how many of them passed, in sequence
+    bound: float | None  # the chosen one's (1 - delta) upper bound on the tested risk
+    # the index of the chosen one on the path (the last that passed, unless said otherwise);
+    # None: none of them, every sample goes to the main head
+    pick: int | None = -1
+
+    def chosen(self, n_exits: int) -> torch.Tensor:
+        if not self.passed or self.pick is None:
+            return torch.ones(n_exits)
+        return self.path[self.passed - 1 if self.pick == -1 else self.pick]
 
 
 def _test_harm(
@@ -517,5 +524,13 @@ def _test_drop(
     right = correct.T.gather(0, exits).double()  # (M, n)
     shifted = (main - right + 1) / 2
     passed = fixed_sequence(wsr_p_values(shifted, (1 + eps) / 2, delta).tolist(), delta)
-    bound = 2 * wsr_upper_bound(shifted[passed - 1], delta) - 1 if passed else None
-    return _Found(path, passed, bound)
+    if not passed:
+        return _Found(path, 0, None)
+    # Fixed-sequence testing rejects every H0 it passed at once (family-wise error <= delta),
+    # so any of those points carries the guarantee: take the cheapest on these samples, or
+    # none when heads that run cost more than the samples leaving save (scores near 1).
+    costs = Judge(scores, correct, profile)(torch.stack(path[:passed])).cost
+    pick = int(torch.argmin(costs))
+    if float(costs[pick]) >= profile.full:
+        return _Found(path, passed, None, pick=None)
+    return _Found(path, passed, 2 * wsr_upper_bound(shifted[pick], delta) - 1, pick=pick)
