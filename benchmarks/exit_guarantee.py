@@ -16,6 +16,11 @@ mean FLOPs saved, and that saving as a share of the plain fit's (`method="empiri
 guarantee) and of the oracle's (the cheapest thresholds within eps fitted on the evaluation
 images themselves: the limit; on the first --oracle-splits splits, it varies little).
 
+--power prints, instead, how often each valid test of "drop > eps" passes on simulated losses
+whose drop is below eps (pure tensor ops, a minute): betting alone, betting combined with
+Hoeffding-Bentkus on the same shifted loss (Bonferroni: 2 min(p)), betting combined with the
+exact binomial test of the harm rate (which bounds the drop), and those two alone.
+
 --detail adds the earlier table at --calib-size: the normal-approximation baseline,
 temperature scaling, the compute budget, and the protocol (calibrate on the 5,000 held-out
 training images, serve the test set).
@@ -45,6 +50,12 @@ from auxhead.exits import (
     exit_indices,
 )
 from auxhead.exits import confidence as max_softmax
+from auxhead.exits._bounds import (  # the tests themselves, for --power
+    binomial_p_value,
+    bonferroni_min,
+    hoeffding_bentkus_p_value,
+    wsr_p_values,
+)
 
 
 def score_fn(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -327,6 +338,44 @@ def sizes_table(args: argparse.Namespace, everything: Pool, profile: FlopProfile
     print("\n".join(rows))
 
 
+def power_table(eps: float, delta: float = 0.1, draws: int = 400) -> None:
+    """Share of `draws` simulated calibration sets on which each test passes a point whose
+    true drop is below eps: per sample the loss is +1 (harm) with probability h, -1 (help)
+    with probability g, 0 otherwise."""
+    g = torch.Generator().manual_seed(0)
+    alpha = (1 + eps) / 2
+    print(
+        f"\n(power) share of {draws} draws passing H0: drop > {eps * 100:.1f} pt at delta = "
+        f"{delta}\n\n| n | harm / help (true drop) | betting | betting + HB | betting + "
+        "binomial on harm | Hoeffding-Bentkus | binomial on harm |\n|---|---|---|---|---|---|---|"
+    )
+    for n in (700, 1000, 2000):
+        for harm, help_ in [
+            (0.002, 0.0),
+            (0.005, 0.005),
+            (0.005, 0.01),
+            (0.01, 0.015),
+            (0.02, 0.02),
+        ]:
+            u = torch.rand(draws, n, generator=g, dtype=torch.float64)
+            loss = (u < harm).double() - ((u >= harm) & (u < harm + help_)).double()
+            shifted = (loss + 1) / 2
+            betting = wsr_p_values(shifted, alpha, delta).tolist()
+            hb = [hoeffding_bentkus_p_value(float(row.mean()), n, alpha) for row in shifted]
+            binomial = [binomial_p_value(int((row == 1).sum()), n, eps) for row in loss]
+            rules = [
+                betting,
+                [bonferroni_min(a, b) for a, b in zip(betting, hb, strict=True)],
+                [bonferroni_min(a, b) for a, b in zip(betting, binomial, strict=True)],
+                hb,
+                binomial,
+            ]
+            shares = " | ".join(f"{sum(p <= delta for p in rule) / draws:.0%}" for rule in rules)
+            print(
+                f"| {n:,} | {harm:.1%} / {help_:.1%} ({(harm - help_) * 100:+.1f} pt) | {shares} |"
+            )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -336,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--oracle-splits", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.005)
     parser.add_argument("--detail", action="store_true", help="the earlier table too")
+    parser.add_argument("--power", action="store_true", help="only the tests' power table")
     parser.add_argument("--calib-size", type=int, default=5000, help="--detail's size")
     parser.add_argument("--budget", type=float, default=0.4, help="--detail's FLOPs budget")
     return parser
@@ -344,6 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(1)
+    if args.power:
+        power_table(args.eps)
+        return
     start = time.perf_counter()
     cache = torch.load(args.cache)
     profile = FlopProfile(**cache["profile"])

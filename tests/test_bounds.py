@@ -98,7 +98,7 @@ def test_wsr_p_value_is_valid_at_the_edge_of_the_null(harm, helped):
 
 
 def test_wsr_upper_bound_covers_the_true_mean():
-    draws, n, delta = 400, 200, 0.1
+    draws, n, delta = 200, 200, 0.1
     x = _three_point(draws, n, 0.03, 0.02, seed=2)
     truth = (1 + 0.03 - 0.02) / 2
     missed = sum(wsr_upper_bound(row, delta) < truth for row in x)

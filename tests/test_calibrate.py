@@ -281,16 +281,23 @@ def _allowance(delta: float, draws: int) -> float:
 
 def test_ltt_holds_the_drop_with_the_confidence_asked():
     eps, delta, draws = 0.02, 0.1, 100
-    methods = [("ltt", None), ("ltt", 0.2), ("empirical", None)]
+    methods = [("ltt", None), ("empirical", None)]
     over, saved = _over_rate(methods, _true_drop, eps, delta, draws, 800, seed=0)
     # The guarantee: at most delta of the draws over eps, up to chance.
     assert over["ltt", None] <= _allowance(delta, draws)
-    assert over["ltt", 0.2] <= _allowance(delta, draws)
     # The empirical fit is over eps in about half the draws (its target on the sample).
     assert over["empirical", None] > draws / 3
     # and the guarantee is not bought by exiting nobody: the drop is below eps for
     # t >= 0.676, where 0.32 of the samples leave (a saving of 0.235)
-    assert saved["ltt", None] > 0.1 and saved["ltt", 0.2] > 0.1
+    assert saved["ltt", None] > 0.1
+
+
+@pytest.mark.slow
+def test_ltt_with_a_path_share_holds_the_drop_with_the_confidence_asked():
+    eps, delta, draws = 0.02, 0.1, 100
+    over, saved = _over_rate([("ltt", 0.2)], _true_drop, eps, delta, draws, 800, seed=0)
+    assert over["ltt", 0.2] <= _allowance(delta, draws)
+    assert saved["ltt", 0.2] > 0.1
 
 
 def test_ltt_harm_holds_the_harm_rate_with_the_confidence_asked():

@@ -52,7 +52,7 @@ from auxhead.exits._bounds import (
     wsr_upper_bound,
 )
 from auxhead.exits._flops import FlopProfile
-from auxhead.exits._route import exit_indices
+from auxhead.exits._route import exit_indices, first_true, leaves
 from auxhead.exits._search import (
     EXHAUSTIVE_LIMIT,
     Judge,
@@ -520,7 +520,7 @@ def _test_drop(
     if not path:
         return _Found(path, 0, None)
     main = correct[:, -1].double()
-    exits = torch.stack([exit_indices(scores, t) for t in path])  # (M, n)
+    exits = first_true(leaves(scores[None], torch.stack(path)[:, None, :]))  # (M, n)
     right = correct.T.gather(0, exits).double()  # (M, n)
     shifted = (main - right + 1) / 2
     passed = fixed_sequence(wsr_p_values(shifted, (1 + eps) / 2, delta).tolist(), delta)
