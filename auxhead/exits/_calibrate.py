@@ -4,14 +4,17 @@ Everything here works on what one pass over held-out data keeps: each head's sco
 whether each exit, then the main output, is right (N, E + 1). No forwards run here, so the
 benchmark can replay thousands of calibrations from cached scores.
 
-The guarantee (Angelopoulos, Bates, Candes, Jordan, Lei 2021, "Learn then Test", arXiv
+The guarantee (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test", arXiv
 2110.01052). Per sample, loss = [main head right] - [the exit it leaves at right], in
 {-1, 0, 1}: its mean is the accuracy drop. Candidate thresholds are put in an order from safe
 to aggressive *before* the test sees any data; each is the hypothesis H0: drop > eps, tested in
-that order on samples the order did not see, and fixed-sequence testing keeps the last
-candidate before the first one that fails (family-wise error <= delta, whatever the order,
-as long as it is fixed before the test). Statement: if the calibration samples and the samples
-served are i.i.d. from one distribution, then over the draw of the calibration samples
+that order on samples the order did not see, and fixed-sequence testing stops at the first
+that fails. With probability >= 1 - delta no true H0 is among those it passed (family-wise
+error <= delta, whatever the order, as long as it is fixed before the test), so any of them
+may be kept: "ltt" keeps the cheapest on the test samples, "ltt-harm" the last.
+
+Statement: if the calibration samples and the samples served are i.i.d. from one
+distribution, then over the draw of the calibration samples
 
     P(accuracy drop of the chosen thresholds on that distribution > eps) <= delta.
 
@@ -278,7 +281,7 @@ def choose_budget_thresholds(
         logits: as in `choose_thresholds`.
         targets: as in `choose_thresholds`.
         score_fn: as in `choose_thresholds`.
-        path_share: the share that orders the path; None: 0.3.
+        path_share: the share that orders the path; None (or 0): 0.3.
         seed: the random split ("ltt").
         limit: most threshold combinations searched exhaustively.
 
@@ -360,10 +363,10 @@ def _choose(
     if not guaranteed:
         if kind == "flops":
             (pick,) = search_budget(scores, correct, profile, [value * profile.full], limit=limit)
-            found = _Found([] if pick is None else [pick], 1 if pick is not None else 0, None)
+            found = _Found([], 0, None, None) if pick is None else _Found([pick], 1, 0, None)
         else:
             best = search_drop(scores, correct, profile, value, limit=limit)
-            found = _Found([torch.tensor(best, dtype=torch.float64)], 1, None)
+            found = _Found([torch.tensor(best, dtype=torch.float64)], 1, 0, None)
     else:
         path_part = (scores[path_rows], correct[path_rows])
         test_part = (scores[test_rows], correct[test_rows])
@@ -428,15 +431,13 @@ def _nearest(point: torch.Tensor, low: torch.Tensor, per_exit: list[list[float]]
 class _Found:
     path: list[torch.Tensor]  # threshold vectors, safe to aggressive
     passed: int  # how many of them passed, in sequence
+    # the index of the chosen one on the path, one of those that passed; None: none of them,
+    # every sample goes to the main head
+    pick: int | None
     bound: float | None  # the chosen one's (1 - delta) upper bound on the tested risk
-    # the index of the chosen one on the path (the last that passed, unless said otherwise);
-    # None: none of them, every sample goes to the main head
-    pick: int | None = -1
 
     def chosen(self, n_exits: int) -> torch.Tensor:
-        if not self.passed or self.pick is None:
-            return torch.ones(n_exits)
-        return self.path[self.passed - 1 if self.pick == -1 else self.pick]
+        return torch.ones(n_exits) if self.pick is None else self.path[self.pick]
 
 
 def _test_harm(
@@ -460,7 +461,7 @@ def _test_harm(
         harms.append(int((main & ~right).sum()))
     passed = fixed_sequence([binomial_p_value(k, n, eps) for k in harms], delta)
     bound = binomial_upper_bound(harms[passed - 1], n, delta) if passed else None
-    return _Found(path, passed, bound)
+    return _Found(path, passed, passed - 1 if passed else None, bound)
 
 
 def _test_flops(
@@ -491,7 +492,7 @@ def _test_flops(
     bound = None
     if passed:
         bound = (hb_upper_bound(means[passed - 1], n, delta) * span + low) / profile.full
-    return _Found(path, passed, bound)
+    return _Found(path, passed, passed - 1 if passed else None, bound)
 
 
 def _test_drop(
@@ -518,19 +519,19 @@ def _test_drop(
     # All thresholds 1 route every sample to the main head: drop exactly 0, nothing to test.
     path = [t for t in path if bool((t < 1).any())]
     if not path:
-        return _Found(path, 0, None)
+        return _Found(path, 0, None, None)
     main = correct[:, -1].double()
     exits = first_true(leaves(scores[None], torch.stack(path)[:, None, :]))  # (M, n)
     right = correct.T.gather(0, exits).double()  # (M, n)
     shifted = (main - right + 1) / 2
     passed = fixed_sequence(wsr_p_values(shifted, (1 + eps) / 2, delta).tolist(), delta)
     if not passed:
-        return _Found(path, 0, None)
+        return _Found(path, 0, None, None)
     # Fixed-sequence testing rejects every H0 it passed at once (family-wise error <= delta),
     # so any of those points carries the guarantee: take the cheapest on these samples, or
     # none when heads that run cost more than the samples leaving save (scores near 1).
     costs = Judge(scores, correct, profile)(torch.stack(path[:passed])).cost
     pick = int(torch.argmin(costs))
     if float(costs[pick]) >= profile.full:
-        return _Found(path, passed, None, pick=None)
-    return _Found(path, passed, 2 * wsr_upper_bound(shifted[pick], delta) - 1, pick=pick)
+        return _Found(path, passed, None, None)
+    return _Found(path, passed, pick, 2 * wsr_upper_bound(shifted[pick], delta) - 1)
