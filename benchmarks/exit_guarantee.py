@@ -34,6 +34,7 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -287,20 +288,22 @@ def oracle(pool: Pool, profile: FlopProfile, eps: float) -> dict[str, float]:
 
 
 def sizes_table(args: argparse.Namespace, everything: Pool, profile: FlopProfile) -> None:
-    """Per calibration-set size, per method: violations, saving, shares of plain and oracle."""
+    """Per calibration-set size, per method: violations, saving, shares of plain and oracle;
+    each size's rows printed as it ends (and, with --json, its raw results saved)."""
     n = len(everything.y)
+    splits = range(args.first_split, args.first_split + args.splits)
     print(
-        f"\n(sizes) {args.splits} random splits of the {n} held-out + test images per size: "
-        f"calibrate on the size, measure on the rest; eps = {args.eps * 100:.1f} pt, "
-        f"delta = 0.1; oracle on the first {args.oracle_splits} splits\n",
+        f"\n(sizes) random splits {splits.start} to {splits.stop - 1} of the {n} held-out + test "
+        f"images per size: calibrate on the size, measure on the rest; eps = "
+        f"{args.eps * 100:.1f} pt, delta = 0.1; oracle on the first {args.oracle_splits} splits",
         flush=True,
     )
-    rows = []
+    raw = {}
     for size in args.sizes:
         start = time.perf_counter()
         results: dict[str, list[dict]] = {name: [] for name in SIZE_METHODS}
         oracles = []
-        for split in range(args.splits):
+        for split in splits:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + split))
             calib, rest = subset(everything, order[:size]), subset(everything, order[size:])
             for name, options in SIZE_METHODS.items():
@@ -310,32 +313,40 @@ def sizes_table(args: argparse.Namespace, everything: Pool, profile: FlopProfile
                 )  # fmt: skip
                 thresholds = torch.tensor(choice.thresholds, dtype=torch.float64)
                 results[name].append(measure(rest, profile, thresholds, choice.temperatures))
-            if split < args.oracle_splits:
+            if split - splits.start < args.oracle_splits:
                 oracles.append(oracle(rest, profile, args.eps))
-        plain = 1 - statistics.fmean(r["flops"] for r in results[next(iter(SIZE_METHODS))])
-        limit = 1 - statistics.fmean(r["flops"] for r in oracles)
-        for name, runs in results.items():
-            over = sum(r["drop"] > args.eps for r in runs)
-            saved = 1 - statistics.fmean(r["flops"] for r in runs)
-            rows.append(
-                f"| {size:,} | {name} | {over} ({over / len(runs):.1%}) | "
-                f"{clopper_pearson_upper(over, len(runs)):.1%} | "
-                f"{statistics.fmean(r['drop'] for r in runs) * 100:.2f} pt | {saved:.1%} | "
-                f"{saved / plain:.0%} | {saved / limit:.0%} |"
-            )
-        rows.append(
-            f"| {size:,} | oracle (fitted on the evaluation images) | - | - | "
-            f"{statistics.fmean(r['drop'] for r in oracles) * 100:.2f} pt | {limit:.1%} | "
-            f"{limit / plain:.0%} | 100% |"
-        )
-        print(f"  size {size}: {time.perf_counter() - start:.0f} s", flush=True)
+        raw[size] = {"methods": results, "oracle": oracles}
+        print(f"\nsize {size}: {time.perf_counter() - start:.0f} s", flush=True)
+        print_rows(size, results, oracles, args.eps)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"eps": args.eps, "splits": list(splits), "sizes": raw}))
+
+
+def print_rows(size: int, results: dict[str, list[dict]], oracles: list[dict], eps: float):
+    """One size's rows of the table: violations, mean drop, saving, shares of plain, oracle."""
+    plain = 1 - statistics.fmean(r["flops"] for r in results[next(iter(SIZE_METHODS))])
+    limit = 1 - statistics.fmean(r["flops"] for r in oracles)
     print(
-        f"\n| calibration images | method | splits with drop > {args.eps * 100:.1f} pt | "
+        f"\n| calibration images | method | splits with drop > {eps * 100:.1f} pt | "
         "95% upper bound on that rate | mean drop | FLOPs saved | share of plain | "
-        "share of oracle |"
+        "share of oracle |\n|---|---|---|---|---|---|---|---|"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    print("\n".join(rows))
+    for name, runs in results.items():
+        over = sum(r["drop"] > eps for r in runs)
+        saved = 1 - statistics.fmean(r["flops"] for r in runs)
+        print(
+            f"| {size:,} | {name} | {over} of {len(runs)} ({over / len(runs):.1%}) | "
+            f"{clopper_pearson_upper(over, len(runs)):.1%} | "
+            f"{statistics.fmean(r['drop'] for r in runs) * 100:.2f} pt | {saved:.1%} | "
+            f"{saved / plain:.0%} | {saved / limit:.0%} |"
+        )
+    print(
+        f"| {size:,} | oracle (fitted on the evaluation images, {len(oracles)} splits) | - | - | "
+        f"{statistics.fmean(r['drop'] for r in oracles) * 100:.2f} pt | {limit:.1%} | "
+        f"{limit / plain:.0%} | 100% |",
+        flush=True,
+    )
 
 
 def power_table(eps: float, delta: float = 0.1, draws: int = 400) -> None:
@@ -381,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
     parser.add_argument("--splits", type=int, default=200)
+    parser.add_argument("--first-split", type=int, default=0, help="seed of the first split")
+    parser.add_argument("--json", type=Path, default=None, help="save the raw results here")
     parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 5000])
     parser.add_argument("--oracle-splits", type=int, default=20)
     parser.add_argument("--eps", type=float, default=0.005)
