@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bs=128,
     )
     start = time.perf_counter()
-    data, (calib_x, calib_y) = ds.split(load_data(None), ds_args)
+    data, (calib_x, calib_y) = ds.split(load_data("fashion-mnist"), ds_args)
     torch.manual_seed(args.seed)
     heads = AuxHeads(
         ds.B_TAPS, head="sdn", weights=0.3, head_metrics=False, temperature=3.0,

@@ -1,22 +1,29 @@
-"""Does `EarlyExit.calibrate` keep the accuracy drop it promises on new data?
+"""Does `EarlyExit.calibrate` keep the accuracy drop it promises on new data, and what does
+the promise cost in FLOPs, at each calibration-set size?
 
 A ResNet-style CNN with two "sdn" heads (the deep-supervision benchmark's model, trained with
 self-distillation on 55,000 Fashion-MNIST training images) is run once on 5,000 held-out
 training images and the 10,000 test images, and each image's head logits, main logits and
 label are cached (`benchmarks/_exit_cache.py`). Every calibration below is then replayed from
-the cache with the same code `calibrate` runs (`auxhead.exits.choose_thresholds`, and
-`choose_budget_thresholds` for `calibrate_budget`), so hundreds of calibrations take minutes:
+the cache with the same code `calibrate` runs (`auxhead.exits.choose_thresholds`), so
+thousands of calibrations take minutes.
 
-    exchangeable: the 15,000 cached images are pooled; each of --splits random splits
-        calibrates on --calib-size of them and measures on the rest. The guarantee says the
-        test drop exceeds eps in at most delta of the splits.
-    protocol: what users do, calibrate on the 5,000 held-out training images and serve the
-        test set: one calibration per mode (LTT's internal path/test split varies with its
-        seed, --splits seeds).
+Sizes (the default): the 15,000 cached images are pooled; for each calibration-set size in
+--sizes, each of --splits random splits calibrates on that many of them and measures on the
+rest. Per method: the share of splits whose drop on the rest exceeds eps (the guarantee says
+at most delta = 10%, up to chance: the table gives its 95% Clopper-Pearson upper bound), the
+mean FLOPs saved, and that saving as a share of the plain fit's (`method="empirical"`, no
+guarantee) and of the oracle's (the cheapest thresholds within eps fitted on the evaluation
+images themselves: the limit; on the first --oracle-splits splits, it varies little).
 
-Modes: empirical (the drop met on the calibration images), normal 90% (the drop's
-normal-approximation 90% upper bound met on them), ltt 90% (`calibrate`'s default), ltt 90% +
-temperature, and the compute budget max_flops=0.4 (empirical and ltt).
+--power prints, instead, how often each valid test of "drop > eps" passes on simulated losses
+whose drop is below eps (pure tensor ops, a minute): betting alone, betting combined with
+Hoeffding-Bentkus on the same shifted loss (Bonferroni: 2 min(p)), betting combined with the
+exact binomial test of the harm rate (which bounds the drop), and those two alone.
+
+--detail adds the earlier table at --calib-size: the normal-approximation baseline,
+temperature scaling, the compute budget, and the protocol (calibrate on the 5,000 held-out
+training images, serve the test set).
 
 Commands:
 
@@ -27,7 +34,9 @@ Commands:
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -42,6 +51,12 @@ from auxhead.exits import (
     exit_indices,
 )
 from auxhead.exits import confidence as max_softmax
+from auxhead.exits._bounds import (  # the tests themselves, for --power
+    binomial_p_value,
+    bonferroni_min,
+    hoeffding_bentkus_p_value,
+    wsr_p_values,
+)
 
 
 def score_fn(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -107,6 +122,7 @@ MODES = {
     "empirical": {"method": "empirical"},
     "normal 90%": None,
     "ltt 90% (default)": {"method": "ltt"},
+    "ltt-harm 90%": {"method": "ltt-harm"},
     "ltt 90% + temperature": {"method": "ltt", "temperature": True},
     "max_flops=0.4, empirical": {"method": "empirical", "max_flops": 0.4},
     "max_flops=0.4, ltt 90%": {"method": "ltt", "max_flops": 0.4},
@@ -177,23 +193,9 @@ def summarise(results: list[dict], eps: float, budget: float, is_budget: bool) -
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
-    parser.add_argument("--splits", type=int, default=200)
-    parser.add_argument("--calib-size", type=int, default=5000)
-    parser.add_argument("--eps", type=float, default=0.005)
-    parser.add_argument("--budget", type=float, default=0.4)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(1)
+def detail(args: argparse.Namespace, cache: dict, profile: FlopProfile) -> None:
+    """The earlier table: every mode at --calib-size, and the protocol."""
     start = time.perf_counter()
-    cache = torch.load(args.cache)
-    profile = FlopProfile(**cache["profile"])
     held = Pool(cache["held"]["heads"], cache["held"]["main"], cache["held"]["y"])
     test = Pool(cache["test"]["heads"], cache["test"]["main"], cache["test"]["y"])
     everything = Pool(
@@ -202,13 +204,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.cat([held.y, test.y]),
     )
     n = len(everything.y)
-    main_acc = test.correct[:, -1].double().mean().item()
-    print(
-        f"model: {cache['train']}; main head test accuracy {main_acc:.2%}; full model "
-        f"{profile.full / 1e6:.2f} MFLOPs; eps = {args.eps * 100:.1f} pt, delta = 0.1, "
-        f"budget {args.budget:.0%}; one torch thread",
-        flush=True,
-    )
     exchangeable: dict[str, list[dict]] = {name: [] for name in MODES}
     protocol: dict[str, list[dict]] = {name: [] for name in MODES}
     for split in range(args.splits):
@@ -254,7 +249,189 @@ def main(argv: Sequence[str] | None = None) -> None:
         saved = 1 - statistics.fmean(r["flops"] for r in rows)
         over = sum(r["drop"] > args.eps for r in rows)
         print(f"| {name} | {drop * 100:.2f} pt | {saved:.1%} | {over} of {len(rows)} |")
-    print(f"\ntotal {time.perf_counter() - start:.0f} s")
+    print(f"\ndetail: {time.perf_counter() - start:.0f} s")
+
+
+SIZE_METHODS = {
+    "empirical (plain fit, no guarantee)": {"method": "empirical"},
+    "ltt-harm (harm rate, binomial, 30/70 split; the old default)": {"method": "ltt-harm"},
+    "ltt (drop, betting, shared threshold, no split; the default)": {"method": "ltt"},
+    "ltt, path_share=0.2 (drop, betting, per-exit path on 20%)": {
+        "method": "ltt",
+        "path_share": 0.2,
+    },
+}
+
+
+def clopper_pearson_upper(k: int, n: int, level: float = 0.95) -> float:
+    """One-sided Clopper-Pearson upper bound on a rate, k events in n: the largest p with
+    P(Bin(n, p) <= k) >= 1 - level."""
+    if k >= n:
+        return 1.0
+
+    def cdf(p: float) -> float:
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k + 1))
+
+    low, high = k / n, 1.0
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) > 1 - level else (low, mid)
+    return high
+
+
+def oracle(pool: Pool, profile: FlopProfile, eps: float) -> dict[str, float]:
+    """The cheapest thresholds within eps on `pool` itself, measured on it: the limit."""
+    choice = choose_thresholds(
+        pool.scores, pool.correct, profile, max_accuracy_drop=eps, method="empirical"
+    )
+    return measure(pool, profile, torch.tensor(choice.thresholds, dtype=torch.float64), (1.0,))
+
+
+def sizes_table(args: argparse.Namespace, everything: Pool, profile: FlopProfile) -> None:
+    """Per calibration-set size, per method: violations, saving, shares of plain and oracle;
+    each size's rows printed as it ends (and, with --json, its raw results saved)."""
+    n = len(everything.y)
+    splits = range(args.first_split, args.first_split + args.splits)
+    print(
+        f"\n(sizes) random splits {splits.start} to {splits.stop - 1} of the {n} held-out + test "
+        f"images per size: calibrate on the size, measure on the rest; eps = "
+        f"{args.eps * 100:.1f} pt, delta = 0.1; oracle on the first {args.oracle_splits} splits",
+        flush=True,
+    )
+    raw = {}
+    for size in args.sizes:
+        start = time.perf_counter()
+        results: dict[str, list[dict]] = {name: [] for name in SIZE_METHODS}
+        oracles = []
+        for split in splits:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + split))
+            calib, rest = subset(everything, order[:size]), subset(everything, order[size:])
+            for name, options in SIZE_METHODS.items():
+                choice = choose_thresholds(
+                    calib.scores, calib.correct, profile, max_accuracy_drop=args.eps,
+                    confidence=0.9, seed=split, **options,
+                )  # fmt: skip
+                thresholds = torch.tensor(choice.thresholds, dtype=torch.float64)
+                results[name].append(measure(rest, profile, thresholds, choice.temperatures))
+            if split - splits.start < args.oracle_splits:
+                oracles.append(oracle(rest, profile, args.eps))
+        raw[size] = {"methods": results, "oracle": oracles}
+        print(f"\nsize {size}: {time.perf_counter() - start:.0f} s", flush=True)
+        print_rows(size, results, oracles, args.eps)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"eps": args.eps, "splits": list(splits), "sizes": raw}))
+
+
+def print_rows(size: int, results: dict[str, list[dict]], oracles: list[dict], eps: float):
+    """One size's rows of the table: violations, mean drop, saving, shares of plain, oracle."""
+    plain = 1 - statistics.fmean(r["flops"] for r in results[next(iter(SIZE_METHODS))])
+    limit = 1 - statistics.fmean(r["flops"] for r in oracles)
+    print(
+        f"\n| calibration images | method | splits with drop > {eps * 100:.1f} pt | "
+        "95% upper bound on that rate | mean drop | FLOPs saved | share of plain | "
+        "share of oracle |\n|---|---|---|---|---|---|---|---|"
+    )
+    for name, runs in results.items():
+        over = sum(r["drop"] > eps for r in runs)
+        saved = 1 - statistics.fmean(r["flops"] for r in runs)
+        print(
+            f"| {size:,} | {name} | {over} of {len(runs)} ({over / len(runs):.1%}) | "
+            f"{clopper_pearson_upper(over, len(runs)):.1%} | "
+            f"{statistics.fmean(r['drop'] for r in runs) * 100:.2f} pt | {saved:.1%} | "
+            f"{saved / plain:.0%} | {saved / limit:.0%} |"
+        )
+    print(
+        f"| {size:,} | oracle (fitted on the evaluation images, {len(oracles)} splits) | - | - | "
+        f"{statistics.fmean(r['drop'] for r in oracles) * 100:.2f} pt | {limit:.1%} | "
+        f"{limit / plain:.0%} | 100% |",
+        flush=True,
+    )
+
+
+def power_table(eps: float, delta: float = 0.1, draws: int = 400) -> None:
+    """Share of `draws` simulated calibration sets on which each test passes a point whose
+    true drop is below eps: per sample the loss is +1 (harm) with probability h, -1 (help)
+    with probability g, 0 otherwise."""
+    g = torch.Generator().manual_seed(0)
+    alpha = (1 + eps) / 2
+    print(
+        f"\n(power) share of {draws} draws passing H0: drop > {eps * 100:.1f} pt at delta = "
+        f"{delta}\n\n| n | harm / help (true drop) | betting | betting + HB | betting + "
+        "binomial on harm | Hoeffding-Bentkus | binomial on harm |\n|---|---|---|---|---|---|---|"
+    )
+    for n in (700, 1000, 2000):
+        for harm, help_ in [
+            (0.002, 0.0),
+            (0.005, 0.005),
+            (0.005, 0.01),
+            (0.01, 0.015),
+            (0.02, 0.02),
+        ]:
+            u = torch.rand(draws, n, generator=g, dtype=torch.float64)
+            loss = (u < harm).double() - ((u >= harm) & (u < harm + help_)).double()
+            shifted = (loss + 1) / 2
+            betting = wsr_p_values(shifted, alpha, delta).tolist()
+            hb = [hoeffding_bentkus_p_value(float(row.mean()), n, alpha) for row in shifted]
+            binomial = [binomial_p_value(int((row == 1).sum()), n, eps) for row in loss]
+            rules = [
+                betting,
+                [bonferroni_min(a, b) for a, b in zip(betting, hb, strict=True)],
+                [bonferroni_min(a, b) for a, b in zip(betting, binomial, strict=True)],
+                hb,
+                binomial,
+            ]
+            shares = " | ".join(f"{sum(p <= delta for p in rule) / draws:.0%}" for rule in rules)
+            print(
+                f"| {n:,} | {harm:.1%} / {help_:.1%} ({(harm - help_) * 100:+.1f} pt) | {shares} |"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", type=Path, default=Path("runs/exit-guarantee/cache.pt"))
+    parser.add_argument("--splits", type=int, default=200)
+    parser.add_argument("--first-split", type=int, default=0, help="seed of the first split")
+    parser.add_argument("--json", type=Path, default=None, help="save the raw results here")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 1000, 2000, 5000])
+    parser.add_argument("--oracle-splits", type=int, default=20)
+    parser.add_argument("--eps", type=float, default=0.005)
+    parser.add_argument("--detail", action="store_true", help="the earlier table too")
+    parser.add_argument("--power", action="store_true", help="only the tests' power table")
+    parser.add_argument("--calib-size", type=int, default=5000, help="--detail's size")
+    parser.add_argument("--budget", type=float, default=0.4, help="--detail's FLOPs budget")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(1)
+    if args.power:
+        power_table(args.eps)
+        return
+    start = time.perf_counter()
+    cache = torch.load(args.cache)
+    profile = FlopProfile(**cache["profile"])
+    everything = Pool(
+        torch.cat([cache["held"]["heads"], cache["test"]["heads"]]),
+        torch.cat([cache["held"]["main"], cache["test"]["main"]]),
+        torch.cat([cache["held"]["y"], cache["test"]["y"]]),
+    )
+    test_right = cache["test"]["main"].argmax(-1) == cache["test"]["y"]
+    print(
+        f"model: {cache['train']}; main head test accuracy {test_right.double().mean():.2%}; "
+        f"full model {profile.full / 1e6:.2f} MFLOPs; one torch thread; load average "
+        f"{os.getloadavg()[0]:.2f} at the start",
+        flush=True,
+    )
+    sizes_table(args, everything, profile)
+    if args.detail:
+        detail(args, cache, profile)
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f} "
+        "at the end"
+    )
 
 
 if __name__ == "__main__":

@@ -434,13 +434,16 @@ def test_calibrate_guarantees_the_drop_by_learn_then_test():
     groups = [(900, 0.9, True, 0.9, True, True), (100, 0.6, False, 0.8, True, True)]
     early = EarlyExit(pass_through(depth=4))
     summary = early.calibrate(
-        _calibration_data(groups, batch_size=100), max_accuracy_drop=0.05, timing_batches=0
+        _calibration_data(groups, batch_size=100),
+        max_accuracy_drop=0.05,
+        method="ltt-harm",
+        timing_batches=0,
     )
     # Sending everyone to exit 0 harms 10% > 5%: the test refuses it; the sure ones leave at
     # 0, the others at 1, harming none: the bound is Clopper-Pearson's for 0 of 700.
     assert 0.6 - 1e-6 <= early.thresholds[0] < 0.9 and early.thresholds[1] < 0.8
     assert summary.share == pytest.approx([0.9, 0.1, 0.0])
-    assert summary.method == "ltt" and summary.confidence == 0.9
+    assert summary.method == "ltt-harm" and summary.confidence == 0.9
     assert summary.calibration_samples == (300, 700)
     assert summary.bound == pytest.approx(1 - 0.1 ** (1 / 700), rel=1e-6)
     assert summary.drop == 0.0 and summary.harm == 0.0 and summary.drop_interval == (0.0, 0.0)

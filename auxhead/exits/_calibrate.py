@@ -4,16 +4,37 @@ Everything here works on what one pass over held-out data keeps: each head's sco
 whether each exit, then the main output, is right (N, E + 1). No forwards run here, so the
 benchmark can replay thousands of calibrations from cached scores.
 
-The guarantee (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test",
-arXiv 2110.01052). Call a sample *harmed* when the main head is right and the exit it leaves
-at is wrong. The accuracy drop on any data is (harmed - helped) / N <= harmed / N, so the harm
-rate bounds the drop. The calibration data is split at random in two: the *path* part orders
-candidate thresholds from safe to aggressive (the FLOPs-optimal thresholds for harm budgets
-0, 1, 2, ... samples), the *test* part tests each along that order, H0: harm rate > eps, with
-the exact binomial tail; fixed-sequence testing stops at the first failure and keeps the last
-one that passed. Then with probability >= 1 - delta over the draw of the calibration data, the
-harm rate, hence the accuracy drop, on new data exchangeable with it is <= eps. The path and
-the temperatures must not see the test part: that is what the split is for.
+The guarantee (Angelopoulos, Bates, Candès, Jordan, Lei 2021, "Learn then Test", arXiv
+2110.01052). Per sample, loss = [main head right] - [the exit it leaves at right], in
+{-1, 0, 1}: its mean is the accuracy drop. Candidate thresholds are put in an order from safe
+to aggressive *before* the test sees any data; each is the hypothesis H0: drop > eps, tested in
+that order on samples the order did not see, and fixed-sequence testing stops at the first
+that fails. With probability >= 1 - delta no true H0 is among those it passed (family-wise
+error <= delta, whatever the order, as long as it is fixed before the test), so any of them
+may be kept: "ltt" keeps the cheapest on the test samples, "ltt-harm" the last.
+
+Statement: if the calibration samples and the samples served are i.i.d. from one
+distribution, then over the draw of the calibration samples
+
+    P(accuracy drop of the chosen thresholds on that distribution > eps) <= delta.
+
+The drop is the population's (the expected drop on new samples); a finite test set's drop
+scatters around it. Not covered: data from another distribution (another camera, month,
+class balance), calibration data reused after looking at the result, a model changed after
+calibration. The search over the path part and the temperatures are data-dependent, which is
+why they see only the path part.
+
+method="ltt" (the default): the drop itself, shifted to [0, 1] as (loss + 1) / 2, tested by
+Waudby-Smith-Ramdas betting (`wsr_p_values`): variance-adaptive, and samples an exit gets
+right where the main head is wrong count in its favour. The order is fixed before any data is
+seen, so every sample tests: one threshold shared by the exits, stepping from 1 (all off)
+down to 0 (CALM's one-parameter family; `shared_path`). With path_share > 0 the order is the
+FLOPs-optimal per-exit thresholds for growing drop budgets on a random share of the data,
+tested on the rest (measured against the shared path in docs/benchmarks/early-exits.md).
+method="ltt-harm" (the default until this release): the harm rate (main right, exit wrong),
+which bounds the drop, with the exact binomial tail, ordered on 30% and tested on 70%.
+The compute budget (`choose_budget_thresholds`): the mean FLOPs, Hoeffding-Bentkus, ordered
+on the path part and tested on the rest, for either "ltt" method.
 """
 
 from __future__ import annotations
@@ -30,16 +51,20 @@ from auxhead.exits._bounds import (
     fixed_sequence,
     hb_upper_bound,
     hoeffding_bentkus_p_value,
+    wsr_p_values,
+    wsr_upper_bound,
 )
 from auxhead.exits._flops import FlopProfile
-from auxhead.exits._route import exit_indices
+from auxhead.exits._route import exit_indices, first_true, leaves
 from auxhead.exits._search import (
     EXHAUSTIVE_LIMIT,
     Judge,
     candidates,
+    drop_path,
     harm_path,
     search_budget,
     search_drop,
+    shared_path,
 )
 
 __all__ = [
@@ -51,8 +76,13 @@ __all__ = [
     "choose_thresholds",
 ]
 
-METHODS = ("ltt", "empirical")
-PATH_SHARE = 0.3  # share of the calibration data that orders the path; the rest tests it
+METHODS = ("ltt", "ltt-harm", "empirical")
+# Share of the calibration data that orders the path (and fits temperatures); the rest tests
+# it. "ltt": 0, a path fixed in advance (one threshold shared by the exits) tested on all of
+# the data, chosen by measurement (docs/benchmarks/early-exits.md).
+PATH_SHARE = {"ltt": 0.0, "ltt-harm": 0.3}
+BUDGET_PATH_SHARE = 0.3  # the compute budget's path share, for either "ltt" method
+TEMPERATURE_SHARE = 0.3  # the path share when temperatures are fitted and path_share is 0
 
 
 def _is_number(value: object) -> bool:
@@ -139,11 +169,13 @@ class Calibration:
 
     thresholds: tuple[float, ...]
     temperatures: tuple[float, ...]  # per head: its scores come from logits / T
-    method: str  # "ltt" or "empirical"
+    method: str  # "ltt", "ltt-harm" or "empirical"
     target: str  # "drop" (max_accuracy_drop) or "flops" (max_flops)
     fallback: bool  # nothing usable: every sample goes to the main head
     confidence: float | None  # ltt: 1 - delta
-    bound: float | None  # ltt: the (1 - delta) upper bound the test used (harm rate or FLOPs share)
+    # ltt: the (1 - delta) upper bound on the tested risk of the chosen thresholds, on the
+    # test part: the drop ("ltt"), the harm rate ("ltt-harm") or the FLOPs share (budget)
+    bound: float | None
     path_samples: int  # samples that ordered the path (and fitted the temperatures)
     test_samples: int  # samples that tested it (ltt)
     path_length: int  # threshold vectors on the path
@@ -170,14 +202,18 @@ def choose_thresholds(
     logits: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
-    path_share: float = PATH_SHARE,
+    path_share: float | None = None,
     seed: int = 0,
     limit: int = EXHAUSTIVE_LIMIT,
 ) -> Calibration:
     """The thresholds `EarlyExit.calibrate` picks, from one pass's scores and correctness:
     the least mean FLOPs whose accuracy drop against the main head is within
-    `max_accuracy_drop` (with "ltt", on new exchangeable data with probability >=
-    `confidence`). No forwards run, so scores cached once can be calibrated many times.
+    `max_accuracy_drop`. No forwards run, so scores cached once can be calibrated many times.
+
+    With "ltt" (and "ltt-harm"): if these samples and the samples served are i.i.d. from one
+    distribution, then with probability >= `confidence` over the draw of these samples the
+    accuracy drop of the chosen thresholds on that distribution is <= `max_accuracy_drop`
+    (Learn then Test; the module docstring says how and what it does not cover).
 
     Args:
         scores: (N, E) each head's score by the criterion; compared in their dtype, as the
@@ -186,14 +222,19 @@ def choose_thresholds(
         profile: the FLOPs of the exits (`flop_profile`).
         max_accuracy_drop: the accuracy the exits may lose against the main head, a fraction.
         confidence: 1 - delta, for "ltt".
-        method: "ltt" (the guarantee) or "empirical" (met on these samples only).
+        method: "ltt" (the guarantee: the drop, by a betting test), "ltt-harm" (the
+            guarantee by the harm rate and a binomial test, the default until this release; more
+            conservative) or "empirical" (met on these samples only).
         logits: (N, E, K) head logits, to fit one temperature per head first (with
             `targets` and `score_fn`, all three or none); the scores are then
             score_fn(logits, T).
         targets: (N,) class indices, for the temperatures.
         score_fn: the criterion (logits, T) -> scores, for the temperatures.
-        path_share: share of the samples that order the path (and fit temperatures) in "ltt".
-        seed: the random split ("ltt").
+        path_share: share of the samples that order the path (and fit temperatures); the
+            rest tests it. None: 0 for "ltt" (one threshold shared by the exits, stepped
+            from 1 down, tested on every sample; 0.3 still fits temperatures, when asked),
+            0.3 for "ltt-harm". Above 0 with "ltt": per-exit thresholds ordered on that share.
+        seed: the random split and the order the betting test reads the samples in.
         limit: most threshold combinations searched exhaustively.
 
     Returns:
@@ -221,7 +262,7 @@ def choose_budget_thresholds(
     logits: torch.Tensor | None = None,
     targets: torch.Tensor | None = None,
     score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
-    path_share: float = PATH_SHARE,
+    path_share: float | None = None,
     seed: int = 0,
     limit: int = EXHAUSTIVE_LIMIT,
 ) -> Calibration:
@@ -235,11 +276,12 @@ def choose_budget_thresholds(
         profile: the FLOPs of the exits (`flop_profile`).
         max_flops: the budget, a share of the full model's FLOPs per sample (0.4: 40%).
         confidence: 1 - delta, for "ltt".
-        method: "ltt" (the guarantee) or "empirical" (met on these samples only).
+        method: "ltt" or "ltt-harm" (the guarantee; the same test for a budget) or
+            "empirical" (met on these samples only).
         logits: as in `choose_thresholds`.
         targets: as in `choose_thresholds`.
         score_fn: as in `choose_thresholds`.
-        path_share: as in `choose_thresholds`.
+        path_share: the share that orders the path; None (or 0): 0.3.
         seed: the random split ("ltt").
         limit: most threshold combinations searched exhaustively.
 
@@ -268,7 +310,7 @@ def _choose(
     logits: torch.Tensor | None,
     targets: torch.Tensor | None,
     score_fn: Callable[[torch.Tensor, float], torch.Tensor] | None,
-    path_share: float,
+    path_share: float | None,
     seed: int,
     limit: int,
 ) -> Calibration:
@@ -276,13 +318,30 @@ def _choose(
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if (logits is None) != (targets is None) or (logits is None) != (score_fn is None):
         raise ValueError("fitting temperatures needs logits, targets and score_fn, all three")
+    if path_share is not None and not (
+        _is_number(path_share) and 0.0 <= path_share < 1.0 and (path_share > 0 or method == "ltt")
+    ):
+        raise ValueError(
+            f"path_share is a share of the samples in (0, 1) (0 too, with method='ltt'), got "
+            f"{path_share!r}; None picks the method's default"
+        )
     kind, value = target
     n, n_exits = scores.shape
-    guaranteed = method == "ltt"
-    if guaranteed:
-        path_rows, test_rows = _split(n, path_share, seed)
+    guaranteed = method != "empirical"
+    if kind == "flops":
+        share = path_share or BUDGET_PATH_SHARE
     else:
+        share = PATH_SHARE.get(method, 0.0) if path_share is None else path_share
+    shared = share == 0.0  # "ltt": the path fixed in advance, one threshold for every exit
+    if shared and logits is not None:
+        share = TEMPERATURE_SHARE  # the temperatures must not see the samples that test
+    if not guaranteed:
         path_rows = test_rows = torch.arange(n)
+    elif share == 0.0:  # nothing to fit: every sample tests, in a seeded order
+        path_rows = torch.arange(0)
+        test_rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    else:
+        path_rows, test_rows = _split(n, share, seed)
     temperatures = (1.0,) * n_exits
     pinned: tuple[tuple[int, float], ...] = ()
     if logits is not None:
@@ -304,17 +363,20 @@ def _choose(
     if not guaranteed:
         if kind == "flops":
             (pick,) = search_budget(scores, correct, profile, [value * profile.full], limit=limit)
-            found = _Found([] if pick is None else [pick], 1 if pick is not None else 0, None)
+            found = _Found([], 0, None, None) if pick is None else _Found([pick], 1, 0, None)
         else:
             best = search_drop(scores, correct, profile, value, limit=limit)
-            found = _Found([torch.tensor(best, dtype=torch.float64)], 1, None)
+            found = _Found([torch.tensor(best, dtype=torch.float64)], 1, 0, None)
     else:
         path_part = (scores[path_rows], correct[path_rows])
         test_part = (scores[test_rows], correct[test_rows])
-        test = _test_flops if kind == "flops" else _test_harm
-        found = test(path_part, test_part, profile, value, delta, limit)
-    chosen = found.path[found.passed - 1] if found.passed else torch.ones(n_exits)
-    values = tuple(float(t) for t in chosen.tolist())
+        if kind == "flops":
+            found = _test_flops(path_part, test_part, profile, value, delta, limit)
+        elif method == "ltt-harm":
+            found = _test_harm(path_part, test_part, profile, value, delta, limit)
+        else:
+            found = _test_drop(path_part, test_part, profile, value, delta, limit, shared)
+    values = tuple(float(t) for t in found.chosen(n_exits).tolist())
     return Calibration(
         thresholds=values,
         temperatures=temperatures,
@@ -368,8 +430,14 @@ def _nearest(point: torch.Tensor, low: torch.Tensor, per_exit: list[list[float]]
 @dataclass
 class _Found:
     path: list[torch.Tensor]  # threshold vectors, safe to aggressive
-    passed: int  # how many of them passed, in sequence; the last of them is chosen
-    bound: float | None  # its (1 - delta) upper bound on the tested risk
+    passed: int  # how many of them passed, in sequence
+    # the index of the chosen one on the path, one of those that passed; None: none of them,
+    # every sample goes to the main head
+    pick: int | None
+    bound: float | None  # the chosen one's (1 - delta) upper bound on the tested risk
+
+    def chosen(self, n_exits: int) -> torch.Tensor:
+        return torch.ones(n_exits) if self.pick is None else self.path[self.pick]
 
 
 def _test_harm(
@@ -393,7 +461,7 @@ def _test_harm(
         harms.append(int((main & ~right).sum()))
     passed = fixed_sequence([binomial_p_value(k, n, eps) for k in harms], delta)
     bound = binomial_upper_bound(harms[passed - 1], n, delta) if passed else None
-    return _Found(path, passed, bound)
+    return _Found(path, passed, passed - 1 if passed else None, bound)
 
 
 def _test_flops(
@@ -424,4 +492,46 @@ def _test_flops(
     bound = None
     if passed:
         bound = (hb_upper_bound(means[passed - 1], n, delta) * span + low) / profile.full
-    return _Found(path, passed, bound)
+    return _Found(path, passed, passed - 1 if passed else None, bound)
+
+
+def _test_drop(
+    path_part: tuple[torch.Tensor, torch.Tensor],
+    test_part: tuple[torch.Tensor, torch.Tensor],
+    profile: FlopProfile,
+    eps: float,
+    delta: float,
+    limit: int,
+    shared: bool,
+) -> _Found:
+    """Learn then Test of the accuracy drop: the path is one threshold shared by the exits
+    stepping down from 1 (`shared`, fixed in advance) or the FLOPs-optimal thresholds for
+    growing drop budgets on the path part; each point is tested on the test part, in its
+    (random) order, by the betting p-value of H0: drop > eps, the per-sample loss
+    (main right - exit right + 1) / 2 in [0, 1]."""
+    scores, correct = test_part
+    n_exits = scores.shape[1]
+    if shared:
+        path = shared_path(n_exits)
+    else:
+        per_exit = [candidates(path_part[0][:, e]) for e in range(n_exits)]
+        path = _with_safe_start(drop_path(*path_part, profile, 3 * eps, limit=limit), per_exit)
+    # All thresholds 1 route every sample to the main head: drop exactly 0, nothing to test.
+    path = [t for t in path if bool((t < 1).any())]
+    if not path:
+        return _Found(path, 0, None, None)
+    main = correct[:, -1].double()
+    exits = first_true(leaves(scores[None], torch.stack(path)[:, None, :]))  # (M, n)
+    right = correct.T.gather(0, exits).double()  # (M, n)
+    shifted = (main - right + 1) / 2
+    passed = fixed_sequence(wsr_p_values(shifted, (1 + eps) / 2, delta).tolist(), delta)
+    if not passed:
+        return _Found(path, 0, None, None)
+    # Fixed-sequence testing rejects every H0 it passed at once (family-wise error <= delta),
+    # so any of those points carries the guarantee: take the cheapest on these samples, or
+    # none when heads that run cost more than the samples leaving save (scores near 1).
+    costs = Judge(scores, correct, profile)(torch.stack(path[:passed])).cost
+    pick = int(torch.argmin(costs))
+    if float(costs[pick]) >= profile.full:
+        return _Found(path, passed, None, None)
+    return _Found(path, passed, pick, 2 * wsr_upper_bound(shifted[pick], delta) - 1)

@@ -20,10 +20,12 @@ __all__ = [
     "Judge",
     "Stats",
     "candidates",
+    "drop_path",
     "harm_path",
     "optimise",
     "search_budget",
     "search_drop",
+    "shared_path",
     "switch_off_unused",
 ]
 
@@ -225,3 +227,47 @@ def harm_path(
         if not path or not torch.equal(pick, path[-1]):
             path.append(pick)
     return path
+
+
+def drop_path(
+    scores: torch.Tensor,
+    correct: torch.Tensor,
+    profile: FlopProfile,
+    max_drop: float,
+    *,
+    limit: int = EXHAUSTIVE_LIMIT,
+) -> list[torch.Tensor]:
+    """The FLOPs-optimal thresholds for accuracy-drop budgets (in samples, main head's hits
+    minus the exits') from the lowest any thresholds reach on these samples (below 0 where
+    exits get right what the main head gets wrong) up to `max_drop` (a rate) of them: the
+    path from safe to aggressive, duplicates removed."""
+    n = scores.shape[0]
+    main_hits = int(correct[:, -1].sum())
+    judge = Judge(scores, correct, profile)
+    per_exit = [candidates(scores[:, index]) for index in range(scores.shape[1])]
+    (most,) = optimise(judge, per_exit, [lambda s: s.hits >= 0], "hits", limit)
+    assert most is not None  # every vector is allowed
+    low = main_hits - int(judge(most[None]).hits[0])
+    top = max(low, math.ceil(max_drop * n))
+    budgets = (
+        sorted({round(low + (top - low) * i / MAX_PATH) for i in range(MAX_PATH + 1)})
+        if top - low > MAX_PATH
+        else range(low, top + 1)
+    )
+    rules = [lambda s, b=budget: main_hits - s.hits <= b for budget in budgets]
+    path: list[torch.Tensor] = []
+    for pick in optimise(judge, per_exit, rules, "cost", limit):
+        if pick is None:
+            continue
+        pick = switch_off_unused(scores, pick)
+        if not path or not torch.equal(pick, path[-1]):
+            path.append(pick)
+    return path
+
+
+def shared_path(n_exits: int, steps: int = 64, closest: float = 1e-6) -> list[torch.Tensor]:
+    """One threshold shared by the `n_exits` exits, from 1 - `closest` down to 0 in `steps`
+    equal steps of log(1 - t): a path fixed before any data is seen, fine near 1, where the
+    scores of confident heads crowd."""
+    logs = torch.linspace(math.log(closest), 0.0, steps, dtype=torch.float64)
+    return [(1 - torch.exp(v)).repeat(n_exits) for v in logs]

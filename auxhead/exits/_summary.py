@@ -58,11 +58,11 @@ class ExitSummary:
     seconds_per_sample: float | None  # wall-clock with early exits; None if not timed
     full_seconds_per_sample: float | None  # wall-clock of the wrapped model alone
     confidence: float | None = None  # "ltt": the target holds with this probability
-    method: str | None = None  # "ltt" or "empirical"; None from `evaluate`
+    method: str | None = None  # "ltt", "ltt-harm" or "empirical"; None from `evaluate`
     max_flops: float | None = None  # the calibration's compute budget, share of full FLOPs
     bound: float | None = None  # "ltt": the upper confidence bound the test held to the
-    # target, on the test part of the data: of the harm rate (which bounds the drop) for
-    # max_accuracy_drop, of the mean FLOPs share for max_flops
+    # target, on the test part of the data: of the drop ("ltt") or the harm rate, which bounds
+    # it ("ltt-harm"), for max_accuracy_drop; of the mean FLOPs share for max_flops
     harm: float = 0.0  # share of samples the main head gets right and their exit wrong
     drop_interval: tuple[float, float] = (0.0, 0.0)  # 95% interval of the drop (normal approx.)
     temperatures: list[float] | None = None  # per head, when fitted
@@ -158,7 +158,9 @@ class ExitSummary:
         )  # fmt: skip
         return (
             f"{target} with {self.confidence:.0%} confidence on new data exchangeable with "
-            f"these (Learn then Test: path from {path} samples, tested on {test}{held})"
+            f"these (Learn then Test: "
+            f"{f'path from {path} samples' if path else 'a path fixed in advance'}, "
+            f"tested on {test}{held})"
         )
 
 
@@ -348,7 +350,7 @@ def summarise(
         temperatures=list(temperatures) if fitted else None,
         calibration_samples=(
             (calibration.path_samples, calibration.test_samples)
-            if calibration is not None and calibration.method == "ltt"
+            if calibration is not None and calibration.method != "empirical"
             else None
         ),
     )
