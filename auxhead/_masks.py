@@ -221,7 +221,7 @@ def resolve_classes(
             raise DataError(
                 f"{masks[index]} holds class index {value}, but {source} names {len(codes)} "
                 f"classes (0 to {len(codes) - 1}){void_hint}; fix the mask, add the class to "
-                f"{source}, or pass void={value} if it marks pixels to ignore"
+                f"{source}, or pass void={value} (--void {value}) if it marks pixels to ignore"
             )
     return Classes(list(codes), None if void is None else int(void), notes)
 

@@ -898,7 +898,8 @@ def load_segmentation(
         void = CAMVID_VOID if void == "auto" else void
         notes.append(
             f"{root}: no codes.txt; the folder is named CamVid, so its masks are read as "
-            f"CamVid's 11 classes with void {CAMVID_VOID} (pass codes= to say otherwise)"
+            f"CamVid's 11 classes with void {CAMVID_VOID} (a codes.txt in the folder says "
+            "otherwise)"
         )
     classes = resolve_classes(y, masks, codes=codes, codes_file=layout.codes_file, void=void)
     notes += classes.notes
@@ -928,6 +929,11 @@ def load_segmentation(
         notes=notes,
     )
     notes += _absent_classes(data)
+    if isinstance(void, int) and not bool((y == void).any()):
+        notes.append(
+            f"{root}: void {void} occurs in no mask (their values run 0..{int(y.max())}), so no "
+            "pixel is ignored; leave void unset to take it from codes.txt or 255"
+        )
     for note in notes:
         logger.warning("%s", note)
     return data

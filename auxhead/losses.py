@@ -186,8 +186,9 @@ class AuxLoss:
         weights: one weight for every head, a list in `at` order, or a dict by tap name.
             GoogLeNet used 0.3, Inception v3 0.4, torchvision's segmentation recipe 0.5,
             mmsegmentation 0.4. "nnunet": nnU-Net's deep-supervision weights from the heads'
-            and the main output's resolutions (`auxhead.deep_supervision_weights`: 1/2^i by
-            scale, the lowest 0, normalised to sum 1 with the main output's weight, which
+            and the main output's resolutions (`auxhead.deep_supervision_weights`: 1/2^i for
+            the i-th distinct resolution among the main output and the heads attached, so a
+            skipped scale is not counted; the lowest 0, normalised to sum 1 with the main output's weight, which
             becomes `main_weight`); needs dense heads attached with a `sample`.
         schedule: multiplier s(t) of training progress t in [0, 1] (set `.progress`): a name
             from `auxhead.SCHEDULES` ("constant", "linear_decay", "linear_ramp", "cosine") or a

@@ -167,6 +167,8 @@ def test_classify_stays_the_default_task():
     [
         (["--early-exit"], "--early-exit is for --task classify"),
         (["--head", "sdn"], "--head is for --task classify; segmentation heads are chosen"),
+        # the classification default, given explicitly, is refused as well
+        (["--head", "inception"], "--head is for --task classify; segmentation heads are"),
         (["--arch", "unett"], "--arch: unknown segmentation model 'unett' (did you mean unet"),
         (["--arch", "fcn_resnet50", "--encoder", "resnet34"], "fcn_resnet50 names its encoder"),
         (["--arch", "lraspp_mobilenet_v3_large", "--heads", "deep"], "deep supervision needs"),

@@ -554,3 +554,12 @@ def test_shared_camvid_loads_in_the_segnet_split():
     assert (len(data.train_y), len(data.valid_y), len(data.test_y)) == (367, 101, 233)
     assert data.size == (180, 240) and data.c == 11 and data.void == 11
     assert int(data.train_y.max()) == 11
+
+
+def test_a_void_no_mask_holds_is_said():
+    """An explicit void that no mask holds ignores nothing: the notes say so (CamVid's own
+    void, 11, would then be scored as a class)."""
+    data = load_segmentation(CAMVID_TINY, void=200)
+    assert data.void == 200
+    assert any("void 200 occurs in no mask" in note for note in data.notes)
+    assert not any("occurs in no mask" in note for note in load_segmentation(CAMVID_TINY).notes)

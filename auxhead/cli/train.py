@@ -339,7 +339,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="layers to attach heads to (default: two blocks about a third and two "
                    "thirds deep, chosen for every built-in, torchvision and timm model); "
                    "`auxhead layers --arch ARCH` lists them and marks the defaults")  # fmt: skip
-    p.add_argument("--head", default=d.head, choices=sorted(HEAD_KINDS), help="head kind")
+    p.add_argument("--head", default=None, choices=sorted(HEAD_KINDS),
+                   help=f"head kind (default {d.head}; --task classify)")  # fmt: skip
     p.add_argument("--aux-weight", type=nonnegative_float, default=None,
                    help="weight of every head's loss in the training loss (default 0.3; 0.4 "
                    "for segment's FCN head)")  # fmt: skip
@@ -388,6 +389,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     aux_weight = args.aux_weight
     if aux_weight is None:
         aux_weight = SEGMENT_FCN_WEIGHT if segment else TrainConfig.aux_weight
+    if segment and args.head is not None:
+        raise UsageError(
+            "--head is for --task classify; segmentation heads are chosen with --heads "
+            "(fcn, deep or both)"
+        )
     if not segment:
         for option, value in (("--encoder", args.encoder), ("--heads", args.heads != "fcn"),
                               ("--void", args.void != "auto")):  # fmt: skip
@@ -395,10 +401,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 raise UsageError(f"{option} is for --task segment")
     return TrainConfig(
         task=args.task, encoder=args.encoder, heads=args.heads, void=args.void,
-        data=args.data, arch=arch, at=args.at, head=args.head, aux_weight=aux_weight,
-        schedule=args.schedule, epochs=args.epochs, steps=args.steps, lr=args.lr, bs=args.bs,
-        size=args.size, pretrained=args.pretrained, init=args.init, seed=args.seed,
-        out=Path(args.out), compare=args.compare, early_exit=args.early_exit,
+        data=args.data, arch=arch, at=args.at, head=args.head or TrainConfig.head,
+        aux_weight=aux_weight, schedule=args.schedule, epochs=args.epochs, steps=args.steps,
+        lr=args.lr, bs=args.bs, size=args.size, pretrained=args.pretrained, init=args.init,
+        seed=args.seed, out=Path(args.out), compare=args.compare, early_exit=args.early_exit,
         max_drop=args.max_drop, confidence=args.confidence, distill=args.distill,
         limit=args.limit, threads=args.threads,
     )  # fmt: skip
