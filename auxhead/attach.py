@@ -557,7 +557,9 @@ def _check_tap(name: str, run: Probe, batch: int, sample: Any, model: nn.Module)
     if info.calls > 1:
         raise AttachError(
             f"layer {name!r} runs {info.calls} times per forward (a shared module); "
-            "a head needs a layer that runs once. Pick a distinct layer."
+            "a head needs a layer that runs once. Pick a distinct layer (a model that reuses one "
+            "layer for its whole depth, such as ALBERT, has none: tap the module that runs it, "
+            "e.g. the encoder, or the embeddings)."
         )
     if info.shape is None:
         raise AttachError(
