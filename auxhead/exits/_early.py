@@ -39,9 +39,9 @@ from auxhead.exits._calibrate import (
 )
 from auxhead.exits._export import Routed, export_program
 from auxhead.exits._forward import forward_generic, forward_staged
-from auxhead.exits._fx import fx_cut
+from auxhead.exits._fx import plan_stages
 from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
-from auxhead.exits._stages import NotStageable, Plan, cut
+from auxhead.exits._stages import Plan
 from auxhead.exits._summary import ExitSummary, Seen, collect, seconds_per_sample, summarise
 
 __all__ = ["MODES", "EarlyExit"]
@@ -89,23 +89,7 @@ def _check_temperatures(value: Any, taps: list[str]) -> tuple[float, ...]:
 
 
 def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
-    """Stages for per-sample routing, and why (not): the known forwards first (nn.Sequential,
-    ResNets: the modules themselves run), then any model torch.fx can trace and split."""
-    model, taps = aux_model.model, aux_model.taps
-    try:
-        plan = cut(model, taps)
-        return plan, f"{len(plan.stages)} stages, samples leave the batch as they exit"
-    except NotStageable as error:
-        known = str(error)
-    try:
-        with eval_mode(model):  # the forward served, not training's (aux branches, dropout)
-            plan = fx_cut(model, taps)
-    except NotStageable as error:
-        return None, (f"it stops only once the whole batch has exited ({known}; and {error})")
-    return plan, (
-        f"{len(plan.stages)} stages split from the torch.fx graph, samples leave the batch as "
-        "they exit"
-    )
+    return plan_stages(aux_model.model, aux_model.taps)
 
 
 class EarlyExit(nn.Module):
