@@ -255,12 +255,13 @@ class EarlyExit(nn.Module):
         returns what its forward returns: the logits (B, K), or with `return_exits` the
         logits and each sample's exit index (B,).
 
-        At each exit a `torch.cond` skips the rest of the network when every sample of the
-        batch leaves there, so batch size 1 routes per sample as the eager forward does;
-        larger batches run on whole and take each sample's logits from its exit (same
-        outputs, compute saved only when a batch leaves together). Needs a staged
-        `EarlyExit`. In the ONNX file each `torch.cond` is an `If` node; writing it needs the
-        onnx and onnxscript packages (`pip install 'auxhead[onnx]'`), running it onnxruntime.
+        The batch narrows as in the eager forward: at each exit a `torch.cond` returns when
+        every sample of the batch leaves there, and otherwise runs the rest of the network on
+        the samples that stay only (picked with `nonzero`, a data-dependent batch size),
+        writing their results back by batch index. Needs a staged `EarlyExit`. In the ONNX
+        file each `torch.cond` is an `If` node with `NonZero`/`Gather`/`ScatterND` inside;
+        writing it needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`),
+        running it onnxruntime.
 
         Args:
             path: where to write, ending in .pt2 or .onnx.
