@@ -13,8 +13,10 @@ above every score), against the bare model.
 
 Each batch size gets a table, with the speed-up of routing that costs nothing beside the
 measured one (from the measured time of the model up to the first tap and of the head); with
---onnx, batch-size-1 latency of the exported .onnx file in onnxruntime against the bare
-model's own ONNX export.
+--onnx, the exported .onnx file in onnxruntime against the bare model's own ONNX export, and
+with --pt2 the exported torch.export program against the bare eager model, at each batch size;
+then a table of the exported speed-ups against eager's (the exported programs narrow the batch
+as the eager forward does, so their speed-up should follow it).
 
     OMP_NUM_THREADS=1 python benchmarks/exit_speed.py --onnx               # Fashion-MNIST CNN
     OMP_NUM_THREADS=1 python benchmarks/exit_speed.py --model resnet50 --size 128 --images 128
@@ -75,7 +77,7 @@ def timed(fn, batches: list[torch.Tensor]) -> float:
 
 class OnnxPair:
     """The bare model and the routed `EarlyExit` exported to ONNX, run in onnxruntime on one
-    thread; batch size 1 only (the exported routing skips work when a whole batch leaves)."""
+    thread."""
 
     def __init__(self, bare: nn.Module, sample: torch.Tensor, folder: Path) -> None:
         import onnxruntime
@@ -99,11 +101,17 @@ class OnnxPair:
             return self._session(early.export(self.folder / "early.onnx", sample))
 
     @staticmethod
-    def timed(session, images: list) -> float:
+    def timed(session, batches: list) -> float:
+        """Seconds per image over `batches` (numpy arrays)."""
         start = time.perf_counter()
-        for image in images:
-            session.run(None, {"x": image})
-        return (time.perf_counter() - start) / len(images)
+        for batch in batches:
+            session.run(None, {"x": batch})
+        return (time.perf_counter() - start) / sum(len(b) for b in batches)
+
+
+def exported_pt2(early: auxhead.EarlyExit, sample: torch.Tensor, folder: Path):
+    """The routed `EarlyExit` as a torch.export program, loaded back (`.module()`)."""
+    return torch.export.load(early.export(folder / "early.pt2", sample)).module()
 
 
 class _AtTap(Exception):
@@ -181,10 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", type=int, default=256, help="random images timed (bs 1 times the first 64)"
     )
     parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip the two settings where nobody leaves (thresholds 1; head 1 running)",
+    )
+    parser.add_argument(
         "--onnx",
         action="store_true",
-        help="also batch-size-1 latency of the exported .onnx in onnxruntime, against the bare "
+        help="also the exported .onnx in onnxruntime at each batch size, against the bare "
         "model's .onnx (needs auxhead[onnx])",
+    )
+    parser.add_argument(
+        "--pt2",
+        action="store_true",
+        help="also the exported torch.export program at each batch size, against the bare model",
     )
     return parser
 
@@ -204,35 +222,35 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.model}{'' if args.model == 'fmnist_cnn' else f' at {args.size} px'}, mode "
         f"{early.mode}, one torch thread, median of {args.repeats} interleaved repeats\n"
     )
-    sizes = list(args.batch_sizes)
+    sizes: list[object] = list(args.batch_sizes)
     if args.onnx:
         onnx = OnnxPair(bare, images[:2], Path(tempfile.mkdtemp(prefix="exit-speed-")))
-        singles = [image[None].numpy() for image in images[:64]]
-        sizes.append("ONNX 1")
+        sizes += [f"ONNX {bs}" for bs in args.batch_sizes]
+    if args.pt2:
+        sizes += [f"pt2 {bs}" for bs in args.batch_sizes]
     bound = {bs: prefix_and_head(early, images, bs, args.repeats) for bs in args.batch_sizes}
-    settings = [("thresholds 1 (no head runs)", [1.0, 1.0])]
-    settings.append(("head 1 runs, nobody leaves", [min(0.9999, first.max().item() + 1e-4), 1.0]))
+    settings = []
+    if not args.no_baselines:
+        settings.append(("thresholds 1 (no head runs)", [1.0, 1.0]))
+        nobody = [min(0.9999, first.max().item() + 1e-4), 1.0]
+        settings.append(("head 1 runs, nobody leaves", nobody))
     for share in args.shares:
         threshold = 0.0 if share >= 1 else torch.quantile(first, 1 - share).item()
         settings.append((f"{share:.0%} leave at head 1", [max(threshold, 0.0), 1.0]))
     rows: dict[object, list[str]] = {bs: [] for bs in sizes}
+    speedups: dict[object, list[float]] = {bs: [] for bs in sizes}
     for name, thresholds in settings:
         early.thresholds = thresholds
         summary = early.evaluate([(images, labels)], timing_batches=0)
         predicted = summary.full_flops / summary.mean_flops
         leaving = summary.share[0] if thresholds[0] < 1 else None
         times = measure(early, bare, images, args.batch_sizes, args.repeats)
-        if args.onnx:
-            routed = onnx.routed(early, images[:2])
-            onnx.timed(routed, singles[:4]), onnx.timed(onnx.bare, singles[:4])  # warm-up
-            pairs = [
-                (onnx.timed(routed, singles), onnx.timed(onnx.bare, singles))
-                for _ in range(args.repeats)
-            ]
-            times["ONNX 1"] = tuple(statistics.median(p[i] for p in pairs) for i in (0, 1))
+        if args.onnx or args.pt2:
+            times |= measure_exported(early, bare, onnx if args.onnx else None, images, args)
         for bs in sizes:
             early_s, bare_s = times[bs]
             measured = bare_s / early_s
+            speedups[bs].append(measured)
             ideal = "" if bs not in bound else f"{no_overhead(bare_s, *bound[bs], leaving):.2f}x"
             rows[bs].append(
                 f"| {name} | {summary.saving:.1%} | {measured:.2f}x | {predicted:.2f}x | "
@@ -240,7 +258,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         print(f"  {name}: done", flush=True)
     for bs in sizes:
-        where = "onnxruntime, batch size 1" if bs == "ONNX 1" else f"eager, batch size {bs}"
+        if isinstance(bs, int):
+            where = f"eager, batch size {bs}"
+        elif bs.startswith("ONNX"):
+            where = f"onnxruntime, batch size {bs.split()[1]} (against the bare model's .onnx)"
+        else:
+            where = f"torch.export program, batch size {bs.split()[1]} (against the bare model)"
         print(f"\n{where}\n")
         print(
             "| setting | FLOPs saved | measured speed-up | FLOPs-predicted | measured / predicted "
@@ -248,6 +271,53 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         print("|---|---|---|---|---|---|---|")
         print("\n".join(rows[bs]), flush=True)
+    exported = [bs for bs in sizes if not isinstance(bs, int)]
+    if exported:
+        print("\nexported speed-up against eager's (target: >= 0.8 of eager's)\n")
+        print(f"| setting | {' | '.join(f'eager {bs}' for bs in args.batch_sizes)} | "
+              + " | ".join(f"{bs} (/ eager)" for bs in exported) + " |")  # fmt: skip
+        print("|---|" + "---|" * (len(args.batch_sizes) + len(exported)))
+        for row, (name, _) in enumerate(settings):
+            cells = [f"{speedups[bs][row]:.2f}x" for bs in args.batch_sizes]
+            for bs in exported:
+                eager = speedups[int(str(bs).split()[1])][row]
+                cells.append(f"{speedups[bs][row]:.2f}x ({speedups[bs][row] / eager:.2f})")
+            print(f"| {name} | {' | '.join(cells)} |", flush=True)
+
+
+def measure_exported(early, bare, onnx, images, args) -> dict[object, tuple[float, float]]:
+    """Per batch size, for the .onnx (against the bare model's .onnx) and the .pt2 (against
+    the bare eager model): median seconds per image, exported / bare, interleaved."""
+    out: dict[object, tuple[float, float]] = {}
+    folder = Path(tempfile.mkdtemp(prefix="exit-speed-"))
+    with contextlib.redirect_stderr(io.StringIO()):
+        routed = onnx.routed(early, images[:2]) if onnx is not None else None
+        program = exported_pt2(early, images[:2], folder) if args.pt2 else None
+    for bs in args.batch_sizes:
+        count = 64 if bs == 1 else len(images)
+        batches = [images[i : i + bs] for i in range(0, count, bs)]
+        if routed is not None:
+            arrays = [b.numpy() for b in batches]
+            onnx.timed(routed, arrays[:2]), onnx.timed(onnx.bare, arrays[:2])  # warm-up
+            pairs = [
+                (onnx.timed(routed, arrays), onnx.timed(onnx.bare, arrays))
+                for _ in range(args.repeats)
+            ]
+            out[f"ONNX {bs}"] = (
+                statistics.median(p[0] for p in pairs),
+                statistics.median(p[1] for p in pairs),
+            )
+        if program is not None:
+            with torch.no_grad():
+                timed(program, batches[:2]), timed(bare, batches[:2])
+                pairs = [
+                    (timed(program, batches), timed(bare, batches)) for _ in range(args.repeats)
+                ]
+            out[f"pt2 {bs}"] = (
+                statistics.median(p[0] for p in pairs),
+                statistics.median(p[1] for p in pairs),
+            )
+    return out
 
 
 if __name__ == "__main__":

@@ -540,11 +540,11 @@ def test_layers_lists_the_layers_and_marks_the_default_taps(capsys):
     assert main(["layers"]) == 0
     out = capsys.readouterr().out
     assert "small_cnn on 1x28x28 inputs (* default taps: stage1, stage2)" in out
-    rows = {line.split()[-3] if line.startswith("*") else line.split()[0]: line
+    rows = {line.split()[-4] if line.startswith("*") else line.split()[0]: line
             for line in out.splitlines()[4:]}  # fmt: skip
-    assert rows["stage1"].startswith("* ") and rows["stage1"].endswith("32x14x14")
+    assert rows["stage1"].startswith("* ") and rows["stage1"].endswith("pooled,dense      32x14x14")
     assert rows["stage3"].startswith("  ") and rows["stage3"].endswith("128x4x4")
-    assert rows["head.fc"].endswith(" 10")
+    assert rows["head.fc"].split()[-2:] == ["pooled", "10"]  # the heads that fit, the shape
     assert main(["layers", "--arch", "resnet18", "--data", "digits"]) == 0
     out = capsys.readouterr().out
     assert "resnet18 on 1x8x8 inputs (* default taps: layer2, layer3)" in out

@@ -1,6 +1,7 @@
 """`EarlyExit.export`: a torch.export program (or ONNX file) that returns what the eager forward
-returns, the logits or (logits, exits) with `return_exits`, equal to them at batch size 1 and on
-mixed batches."""
+returns, the logits or (logits, exits) with `return_exits`, equal to them at batch sizes 1, 7
+and 64, on mixed batches and on batches whose remainder empties at an exit; and that narrows
+the batch in-graph (nonzero / index_select inside the routing branches)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def _mixed_early_exit(
     """An EarlyExit (nn.Sequential or fx-staged) whose thresholds send some of `x` to each
     exit, and `x`."""
     torch.manual_seed(0)
-    sample, x = torch.zeros(2, 6), torch.randn(32, 6) * 3
+    sample, x = torch.zeros(2, 6), torch.randn(64, 6) * 3
     if kind == "sequential":
         model = nn.Sequential(
             nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)
@@ -60,7 +61,7 @@ def _mixed_early_exit(
         taps = ["1", "3"]
     elif kind == "conv":
         model, taps = conv_net(), ["1", "3"]
-        sample, x = torch.zeros(2, 1, 14, 14), torch.randn(32, 1, 14, 14)
+        sample, x = torch.zeros(2, 1, 14, 14), torch.randn(64, 1, 14, 14)
     else:
         model, taps = Net(), ["a", "b"]
     aux = auxhead.attach(model, taps, head=head, sample=sample).eval()
@@ -78,14 +79,37 @@ def _mixed_early_exit(
     return early, x
 
 
+def batches(early: auxhead.EarlyExit, x: torch.Tensor) -> list[torch.Tensor]:
+    """Batch sizes 64, 7 and 1 (four single images), and two mixed batches whose remainder
+    empties: one where every sample leaves at an exit (none reaches the main head), one where
+    every sample leaves at the second exit or later (none leaves at the first)."""
+    _, exits = early(x)
+    assert set(exits.tolist()) == {0, 1, 2}, "thresholds that send samples to every exit"
+    return [x, x[:7], x[:1], x[1:2], x[2:3], x[3:4], x[exits < 2], x[exits > 0]]
+
+
+def exported_ops(program: torch.export.ExportedProgram) -> set[str]:
+    """The aten operators of the program's graph and of every subgraph (cond branches)."""
+    return {
+        str(node.target)
+        for module in program.graph_module.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+        if node.op == "call_function"
+    }
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("kind", "head"), KINDS)
 def test_exported_program_routes_like_the_eager_forward(kind, head, tmp_path, one_thread):
     early, x = _mixed_early_exit(kind, head)
     path = early.export(tmp_path / "early.pt2", x[:4])
-    program = torch.export.load(path).module()
+    loaded = torch.export.load(path)
+    # The batch narrows in-graph: the staying rows are picked, the rest run on them only.
+    assert {"aten.nonzero.default", "aten.index_select.default"} <= exported_ops(loaded)
+    program = loaded.module()
     seen = set()
-    for batch in [x, x[:1], x[1:2], x[2:3], x[3:4], x[:7]]:
+    for batch in batches(early, x):
         logits, exits = program(batch)
         expected, expected_exits = early(batch)
         torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
@@ -103,17 +127,36 @@ def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, head, tmp_
 
     early, x = _mixed_early_exit(kind, head)
     path = early.export(tmp_path / "early.onnx", x[:4])
-    assert "If" in {node.op_type for node in onnx.load(path).graph.node}  # it routes in-graph
+    graph = onnx.load(path).graph
+    assert "If" in {node.op_type for node in graph.node}  # it routes in-graph
+    # and narrows the batch inside the branches: NonZero picks the rows that stay, Gather
+    # takes them, a scatter writes their results back.
+    inside = {
+        node.op_type
+        for branch in (a.g for node in graph.node for a in node.attribute if a.type == a.GRAPH)
+        for node in _all_nodes(branch)
+    }
+    assert {"NonZero", "Gather"} <= inside and inside & {"ScatterND", "ScatterElements"}
     session = ort.InferenceSession(str(path))
     assert [output.name for output in session.get_outputs()] == ["logits", "exit"]
     seen = set()
-    for batch in [x, x[:1], x[1:2], x[2:3], x[3:4], x[:7]]:
+    for batch in batches(early, x):
         logits, exits = session.run(None, {"x": batch.numpy()})
         expected, expected_exits = early(batch)
         torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=1e-5, atol=1e-5)
         assert torch.equal(torch.from_numpy(exits), expected_exits)
         seen |= set(exits.tolist())
     assert seen == {0, 1, 2}
+
+
+def _all_nodes(graph) -> list:
+    """The nodes of an ONNX graph and of the subgraphs (If branches) nested in it."""
+    nodes = list(graph.node)
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == attribute.GRAPH:
+                nodes += _all_nodes(attribute.g)
+    return nodes
 
 
 def test_export_returns_what_the_forward_returns(tmp_path):

@@ -1,5 +1,6 @@
 """`auxhead layers`: the layers of an architecture a head can go on (`--at`), with their output
-shapes for the data's images, the default taps marked.
+shapes for the data's images and the head shapes that fit each, the default taps marked; with
+`--time`, where an early exit would save wall-clock on this machine (`auxhead.exits.exit_timing`).
 
 `LayersConfig` -> `run_layers` -> `LayersResult` -> `LayersResult.table()` (printed).
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,10 +21,14 @@ from auxhead.cli._common import (
     MIXED_SIZE,
     ManualFormatter,
     UsageError,
+    fraction,
     image_size,
     load_images,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from auxhead.exits import ExitTiming
 
 __all__ = ["LayersConfig", "LayersResult", "add_parser", "run_layers"]
 
@@ -31,9 +36,16 @@ DEFAULT_SIZE = {"small_cnn": 28}  # without --data or --size; other models: IMAG
 NUM_CLASSES = 10  # the classifier's width does not change which layers exist
 
 DESCRIPTION = """\
-List every layer of an architecture that runs on the given images, with its output shape:
-the names `auxhead train --at` accepts. The two default taps (what --at is without it) are
-marked with *."""
+List every layer of an architecture that runs on the given images, with its output shape and
+the head shapes that fit it (pooled: a classifier on (B, K); dense: per-position logits on a
+4-D or 3-D map; token: per-token logits on (B, N, C)): the names `auxhead train --at` accepts.
+The two default taps (what --at is without it) are marked with *.
+
+With --time, time the model instead, on this machine at --bs images of --size: up to each
+candidate tap (the blocks of the model, or --at), and an "sdn" head there, and print the
+wall-clock an early exit there would save with --share of the images leaving, beside what the
+FLOPs predict: saved = (share x (T - t) - h) / T, with T the model's time, t the time up to the
+tap, h the head's."""
 
 EPILOG = """\
 examples:
@@ -41,6 +53,7 @@ examples:
   auxhead layers --arch resnet18 --data digits    # the shapes for digits' 8x8 images
   auxhead layers --arch vit_b_16 --size 224 --channels 3
   auxhead layers --arch convnext_atto --size 64   # a timm model
+  auxhead layers --arch resnet50 --size 128 --time --bs 64   # where exits save time
 
 No files are written.
 
@@ -59,6 +72,24 @@ class LayersConfig:
     data: str | None = None  # the input shape of this data set (with --size: resized)
     size: int | None = None  # None: the data's size, or DEFAULT_SIZE / IMAGENET_SIZE
     channels: int | None = None  # None: the data's, or 1 for small_cnn, 3 otherwise
+    time: bool = False  # time the model up to each candidate tap instead of listing layers
+    at: list[str] | None = None  # the taps to time; None: `candidate_taps`
+    bs: int = 64  # images per timed batch
+    shares: tuple[float, ...] = (0.25, 0.5, 0.75)  # shares leaving, for the savings
+    repeats: int = 5  # timed runs per figure (the median is shown)
+
+
+def head_shapes(info: LayerInfo) -> str:
+    """The head shapes that fit a layer's output: "pooled" (a classifier, (B, K)) on any
+    batch-first output; "dense" (per-position logits) on a 4-D map or a 3-D (B, C, L) one;
+    "token" (per-token logits) on a (B, N, C) sequence."""
+    if info.shape is None or len(info.shape) < 2:
+        return "-"
+    if len(info.shape) == 4 or (len(info.shape) == 3 and info.layout == "channels_first"):
+        return "pooled,dense"
+    if len(info.shape) == 3 and info.layout == "channels_last":
+        return "pooled,token"
+    return "pooled"
 
 
 @dataclass
@@ -67,23 +98,27 @@ class LayersResult:
     input_shape: tuple[int, ...]
     layers: list[LayerInfo]
     default_taps: list[str]
+    timing: ExitTiming | None = None  # with --time
 
     def table(self) -> str:
+        shape = "x".join(map(str, self.input_shape))
+        if self.timing is not None:
+            return "\n".join([f"{self.config.arch} on {shape} inputs", str(self.timing)])
         rows = [
             [
                 ("* " if info.name in self.default_taps else "  ") + info.name,
                 info.type,
+                head_shapes(info),
                 "x".join(map(str, info.shape[1:])) if info.shape else "-",  # per image
             ]
             for info in self.layers
         ]
-        shape = "x".join(map(str, self.input_shape))
         return "\n".join(
             [
                 f"{self.config.arch} on {shape} inputs (* default taps: "
                 f"{', '.join(self.default_taps) or 'none, pass --at'})",
                 "",
-                table(["  name", "type", "output shape"], rows, align="llr"),
+                table(["  name", "type", "heads", "output shape"], rows, align="lllr"),
             ]
         )
 
@@ -102,11 +137,46 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="N x N inputs (with --data: resized, as train --size)")  # fmt: skip
     p.add_argument("--channels", type=positive_int, default=None,
                    help="input channels without --data (default 1: small_cnn, else 3)")  # fmt: skip
+    p.add_argument("--time", action="store_true",
+                   help="time the model up to each candidate tap and a head there, and print "
+                   "the wall-clock an exit would save (see above)")  # fmt: skip
+    p.add_argument("--at", nargs="+", default=None, metavar="LAYER",
+                   help="with --time: the taps to time (default: the model's blocks)")  # fmt: skip
+    p.add_argument("--bs", type=positive_int, default=64,
+                   help="with --time: images per timed batch (random, --size)")  # fmt: skip
+    p.add_argument("--share", type=fraction, nargs="+", default=[0.25, 0.5, 0.75], metavar="P",
+                   help="with --time: shares of images leaving at an exit")  # fmt: skip
+    p.add_argument("--repeats", type=positive_int, default=5,
+                   help="with --time: timed runs per figure (the median is shown)")  # fmt: skip
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> LayersConfig:
-    return LayersConfig(arch=args.arch, data=args.data, size=args.size, channels=args.channels)
+    if not args.time:
+        given = [
+            option
+            for option, value, default in (
+                ("--at", args.at, None),
+                ("--bs", args.bs, 64),
+                ("--share", args.share, [0.25, 0.5, 0.75]),
+                ("--repeats", args.repeats, 5),
+            )
+            if value != default
+        ]
+        if given:
+            verb = "applies" if len(given) == 1 else "apply"
+            raise UsageError(f"{', '.join(given)} only {verb} with --time; add --time")
+    return LayersConfig(
+        arch=args.arch,
+        data=args.data,
+        size=args.size,
+        channels=args.channels,
+        time=args.time,
+        at=args.at,
+        bs=args.bs,
+        shares=tuple(args.share),
+        repeats=args.repeats,
+    )
 
 
 def run_layers(
@@ -138,4 +208,36 @@ def run_layers(
         taps = default_taps(model, sample)
     except ValueError:
         taps = []
+    if config.time:
+        timing = _timing(model, config, channels, size)
+        return LayersResult(config, tuple(sample.shape[1:]), [], taps, timing)
     return LayersResult(config, tuple(sample.shape[1:]), list_layers(model, sample), taps)
+
+
+def _timing(model: torch.nn.Module, config: LayersConfig, channels: int, size: int) -> ExitTiming:
+    """`exit_timing` on --bs random images, one "sdn" head per tap."""
+    from auxhead._probe import list_layers as layers_of
+    from auxhead.exits import exit_timing
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(config.bs, channels, size, size, generator=generator)
+    if config.at is not None:
+        known = set(layers_of(model, images[:2]).names)
+        unknown = [name for name in config.at if name not in known]
+        if unknown:
+            raise UsageError(
+                f"--at: {unknown} are not layers of {config.arch}; "
+                f"`auxhead layers --arch {config.arch}` lists them"
+            )
+    try:
+        return exit_timing(
+            model,
+            images,
+            config.at,
+            head="sdn",
+            num_classes=NUM_CLASSES,
+            shares=config.shares,
+            repeats=config.repeats,
+        )
+    except ValueError as error:  # taps that cannot take a head, in the wrong order, ...
+        raise UsageError(f"--at: {error}") from None

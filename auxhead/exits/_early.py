@@ -40,9 +40,9 @@ from auxhead.exits._calibrate import (
 )
 from auxhead.exits._export import Routed, export_program
 from auxhead.exits._forward import forward_generic, forward_staged
-from auxhead.exits._fx import fx_cut
+from auxhead.exits._fx import plan_stages
 from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
-from auxhead.exits._stages import NotStageable, Plan, cut
+from auxhead.exits._stages import Plan
 from auxhead.exits._summary import ExitSummary, Seen, collect, seconds_per_sample, summarise
 
 __all__ = ["MODES", "EarlyExit"]
@@ -90,23 +90,7 @@ def _check_temperatures(value: Any, taps: list[str]) -> tuple[float, ...]:
 
 
 def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
-    """Stages for per-sample routing, and why (not): the known forwards first (nn.Sequential,
-    ResNets: the modules themselves run), then any model torch.fx can trace and split."""
-    model, taps = aux_model.model, aux_model.taps
-    try:
-        plan = cut(model, taps)
-        return plan, f"{len(plan.stages)} stages, samples leave the batch as they exit"
-    except NotStageable as error:
-        known = str(error)
-    try:
-        with eval_mode(model):  # the forward served, not training's (aux branches, dropout)
-            plan = fx_cut(model, taps)
-    except NotStageable as error:
-        return None, (f"it stops only once the whole batch has exited ({known}; and {error})")
-    return plan, (
-        f"{len(plan.stages)} stages split from the torch.fx graph, samples leave the batch as "
-        "they exit"
-    )
+    return plan_stages(aux_model.model, aux_model.taps)
 
 
 class EarlyExit(nn.Module):
@@ -273,12 +257,13 @@ class EarlyExit(nn.Module):
         returns what its forward returns: the logits (B, K), or with `return_exits` the
         logits and each sample's exit index (B,).
 
-        At each exit a `torch.cond` skips the rest of the network when every sample of the
-        batch leaves there, so batch size 1 routes per sample as the eager forward does;
-        larger batches run on whole and take each sample's logits from its exit (same
-        outputs, compute saved only when a batch leaves together). Needs a staged
-        `EarlyExit`. In the ONNX file each `torch.cond` is an `If` node; writing it needs the
-        onnx and onnxscript packages (`pip install 'auxhead[onnx]'`), running it onnxruntime.
+        The batch narrows as in the eager forward: at each exit a `torch.cond` returns when
+        every sample of the batch leaves there, and otherwise runs the rest of the network on
+        the samples that stay only (picked with `nonzero`, a data-dependent batch size),
+        writing their results back by batch index. Needs a staged `EarlyExit`. In the ONNX
+        file each `torch.cond` is an `If` node with `NonZero`/`Gather`/`ScatterND` inside;
+        writing it needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`),
+        running it onnxruntime.
 
         Args:
             path: where to write, ending in .pt2 or .onnx.

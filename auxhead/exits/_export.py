@@ -1,13 +1,19 @@
 """`EarlyExit.export`: a `torch.export` program, or an ONNX file, that routes.
 
 The exported forward runs the stages of a staged `EarlyExit` with the calibrated thresholds
-and temperatures baked in, and at each active exit a `torch.cond`: when every sample of the
-batch leaves there, the rest of the network is skipped; otherwise the rest runs on the whole
-batch and each sample takes its logits from the first exit it leaves at. At batch size 1 that
-is the per-sample routing of the eager forward; a batch saves compute only when all of it
-leaves at once (a program with data-dependent batch shapes would not export). It returns what
-the eager forward returns: the logits (B, K), or with `return_exits` the logits and each
-sample's exit index (B,), `len(taps)` for the main head.
+and temperatures baked in, and narrows the batch as the eager forward does: at each active
+exit, a `torch.cond` on "every sample leaves" returns at once; otherwise its branch picks the
+samples that stay (`nonzero`, `index_select`: a data-dependent batch size, an unbacked symbol
+to torch.export) and runs the rest of the network on them only, and their results are written
+back into the (B, K) output by batch index (`index_copy`). So a batch of 64 saves compute as
+the eager forward does, and batch size 1 routes per sample. It returns what the eager forward
+returns: the logits (B, K), or with `return_exits` the logits and each sample's exit index
+(B,), `len(taps)` for the main head.
+
+The narrowing happens inside the branch, not before the `torch.cond`: there the branch can
+state that at least one sample stays (`torch._check`), which the operators of the later stages
+need (a convolution asks whether its input is empty); stated outside, export turns it into a
+runtime assertion that fails when the whole batch leaves.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ class Routed(nn.Module):
         self.return_exits = return_exits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        logits, exits = self._from(0, 0, x)
+        rows = torch.arange(x.shape[0], device=x.device)  # (B,) batch index of each sample
+        logits, exits = self._from(0, 0, x, rows, None, None)
         return (logits, exits) if self.return_exits else logits
 
     def _run(self, start: int, stop: int, h: torch.Tensor) -> torch.Tensor:
@@ -66,27 +73,54 @@ class Routed(nn.Module):
             h = self.stages[index](h)
         return h
 
-    def _from(self, k: int, position: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run from stage `position` on, deciding at active exit `k` and after."""
+    def _from(
+        self,
+        k: int,
+        position: int,
+        h: torch.Tensor,
+        rows: torch.Tensor,
+        out: torch.Tensor | None,
+        exits: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the n samples `h` (batch indices `rows`, (n,)) from stage `position` on,
+        deciding at active exit `k` and after; `out` (B, K) and `exits` (B,) hold what the
+        earlier exits wrote (None before the first). Returns them with these samples' rows
+        written."""
         if k == len(self.exits):  # no exit left: the main output
             logits = self._run(position, len(self.stages), h)
-            return logits, torch.full_like(logits[:, 0], self.n_exits, dtype=torch.long)
+            if out is None:  # no exit is active: the model's own output
+                return logits, _filled(logits, self.n_exits)
+            out = out.index_copy(0, rows, logits.to(out.dtype))
+            return out, exits.index_fill(0, rows, self.n_exits)
         end = self.ends[self.exits[k]]
         h = self._run(position, end + 1, h)
         logits = self.heads[k](self.head_inputs[k](h))
         t = self.temperatures[k]
         leave = leaves(self.criterion(logits if t == 1.0 else logits / t), self.thresholds[k])
-        here = torch.full_like(logits[:, 0], self.exits[k], dtype=torch.long)
+        # Every sample here takes this exit's logits; those that stay are overwritten later.
+        if out is None:  # the first exit sees the whole batch, in order
+            out = logits
+            exits = _filled(logits, self.exits[k])
+        else:
+            out = out.index_copy(0, rows, logits.to(out.dtype))
+            exits = exits.index_fill(0, rows, self.exits[k])
 
-        def everyone_leaves(h, logits, leave, here):
-            return logits.clone(), here.clone()
+        def everyone_leaves(h, leave, rows, out, exits):
+            return out.clone(), exits.clone()
 
-        def some_stay(h, logits, leave, here):
-            rest, exits = self._from(k + 1, end + 1, h)
-            rest = rest.to(logits.dtype)
-            return torch.where(leave[:, None], logits, rest), torch.where(leave, here, exits)
+        def some_stay(h, leave, rows, out, exits):
+            stay = torch.nonzero(~leave).squeeze(1)  # (m,), m >= 1 data-dependent
+            torch._check(stay.shape[0] >= 1)  # true in this branch; later stages need it
+            h, rows = h.index_select(0, stay), rows.index_select(0, stay)
+            return self._from(k + 1, end + 1, h, rows, out, exits)
 
-        return torch.cond(leave.all(), everyone_leaves, some_stay, (h, logits, leave, here))
+        return torch.cond(leave.all(), everyone_leaves, some_stay, (h, leave, rows, out, exits))
+
+
+def _filled(logits: torch.Tensor, index: int) -> torch.Tensor:
+    """(B,) exit indices, all `index`, dense (a `full_like` of a column would keep its stride,
+    which `torch.cond` refuses in an output)."""
+    return torch.full(logits.shape[:1], index, dtype=torch.long, device=logits.device)
 
 
 class _HeadInput:

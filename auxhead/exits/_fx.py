@@ -18,9 +18,29 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-from auxhead.exits._stages import NotStageable, Plan, Stage
+from auxhead._probe import eval_mode
+from auxhead.exits._stages import NotStageable, Plan, Stage, cut
 
-__all__ = ["fx_cut"]
+__all__ = ["fx_cut", "plan_stages"]
+
+
+def plan_stages(model: nn.Module, taps: Sequence[str]) -> tuple[Plan | None, str]:
+    """Stages for per-sample routing, and why (not): the known forwards first (nn.Sequential,
+    ResNets: the modules themselves run), then any model torch.fx can trace and split."""
+    try:
+        plan = cut(model, taps)
+        return plan, f"{len(plan.stages)} stages, samples leave the batch as they exit"
+    except NotStageable as error:
+        known = str(error)
+    try:
+        with eval_mode(model):  # the forward served, not training's (aux branches, dropout)
+            plan = fx_cut(model, taps)
+    except NotStageable as error:
+        return None, (f"it stops only once the whole batch has exited ({known}; and {error})")
+    return plan, (
+        f"{len(plan.stages)} stages split from the torch.fx graph, samples leave the batch as "
+        "they exit"
+    )
 
 
 class _TapTracer(fx.Tracer):
