@@ -188,8 +188,9 @@ class AuxLoss:
             mmsegmentation 0.4. "nnunet": nnU-Net's deep-supervision weights from the heads'
             and the main output's resolutions (`auxhead.deep_supervision_weights`: 1/2^i for
             the i-th distinct resolution among the main output and the heads attached, so a
-            skipped scale is not counted; the lowest 0, normalised to sum 1 with the main output's weight, which
-            becomes `main_weight`); needs dense heads attached with a `sample`.
+            skipped scale is not counted; the lowest 0, normalised to sum 1 with the main
+            output's weight, which becomes `main_weight`); needs dense heads attached with a
+            `sample`.
         schedule: multiplier s(t) of training progress t in [0, 1] (set `.progress`): a name
             from `auxhead.SCHEDULES` ("constant", "linear_decay", "linear_ramp", "cosine") or a
             callable.
