@@ -6,9 +6,18 @@ inference (`AuxModel.strip`). fastai support lives in `auxhead.fastai`.
 
 from auxhead._probe import LayerInfo, LayerTable, list_layers
 from auxhead.attach import AttachError, AuxModel, attach
+from auxhead.dense import deep_supervision_weights, match_size
 from auxhead.distributed import check_ddp
 from auxhead.exits import EarlyExit, ExitSummary, exit_flops
-from auxhead.heads import HEAD_KINDS, InceptionHead, LinearHead, SDNHead, build_head
+from auxhead.heads import (
+    HEAD_KINDS,
+    Conv1x1Head,
+    FCNHead,
+    InceptionHead,
+    LinearHead,
+    SDNHead,
+    build_head,
+)
 from auxhead.losses import AuxLoss, MultiLoss, distillation_loss
 from auxhead.schedules import (
     SCHEDULES,
@@ -27,8 +36,10 @@ __all__ = [
     "AttachError",
     "AuxLoss",
     "AuxModel",
+    "Conv1x1Head",
     "EarlyExit",
     "ExitSummary",
+    "FCNHead",
     "InceptionHead",
     "LayerInfo",
     "LayerTable",
@@ -40,10 +51,12 @@ __all__ = [
     "check_ddp",
     "constant",
     "cosine",
+    "deep_supervision_weights",
     "distillation_loss",
     "exit_flops",
     "get_schedule",
     "linear_decay",
     "linear_ramp",
     "list_layers",
+    "match_size",
 ]

@@ -19,7 +19,15 @@ from torch import nn
 from auxhead._hooks import HookSet, dry_run_state, training_mode
 from auxhead._probe import LAYOUTS, Probe, Select, batch_size, first_tensor, probe, resolve
 from auxhead._rng import RngStream, generator_state, stream_seed
-from auxhead.heads import MASKABLE_HEADS, HeadFactory, build_head, check_num_classes
+from auxhead.heads import (
+    DENSE_HEADS,
+    DENSE_KINDS,
+    MASKABLE_HEADS,
+    HeadFactory,
+    build_head,
+    check_num_classes,
+    dense_size,
+)
 
 __all__ = ["AttachError", "AuxModel", "attach"]
 
@@ -57,6 +65,11 @@ class AuxModel(nn.Module):
         heads: the heads, an `nn.ModuleDict` (keys are tap names with '.' written '__').
         taps: the tap names, in `at` order.
         aux_outputs: the heads' logits from the last forward, or {} if the heads did not run.
+        head_shapes: each head's output shape in the dry run on `attach`'s sample, by tap name
+            ({} when attached without a sample): `AuxLoss(weights="nnunet")` ranks dense heads
+            by their resolution from these.
+        output_shape: the shape of the model's output (its first tensor) on that sample, or
+            None.
     """
 
     def __init__(
@@ -86,6 +99,8 @@ class AuxModel(nn.Module):
         random = self.taps if random is None else random
         self._streams = {name: RngStream(stream_seed(name)) for name in random}
         self.aux_outputs: dict[str, torch.Tensor] = {}
+        self.head_shapes: dict[str, tuple[int, ...]] = {}  # filled by attach's dry run
+        self.output_shape: tuple[int, ...] | None = None
         self._pending: dict[str, torch.Tensor] | None = None  # filled by the hooks in forward
         self._keep: dict[str, torch.Tensor] = {}  # tap -> its real tokens (B, N), in forward
         self._heads_on: bool | None = None  # None: heads follow self.training
@@ -441,14 +456,21 @@ def _refuse_shared_modules(pairs: Sequence[tuple[str, HeadSpec]]) -> None:
             )
 
 
-def _infer_num_classes(output: Any) -> int | None:
+def _infer_num_classes(output: Any, *, dense: bool = False) -> int | None:
     """K from a (B, K) output, or from the first tensor of a tuple (torchvision's
-    GoogLeNet/Inception3 return (logits, aux, ...) in training). Not from a dict: which of
-    its entries are the logits is not for auxhead to guess."""
+    GoogLeNet/Inception3 return (logits, aux, ...) in training). Not from a dict of several
+    tensors: which of its entries are the logits is not for auxhead to guess.
+
+    With `dense` (dense heads asked for), also K from a class map (B, K, H, W) or (B, K, L),
+    and from a dict holding one tensor (torchvision's segmentation models without their
+    aux_classifier return {"out": (B, K, H, W)})."""
     if isinstance(output, Mapping):
-        return None
+        tensors = [value for value in output.values() if isinstance(value, torch.Tensor)]
+        if not dense or len(output) != 1 or len(tensors) != 1:
+            return None
+        output = tensors[0]
     tensor = first_tensor(output)
-    if tensor is not None and tensor.dim() == 2:
+    if tensor is not None and (tensor.dim() == 2 or (dense and tensor.dim() in (3, 4))):
         return int(tensor.shape[1])
     return None
 
@@ -554,8 +576,12 @@ def _dry_run_head(
             ) from error
     batch = features.shape[0]
     if sized:
-        fits = isinstance(logits, torch.Tensor) and tuple(logits.shape) == (batch, num_classes)
-        expected = f"({batch}, {num_classes}) logits"
+        # Pooled heads give (B, K); dense ones a class map at the tap's resolution.
+        shape = (batch, num_classes)
+        if isinstance(head, DENSE_HEADS):
+            shape = (batch, num_classes, *dense_size(features))
+        fits = isinstance(logits, torch.Tensor) and tuple(logits.shape) == shape
+        expected = f"{shape} logits"
     else:
         fits = isinstance(logits, torch.Tensor) and logits.dim() >= 1 and logits.shape[0] == batch
         expected = f"one row per sample ({batch}, ...)"
@@ -568,7 +594,7 @@ def _dry_run_head(
             f"the head at {name!r} outputs {got} on its tap's output, not {expected}. "
             "Check num_classes, or give a head that fits the tap."
         )
-    return features._version != version, random
+    return features._version != version, random, tuple(logits.shape)
 
 
 def attach(
@@ -689,7 +715,8 @@ def attach(
     for name in names:
         _check_tap(name, run, batch, sample, model)
     if num_classes is None:
-        num_classes = _infer_num_classes(run.output)
+        dense = any(isinstance(spec, str) and spec in DENSE_KINDS for _, spec in pairs)
+        num_classes = _infer_num_classes(run.output, dense=dense)
         if num_classes is None and needs_sizing:
             raise AttachError(
                 "pass `num_classes=`: the built-in heads need it, and the model's output on "
@@ -700,6 +727,7 @@ def attach(
     heads: dict[str, nn.Module] = {}
     permute: dict[str, tuple[int, ...] | None] = {}
     copy, random = set(), set()
+    head_shapes: dict[str, tuple[int, ...]] = {}
     for name, spec in pairs:
         shape = rows[name].shape
         if isinstance(spec, nn.Module):
@@ -717,8 +745,11 @@ def attach(
             dims = _PERMUTE.get((len(shape), found))
             if dims is not None:
                 shape = tuple(shape[d] for d in dims)
-            with RngStream(stream_seed(f"init:{name}")).on(torch.device("cpu")):
-                built = build_head(spec, shape, num_classes)
+            try:
+                with RngStream(stream_seed(f"init:{name}")).on(torch.device("cpu")):
+                    built = build_head(spec, shape, num_classes)
+            except ValueError as error:  # a shape the head kind cannot take
+                raise AttachError(f"layer {name!r}: {error}") from None
             if reference is not None:
                 built = built.to(device=reference.device, dtype=reference.dtype)
         heads[name] = built
@@ -727,9 +758,15 @@ def attach(
         if dims is not None:
             features = features.permute(*dims)
         sized = not isinstance(spec, nn.Module)
-        changes_input, draws = _dry_run_head(name, built, features, num_classes, sized=sized)
+        changes_input, draws, head_shapes[name] = _dry_run_head(
+            name, built, features, num_classes, sized=sized
+        )
         if changes_input or run.checks[name].modified:
             copy.add(name)
         if draws:
             random.add(name)
-    return AuxModel(model, heads, select=selects, permute=permute, copy=copy, random=random)
+    aux_model = AuxModel(model, heads, select=selects, permute=permute, copy=copy, random=random)
+    aux_model.head_shapes = head_shapes
+    output = first_tensor(run.output)
+    aux_model.output_shape = tuple(output.shape) if output is not None else None
+    return aux_model

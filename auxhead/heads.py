@@ -3,8 +3,10 @@
 A head sees its tap's output in one of three layouts: a feature map (B, C, H, W), a sequence
 (B, N, C) or a feature vector (B, C). `AuxModel` puts channels-last maps (B, H, W, C) and
 channels-first sequences (B, C, L) into these layouts (a view, not a copy) before the head
-sees them. Every head accepts all three: maps are pooled spatially, sequences over tokens
-(over the real ones only when `AuxModel` passes `keep`, the model's padding mask inverted).
+sees them. The pooled heads (inception, linear, sdn) accept all three: maps are pooled
+spatially, sequences over tokens (over the real ones only when `AuxModel` passes `keep`, the
+model's padding mask inverted), and give (B, K). The dense heads (fcn, conv1x1) predict at
+every place of a map or sequence, (B, K, H, W) or (B, K, N), and refuse a vector.
 """
 
 from __future__ import annotations
@@ -15,7 +17,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["HEAD_KINDS", "InceptionHead", "LinearHead", "SDNHead", "build_head"]
+__all__ = [
+    "DENSE_HEADS",
+    "HEAD_KINDS",
+    "Conv1x1Head",
+    "FCNHead",
+    "InceptionHead",
+    "LinearHead",
+    "SDNHead",
+    "build_head",
+]
 
 
 def check_num_classes(num_classes: object) -> int:
@@ -177,23 +188,94 @@ class SDNHead(nn.Module):
         return self.fc(x)
 
 
+def _check_dense_shape(shape: Sequence[int], kind: str) -> None:
+    if len(shape) not in (3, 4) or any(int(d) < 1 for d in shape):
+        raise ValueError(
+            f"a {kind!r} head predicts a class map, so it needs a tap output with places to "
+            f"predict at: (B, C, H, W) or a sequence (B, C, L) / (B, N, C); got shape "
+            f"{tuple(shape)}. Tap a layer before the pooling, or use a pooled head "
+            "(head='linear')."
+        )
+
+
+def _channels_first(x: torch.Tensor) -> torch.Tensor:
+    # Sequences reach the heads as (B, N, C); the convolutions read (B, C, N).
+    return x.transpose(1, 2) if x.dim() == 3 else x
+
+
+class FCNHead(nn.Sequential):
+    """torchvision's FCNHead (the auxiliary head of its FCN and DeepLabV3 models, and
+    mmsegmentation's usual `auxiliary_head`), sized by the tap: 3x3 conv to C // 4 channels
+    (no bias), BatchNorm, ReLU, dropout 0.1, 1x1 conv to the classes.
+
+    Dense: (B, C, H, W) -> (B, K, H, W) at the tap's resolution (upsample it, or downsample
+    the targets, with `AuxLoss(resize=...)`); a sequence (B, N, C) -> (B, K, N) with the 1-D
+    convolutions. Its modules and state_dict keys are torchvision's ("0.weight" ... "4.bias"),
+    so a torchvision aux_classifier's weights load into it.
+    """
+
+    def __init__(self, shape: Sequence[int], num_classes: int, *, dropout: float = 0.1) -> None:
+        _check_dense_shape(shape, "fcn")
+        channels = _channels(shape)
+        inter = max(1, channels // 4)
+        conv, norm = (nn.Conv2d, nn.BatchNorm2d) if len(shape) == 4 else (nn.Conv1d, nn.BatchNorm1d)
+        super().__init__(
+            conv(channels, inter, 3, padding=1, bias=False),
+            norm(inter),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            conv(inter, num_classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(_channels_first(x))  # (B, K, H, W) or (B, K, N)
+
+
+class Conv1x1Head(nn.Module):
+    """One 1x1 convolution to the classes: nnU-Net's and U-Net++'s deep-supervision output on
+    a decoder block. (B, C, H, W) -> (B, K, H, W); a sequence (B, N, C) -> (B, K, N)."""
+
+    def __init__(self, shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        _check_dense_shape(shape, "conv1x1")
+        conv = nn.Conv2d if len(shape) == 4 else nn.Conv1d
+        self.conv = conv(_channels(shape), num_classes, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(_channels_first(x))  # (B, K, H, W) or (B, K, N)
+
+
+# Heads that predict a class map at their tap's resolution: (B, K, H, W) or (B, K, N).
+DENSE_HEADS = (FCNHead, Conv1x1Head)
+
+
+def dense_size(features: torch.Tensor) -> tuple[int, ...]:
+    """Where a dense head on `features` (as heads get them) predicts: (H, W) of a map, (N,) of
+    a sequence (B, N, C)."""
+    return tuple(features.shape[2:]) if features.dim() == 4 else (features.shape[1],)
+
+
 # The heads whose `forward(x, keep)` pools a sequence over the real tokens `keep` marks.
 MASKABLE_HEADS = (InceptionHead, LinearHead, SDNHead)
 
 HeadFactory = Callable[[tuple[int, ...], int], nn.Module]
 
 HEAD_KINDS: dict[str, HeadFactory] = {
+    "conv1x1": Conv1x1Head,
+    "fcn": FCNHead,
     "inception": InceptionHead,
     "linear": LinearHead,
     "sdn": SDNHead,
 }
+DENSE_KINDS = ("conv1x1", "fcn")
 
 
 def build_head(kind: str | HeadFactory, shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Build a head for a tap of output `shape` from a kind name or a factory.
 
     Args:
-        kind: one of `HEAD_KINDS` ("inception", "linear", "sdn") or a callable
+        kind: one of `HEAD_KINDS` ("inception", "linear", "sdn" pool to (B, K); "fcn",
+            "conv1x1" predict a class map (B, K, H, W) or (B, K, N)) or a callable
             `(tap_shape, num_classes) -> nn.Module`.
         shape: the tap's output shape, batch dimension first.
         num_classes: the number of logits the head predicts.

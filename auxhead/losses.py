@@ -12,12 +12,35 @@ import torch.nn.functional as F
 
 from auxhead._spread import per_name
 from auxhead.attach import AuxModel
+from auxhead.dense import check_resize, deep_supervision_weights, match_size, target_size
 from auxhead.schedules import Schedule, get_schedule
 
 __all__ = ["AuxLoss", "MultiLoss", "distillation_loss"]
 
 LossFunc = Callable[..., torch.Tensor]
 Weights = float | Sequence[float] | Mapping[str, float]
+# Weight presets by name: computed from the heads' output shapes.
+WEIGHT_PRESETS = ("nnunet",)
+
+
+def _preset_weights(preset: str, aux_model: AuxModel) -> tuple[float, dict[str, float]]:
+    """(main weight, head weights) of a weight preset, from the shapes attach recorded."""
+    if preset not in WEIGHT_PRESETS:
+        raise ValueError(
+            f"unknown weights preset {preset!r}; choose one of {list(WEIGHT_PRESETS)}, a number, "
+            "a list in `at` order or a dict by tap name"
+        )
+    missing = [name for name in aux_model.taps if name not in aux_model.head_shapes]
+    if missing or aux_model.output_shape is None:
+        raise ValueError(
+            f"weights={preset!r} ranks the heads by the resolution of their outputs, which "
+            "attach measures on its sample: attach with `sample=`, or pass the weights "
+            "yourself (auxhead.deep_supervision_weights)."
+        )
+    main = ""  # no tap has an empty name
+    shapes = {main: aux_model.output_shape, **aux_model.head_shapes}
+    weights = deep_supervision_weights(shapes)
+    return weights.pop(main), weights
 
 
 def _check_weights(weights: dict[str, Any]) -> dict[str, float]:
@@ -57,7 +80,13 @@ def _set_reduction(funcs: Sequence[LossFunc], value: str) -> None:
 
 
 def head_loss_term(
-    head_loss: LossFunc, name: str, logits: torch.Tensor, targets: Sequence[Any], pred: Any
+    head_loss: LossFunc,
+    name: str,
+    logits: torch.Tensor,
+    targets: Sequence[Any],
+    pred: Any,
+    *,
+    resize: str | None = None,
 ) -> torch.Tensor:
     """`head_loss(logits, *targets)` for the head at `name`, or a ValueError naming the head,
     the shapes and `head_loss=`: a main loss written for the model's own output (a dict, a
@@ -69,7 +98,14 @@ def head_loss_term(
             tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in targets
         ]
         hint = "Check num_classes, or pass head_loss= for these targets."
-        if not isinstance(pred, torch.Tensor):
+        sizes = {target_size(t, logits) for t in targets} - {None}
+        if logits.dim() > 2 and resize is None and sizes and sizes != {tuple(logits.shape[2:])}:
+            hint = (
+                "The head predicts at its tap's resolution, the targets are larger: pass "
+                "AuxLoss(resize='logits') to upsample the logits, or resize='targets' to "
+                "downsample the targets."
+            )
+        elif not isinstance(pred, torch.Tensor):
             hint = (
                 f"The model's output is a {type(pred).__name__} and the loss may be written for "
                 "it, but each head gives a logits tensor: pass head_loss= a loss that takes "
@@ -82,19 +118,46 @@ def head_loss_term(
 
 
 def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, *, temperature: float, reduction: str = "mean"
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    temperature: float,
+    reduction: str = "mean",
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Hinton's knowledge-distillation term T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
     The teacher is detached: the head learns from the final classifier, not the reverse (Be Your
-    Own Teacher, Zhang et al., ICCV 2019).
+    Own Teacher, Zhang et al., ICCV 2019). The classes are in dim 1: (B, K), or dense
+    (B, K, H, W) / (B, K, L), where the term is taken at every place.
+
+    Args:
+        mask: for dense logits, True at the places that count, (B, H, W): the others (the
+            targets' ignore label) add nothing, and "mean" averages over the kept places only,
+            as `nn.CrossEntropyLoss(ignore_index=...)` does.
     """
-    log_p = F.log_softmax(student / temperature, dim=-1)  # (B, K)
-    q = F.softmax(teacher.detach() / temperature, dim=-1)  # (B, K)
-    per_sample = F.kl_div(log_p, q, reduction="none").sum(dim=-1) * temperature**2  # (B,)
+    log_p = F.log_softmax(student / temperature, dim=1)  # (B, K, ...)
+    q = F.softmax(teacher.detach() / temperature, dim=1)  # (B, K, ...)
+    per_place = F.kl_div(log_p, q, reduction="none").sum(dim=1) * temperature**2  # (B, ...)
+    if mask is not None:
+        per_place = per_place.masked_fill(~mask, 0.0)
     if reduction == "none":
-        return per_sample
-    return per_sample.sum() if reduction == "sum" else per_sample.mean()
+        return per_place
+    if reduction == "sum":
+        return per_place.sum()
+    if mask is not None:
+        return per_place.sum() / mask.sum().clamp(min=1)
+    return per_place.mean()
+
+
+def _ignore_index(head_loss: LossFunc) -> int | None:
+    """The ignore label of a loss: `nn.CrossEntropyLoss`'s own, or that of the loss a fastai
+    `BaseLoss` wraps (`.func`); None if it has none."""
+    for func in (head_loss, getattr(head_loss, "func", None)):
+        value = getattr(func, "ignore_index", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 class AuxLoss:
@@ -109,7 +172,11 @@ class AuxLoss:
         loss_func: the main loss, e.g. `nn.CrossEntropyLoss()`.
         aux_model: the `AuxModel` whose heads to supervise.
         weights: one weight for every head, a list in `at` order, or a dict by tap name.
-            GoogLeNet used 0.3, Inception v3 0.4.
+            GoogLeNet used 0.3, Inception v3 0.4, torchvision's segmentation recipe 0.5,
+            mmsegmentation 0.4. "nnunet": nnU-Net's deep-supervision weights from the heads'
+            and the main output's resolutions (`auxhead.deep_supervision_weights`: 1/2^i by
+            scale, the lowest 0, normalised to sum 1 with the main output's weight, which
+            becomes `main_weight`); needs dense heads attached with a `sample`.
         schedule: multiplier s(t) of training progress t in [0, 1] (set `.progress`): a name
             from `auxhead.SCHEDULES` ("constant", "linear_decay", "linear_ramp", "cosine") or a
             callable.
@@ -118,7 +185,15 @@ class AuxLoss:
             (1 - alpha) * head_loss + alpha * T^2 * KL(main || head). 0 turns it off.
         temperature: the distillation temperature T.
         check_finite: raise naming the head if an aux loss is NaN or infinite. Costs one
-            device synchronisation per step (one check over every head's term).
+            device synchronisation per step (one check over every head's term). Heads
+            weighted 0 are not checked (their term adds nothing).
+        resize: for dense heads (B, K, h, w) on dense targets (B, H, W): None (the head's loss
+            sees them as they are), "logits" (each head's logits upsampled to the targets'
+            size, bilinear, align_corners=False: torchvision's and mmsegmentation's recipe) or
+            "targets" (the targets downsampled to each head's size, nearest neighbour, labels
+            and the ignore label kept exact: nnU-Net's). Pooled (B, K) heads are untouched.
+            The ignore label is the loss's own (`nn.CrossEntropyLoss(ignore_index=255)`).
+        main_weight: the main loss's weight (1: the main loss as it is).
 
     Attributes:
         progress: training progress t in [0, 1]; a trainer sets it (the fastai callback does).
@@ -127,6 +202,12 @@ class AuxLoss:
     Example:
         >>> loss_func = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux_model, weights=0.3)
         >>> loss = loss_func(aux_model(x), y)  # main + 0.3 * (sum of head losses)
+
+        Segmentation, torchvision's recipe (an FCN head on layer3, out + 0.5 * aux):
+
+        >>> ce = nn.CrossEntropyLoss(ignore_index=255)
+        >>> loss_func = auxhead.AuxLoss(lambda out, y: ce(out["out"], y), aux_model,
+        ...                             head_loss=ce, weights=0.5, resize="logits")
     """
 
     def __init__(
@@ -134,12 +215,14 @@ class AuxLoss:
         loss_func: LossFunc,
         aux_model: AuxModel,
         *,
-        weights: Weights = 0.3,
+        weights: Weights | str = 0.3,
         schedule: str | Schedule = "constant",
         head_loss: LossFunc | None = None,
         distill: float = 0.0,
         temperature: float = 3.0,
         check_finite: bool = True,
+        resize: str | None = None,
+        main_weight: float = 1.0,
     ) -> None:
         if not isinstance(aux_model, AuxModel):
             raise TypeError(
@@ -148,8 +231,12 @@ class AuxLoss:
             )
         distill = _check_number(distill, "distill", 0.0, 1.0, low_open=False)
         temperature = _check_number(temperature, "temperature", 0.0, math.inf, low_open=True)
+        self.resize = check_resize(resize)
+        self.main_weight = _check_number(main_weight, "main_weight", 0.0, math.inf, low_open=False)
         self.loss_func = loss_func
         self.aux_model = aux_model
+        if isinstance(weights, str):
+            self.main_weight, weights = _preset_weights(weights, aux_model)
         self.weights = _check_weights(per_name(weights, aux_model.taps, "weights", "heads"))
         self.schedule = get_schedule(schedule)
         self.head_loss = head_loss if head_loss is not None else loss_func
@@ -180,6 +267,8 @@ class AuxLoss:
         main = self.loss_func(pred, *targets)
         aux = self.aux_term(pred, *targets)
         self.components = {"main": main.detach(), **self.components}
+        if self.main_weight != 1.0:
+            main = self.main_weight * main
         return main if aux is None else main + aux
 
     def aux_term(
@@ -200,15 +289,26 @@ class AuxLoss:
         aux = self.aux_model.aux_outputs
         scale = self.scale
         total = self._zero_term([name for name in self.aux_model.taps if name not in aux])
+        resized: dict = {}  # targets resized once per size for all heads (resize="targets")
         for name, logits in aux.items():
-            term = self._head_term(name, logits, pred, targets, head_loss or self.head_loss)
+            term = self._head_term(
+                name, logits, pred, targets, head_loss or self.head_loss, resized
+            )
             self.components[name] = term.detach()
-            # A zero weight still adds the term (times 0), so every head parameter gets a
-            # gradient and DistributedDataParallel sees no unused parameters.
-            weighted = (self.weights[name] * scale) * term
+            weight = self.weights[name] * scale
+            if weight == 0:
+                # A zero weight adds a zero tied to the head's parameters, so each gets a
+                # (zero) gradient and DistributedDataParallel sees no unused parameters; not
+                # 0 * term, which a term of NaN (a map of ignored pixels only) would poison.
+                weighted = self._zero_term([name])
+                if weighted is None:
+                    continue
+            else:
+                weighted = weight * term
             total = weighted if total is None else total + weighted
-        if self.check_finite and aux:
-            self._check_finite({name: self.components[name] for name in aux})
+        checked = {name: self.components[name] for name in aux if self.weights[name] * scale}
+        if self.check_finite and checked:
+            self._check_finite(checked)
         return total
 
     @staticmethod
@@ -236,22 +336,62 @@ class AuxLoss:
         return sum(p.sum() for p in params) * 0.0
 
     def _head_term(
-        self, name: str, logits: torch.Tensor, pred: Any, targets: tuple, head_loss: LossFunc
+        self,
+        name: str,
+        logits: torch.Tensor,
+        pred: Any,
+        targets: tuple,
+        head_loss: LossFunc,
+        resized: dict | None = None,
     ) -> torch.Tensor:
         logits = logits.float()  # heads may have run under autocast
-        term = head_loss_term(head_loss, name, logits, targets, pred)
+        logits, targets = match_size(logits, targets, self.resize, cache=resized)
+        term = head_loss_term(head_loss, name, logits, targets, pred, resize=self.resize)
         if self.distill:
             teacher = pred if isinstance(pred, torch.Tensor) else None
             if teacher is None or teacher.shape != logits.shape:
+                hint = ""
+                if logits.dim() > 2 and teacher is not None and self.resize != "logits":
+                    hint = " (dense heads: pass resize='logits', so both are at the targets' size)"
                 raise ValueError(
                     f"self-distillation needs the main output shaped like head {name!r}'s "
-                    f"logits {tuple(logits.shape)}"
+                    f"logits {tuple(logits.shape)}{hint}"
                 )
+            mask = self._kept_places(name, logits, targets, head_loss)
             kd = distillation_loss(
-                logits, teacher, temperature=self.temperature, reduction=self.reduction or "mean"
+                logits,
+                teacher,
+                temperature=self.temperature,
+                reduction=self.reduction or "mean",
+                mask=mask,
             )
             term = (1 - self.distill) * term + self.distill * kd
         return term
+
+    @staticmethod
+    def _kept_places(
+        name: str, logits: torch.Tensor, targets: tuple, head_loss: LossFunc
+    ) -> torch.Tensor | None:
+        """For dense logits on class-index targets, True where the target is not the loss's
+        ignore label (the distillation term skips the rest); None for pooled logits or
+        per-class map targets, which have no ignore label."""
+        if logits.dim() < 3:
+            return None
+        size = tuple(logits.shape[2:])
+        labels = next(
+            (t for t in targets if target_size(t, logits) == size and t.dim() == logits.dim() - 1),
+            None,
+        )
+        if labels is None:
+            return None
+        ignore = _ignore_index(head_loss)
+        if ignore is None:
+            raise ValueError(
+                f"self-distillation on the dense head {name!r} must leave out the pixels the "
+                f"loss ignores, but {type(head_loss).__name__} has no `ignore_index`: use a "
+                "loss that has one (nn.CrossEntropyLoss(ignore_index=255)), or distill=0."
+            )
+        return labels != ignore
 
     @property
     def reduction(self) -> str | None:
