@@ -94,6 +94,9 @@ def find_seg_layout(root: Path) -> SegLayout:
             splits = {}
             for split, folder in image_splits.items():
                 masks = mask_dir / folder.name
+                if not masks.is_dir() and split == "test":
+                    notes.append(f"{folder} has no masks in {masks}/: left out")
+                    continue
                 if not masks.is_dir():
                     raise DataError(
                         f"{folder} has no partner {masks}/ holding its masks; a data folder "
@@ -104,6 +107,14 @@ def find_seg_layout(root: Path) -> SegLayout:
         pairs = _pair(image_dir, mask_dir, notes)
         return _listed_split(root, pairs, codes_file, notes)
     split_dirs = {p: SPLITS[p.name.lower()] for p in folders if p.name.lower() in SPLITS}
+    images = [p for p in folders if p.name.lower() in IMAGE_DIRS]
+    masks = [p for p in folders if p.name.lower() in MASK_DIRS]
+    if not split_dirs and (images or masks):
+        found, missing = (images, "mask") if images else (masks, "image")
+        raise DataError(
+            f"{root} has {_names(found)} but no {missing} folder beside it; a data folder holds "
+            f"{LAYOUTS}"
+        )
     if not split_dirs:
         raise DataError(
             f"{root} is not a segmentation folder: it holds {_names(folders) or 'no folders'}; "
@@ -123,6 +134,9 @@ def find_seg_layout(root: Path) -> SegLayout:
                 "keep one"
             )
         pair = _image_and_mask_dirs(folder, _folders(folder))
+        if pair is None and split == "test":  # a competition's test images come without masks
+            notes.append(f"{folder} holds no image folder beside a mask folder: left out")
+            continue
         if pair is None:
             raise DataError(
                 f"{folder} holds {_names(_folders(folder)) or 'no folders'}, not an image folder "
@@ -241,8 +255,8 @@ def _split_folders(folder: Path) -> dict[str, Path]:
 
 def _pair(image_dir: Path, mask_dir: Path, notes: list[str]) -> Pairs:
     """Each image of `image_dir` with its mask in `mask_dir`, sorted by image name."""
-    images = _image_files(image_dir)
-    masks = _image_files(mask_dir)
+    images = _image_files(image_dir, notes)
+    masks = _image_files(mask_dir, notes)
     if not images:
         raise DataError(f"{image_dir} holds no images; put the images there, or point at the data")
     by_stem: dict[str, Path] = {}
@@ -293,12 +307,17 @@ def _image_stem(mask_stem: str, images: dict[str, Path]) -> str | None:
     return None
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not _hidden(p.name) and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+def _image_files(folder: Path, notes: list[str]) -> list[Path]:
+    """The image files directly in `folder`, sorted; other visible files are said in `notes`."""
+    images, others = [], []
+    for path in sorted(folder.iterdir()):
+        if _hidden(path.name) or path.is_dir():
+            continue
+        (images if path.suffix.lower() in IMAGE_SUFFIXES else others).append(path)
+    if others:
+        some = ", ".join(p.name for p in others[:3]) + (" ..." if len(others) > 3 else "")
+        notes.append(f"{folder}: skipped {len(others)} file(s) that are not images ({some})")
+    return images
 
 
 def _folders(folder: Path) -> list[Path]:

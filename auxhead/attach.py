@@ -461,16 +461,19 @@ def _infer_num_classes(output: Any, *, dense: bool = False) -> int | None:
     GoogLeNet/Inception3 return (logits, aux, ...) in training). Not from a dict of several
     tensors: which of its entries are the logits is not for auxhead to guess.
 
-    With `dense` (dense heads asked for), also K from a class map (B, K, H, W) or (B, K, L),
-    and from a dict holding one tensor (torchvision's segmentation models without their
-    aux_classifier return {"out": (B, K, H, W)})."""
+    With `dense` (dense heads asked for), also K from a class map (B, K, H, W) or (B, K, L)
+    that is the whole output, or the one tensor of a dict (torchvision's segmentation models
+    without their aux_classifier return {"out": (B, K, H, W)}); not from a list of maps (a
+    timm `features_only` backbone's), which are features, not logits."""
     if isinstance(output, Mapping):
         tensors = [value for value in output.values() if isinstance(value, torch.Tensor)]
         if not dense or len(output) != 1 or len(tensors) != 1:
             return None
         output = tensors[0]
+    if dense and isinstance(output, torch.Tensor) and output.dim() in (3, 4):
+        return int(output.shape[1])
     tensor = first_tensor(output)
-    if tensor is not None and (tensor.dim() == 2 or (dense and tensor.dim() in (3, 4))):
+    if tensor is not None and tensor.dim() == 2:
         return int(tensor.shape[1])
     return None
 
@@ -625,10 +628,14 @@ def attach(
     Args:
         model: any `nn.Module`; its code is not touched.
         at: qualified layer names (as `model.named_modules()` and `auxhead.list_layers` give
-            them), or a dict name -> head, where a head is an `nn.Module`, a kind name
-            ("inception", "linear", "sdn") or a callable `(tap_shape, num_classes) -> nn.Module`.
+            them), or a dict name -> head, where a head is an `nn.Module`, a kind name or a
+            callable `(tap_shape, num_classes) -> nn.Module`. Kinds: "inception", "linear",
+            "sdn" pool to (B, num_classes); "fcn" (torchvision's FCNHead) and "conv1x1" predict
+            a class map at the tap's resolution, (B, num_classes, h, w) or, on a sequence,
+            (B, num_classes, L), for segmentation and deep supervision (see `AuxLoss(resize=)`).
         num_classes: logits per head. If omitted, taken from the model's output on `sample`
-            when that is a (B, K) tensor.
+            when that is a (B, K) tensor, or for dense kinds a (B, K, H, W) tensor or a dict
+            holding one (torchvision's segmentation models).
         head: the head for names given as a list.
         sample: an input batch (tensor, tuple of args or dict of kwargs; at least 2 samples
             for models with BatchNorm) for the dry run. Needed by built-in heads and factories;
@@ -647,9 +654,11 @@ def attach(
     Raises:
         AttachError: (a `ValueError`) unknown or repeated layer names; a tap that does not
             run in training, runs twice, runs without gradients or folds other things into the
-            batch; a layout that cannot be told; a head whose output is not (B, num_classes);
-            one `nn.Module` given for several taps; a sample of one for a model with BatchNorm
-            (a tensor sample of one is doubled, a tuple or dict is not).
+            batch; a layout that cannot be told; a tap a built-in kind cannot take (a (B, C)
+            vector for a dense kind); a head whose output is not (B, num_classes) (a dense
+            kind: (B, num_classes, *the tap's size)); one `nn.Module` given for several taps;
+            a sample of one for a model with BatchNorm (a tensor sample of one is doubled, a
+            tuple or dict is not).
         ValueError: a `num_classes` that is not a whole number >= 1.
         Exception: whatever the model itself raises on `sample`, as it is, with a note that
             the dry run raised it.

@@ -32,7 +32,8 @@ from auxhead._extras import raise_missing_extra
 from auxhead._folders import Layout, find_layout
 from auxhead._masks import read_pairs, resolve_classes
 from auxhead._pixels import is_grey, read_pixels
-from auxhead._seg_folders import find_seg_layout
+from auxhead._seg_folders import IMAGE_DIRS as SEG_IMAGE_DIRS
+from auxhead._seg_folders import MASK_DIRS, find_seg_layout
 
 if TYPE_CHECKING:
     from fastai.data.core import DataLoaders
@@ -412,6 +413,7 @@ def _held_out_notes(data: ImageData, layout: Layout, valid_pct: float) -> list[s
 
 def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | None) -> ImageData:
     layout = find_layout(folder)
+    _refuse_segmentation(folder, list(layout.train))
     groups = {"train": layout.train}
     if layout.valid is not None:
         groups["valid"] = layout.valid
@@ -439,6 +441,17 @@ def _load_image_folder(folder: Path, valid_pct: float, seed: int, size: int | No
         logger.warning("%s", note)
     data.notes = notes
     return data
+
+
+def _refuse_segmentation(folder: Path, classes: list[str]) -> None:
+    """Two "classes" named as an image folder and a mask folder are segmentation data: a
+    classifier would learn to tell photos from masks."""
+    lower = sorted(classes, key=lambda name: name.lower() not in SEG_IMAGE_DIRS)
+    if len(lower) == 2 and lower[0].lower() in SEG_IMAGE_DIRS and lower[1].lower() in MASK_DIRS:
+        raise DataError(
+            f"{folder} holds {lower[0]}/ and {lower[1]}/, a segmentation layout, not one folder "
+            "per class: load it with load_segmentation(PATH) (`auxhead train --task segment`)"
+        )
 
 
 def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -821,8 +834,8 @@ def load_segmentation(
         void: the mask value to ignore in the loss and metrics; None for none; "auto" (the
             default) takes a codes.txt line named Void / Unlabelled / Ignore (dropped from
             `codes` when it is the last line), else 255 when the masks hold it (as Pascal VOC's
-            do). CamVid as in ../shared/data/camvid (no codes.txt) needs
-            `codes=CAMVID_CODES, void=CAMVID_VOID`.
+            do). A folder named *camvid* without codes.txt whose masks fit CamVid's is read
+            as `codes=CAMVID_CODES, void=CAMVID_VOID` (../shared/data/camvid), and says so.
 
     Returns:
         A `SegmentationData`: float32 (N, 3, H, W) images in [0, 1], int64 (N, H, W) masks.
@@ -866,8 +879,19 @@ def load_segmentation(
     images = [path for pairs in found.values() for path in pairs.images]
     masks = [path for pairs in found.values() for path in pairs.masks]
     x, y = read_pairs(images, masks, size)  # one read, so every split gets the same size
+    notes = list(layout.notes)
+    # As for idx files named *fashion*: a folder named *camvid* without codes.txt, whose masks
+    # fit CamVid's 11 classes and void, is CamVid (../shared/data/camvid).
+    camvid = "camvid" in root.name.lower() and int(y.max()) <= CAMVID_VOID
+    if codes is None and layout.codes_file is None and camvid:
+        codes = list(CAMVID_CODES)
+        void = CAMVID_VOID if void == "auto" else void
+        notes.append(
+            f"{root}: no codes.txt; the folder is named CamVid, so its masks are read as "
+            f"CamVid's 11 classes with void {CAMVID_VOID} (pass codes= to say otherwise)"
+        )
     classes = resolve_classes(y, masks, codes=codes, codes_file=layout.codes_file, void=void)
-    notes = layout.notes + classes.notes
+    notes += classes.notes
     tensors, files, start = {}, {}, 0
     for split, pairs in found.items():
         end = start + len(pairs.images)
@@ -893,9 +917,22 @@ def load_segmentation(
         files=files,
         notes=notes,
     )
+    notes += _absent_classes(data)
     for note in notes:
         logger.warning("%s", note)
     return data
+
+
+def _absent_classes(data: SegmentationData) -> list[str]:
+    """A line for the classes no training mask holds: the model never learns them."""
+    counts = torch.bincount(data.train_y.flatten(), minlength=data.c)[: data.c].tolist()
+    absent = [name for i, name in enumerate(data.codes) if counts[i] == 0 and i != data.void]
+    if not absent:
+        return []
+    return [
+        f"class(es) {', '.join(map(repr, absent))} appear in no training mask: the model never "
+        "learns them (their IoU will be 0 or undefined)"
+    ]
 
 
 def _hold_out(

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from auxhead._extras import raise_missing_extra
+from auxhead._segmetrics import SegmentationMeter, at_label_size
 
 try:
     from fastai.callback.core import Callback, GatherPredsCallback
-    from fastai.learner import AvgMetric, Learner
+    from fastai.learner import AvgMetric, Learner, Metric
     from fastai.torch_core import find_bs
 except ModuleNotFoundError as error:
     raise_missing_extra(error, "auxhead.fastai")
@@ -36,7 +37,14 @@ from auxhead.distributed import check_ddp
 from auxhead.losses import AuxLoss, Weights, head_loss_term
 from auxhead.schedules import Schedule
 
-__all__ = ["AuxHeads", "aux_learner", "export_learner", "plot_heads"]
+__all__ = [
+    "AuxHeads",
+    "SegmentationMetric",
+    "aux_learner",
+    "export_learner",
+    "plot_heads",
+    "segmentation_metrics",
+]
 
 
 def _column(name: str) -> str:
@@ -57,8 +65,16 @@ class _HeadMetric(AvgMetric):
         if logits is None or not len(learn.yb):
             return
         bs = find_bs(learn.yb)
+        target = learn.yb[0]
+        dense = _is_dense(logits, target)
+        if dense:  # a dense head, scored as it is trained: its logits at the labels' size
+            logits = at_label_size(logits, target)
+        if self.kind == "acc" and dense:  # pixel accuracy over the labelled pixels
+            labelled = target != _ignore_index(learn, self.callback.ignore_index)
+            self.total += (logits.argmax(dim=1) == target)[labelled].sum().item()
+            self.count += int(labelled.sum())
+            return
         if self.kind == "acc":
-            target = learn.yb[0]
             if target.dim() != 1 or logits.dim() != 2:
                 return  # accuracy is for single-label classification
             self.total += (logits.argmax(dim=-1) == target).float().sum().item()
@@ -73,6 +89,67 @@ class _HeadMetric(AvgMetric):
         return f"{self.kind}_{_column(self.tap)}"
 
 
+def _is_dense(logits: torch.Tensor, target: torch.Tensor) -> bool:
+    """A head that predicts a class per pixel (B, K, h, w) for labels (B, H, W)."""
+    return logits.dim() >= 3 and target.dim() == logits.dim() - 1 and not target.is_floating_point()
+
+
+def _ignore_index(learn: Learner, given: int | None) -> int:
+    """The label of void pixels: given, or the Learner's loss's (`CrossEntropyLossFlat(axis=1,
+    ignore_index=...)`), or torch's default -100 (no pixel has it)."""
+    if given is not None:
+        return given
+    loss = getattr(learn.loss_func, "func", learn.loss_func)
+    return getattr(loss, "ignore_index", -100)
+
+
+SEGMENTATION_SCORES = ("miou", "pixel_accuracy", "mean_dice")
+
+
+class SegmentationMetric(Metric):
+    """One segmentation score of the model's output over the validation set, void pixels left
+    out: "miou" (mean IoU over the classes seen), "pixel_accuracy" or "mean_dice", counted by
+    torchmetrics (see `auxhead._segmetrics`). Logits smaller than the labels are upsampled
+    (bilinear) first; a dict output (torchvision's segmentation models) is scored by its
+    "out". `export_learner` leaves it out of the exported file.
+
+    Example:
+        >>> learn = unet_learner(dls, resnet18, pretrained=False, n_out=11,
+        ...                      loss_func=CrossEntropyLossFlat(axis=1, ignore_index=11),
+        ...                      metrics=segmentation_metrics(11, ignore_index=11))
+    """
+
+    def __init__(self, score: str, num_classes: int, *, ignore_index: int | None = None) -> None:
+        if score not in SEGMENTATION_SCORES:
+            raise ValueError(f"unknown score {score!r}; choose one of {SEGMENTATION_SCORES}")
+        self.score = score
+        self.meter = SegmentationMeter(num_classes, ignore_index=ignore_index)
+
+    def reset(self) -> None:
+        self.meter.reset()
+
+    def accumulate(self, learn: Learner) -> None:
+        pred = learn.pred["out"] if isinstance(learn.pred, Mapping) else learn.pred
+        target = learn.yb[0]
+        self.meter.update(at_label_size(pred, target).argmax(dim=1), target)
+
+    @property
+    def value(self) -> float | None:
+        scores = self.meter.compute()
+        return None if not scores.pixels else getattr(scores, self.score)
+
+    @property
+    def name(self) -> str:
+        return self.score
+
+
+def segmentation_metrics(num_classes: int, *, ignore_index: int | None = None) -> list[Metric]:
+    """mIoU, pixel accuracy and mean Dice of the model's output, as fastai metrics."""
+    return [
+        SegmentationMetric(s, num_classes, ignore_index=ignore_index) for s in SEGMENTATION_SCORES
+    ]
+
+
 class AuxHeads(Callback):
     """Train any fastai Learner with auxiliary classifier heads at named layers.
 
@@ -83,7 +160,9 @@ class AuxHeads(Callback):
     In training the weighted head losses are added to the main loss (the logged train loss
     includes them); the validation loss is the main loss alone. During validation the heads
     also run, to give each head's accuracy and loss as Recorder columns `acc_<tap>` and
-    `loss_<tap>`. Schedules follow `learn.pct_train`.
+    `loss_<tap>`. Schedules follow `learn.pct_train`. A dense head ((B, K, h, w) logits for
+    (B, H, W) labels, as on a U-Net) is scored with its logits upsampled to the labels' size:
+    `acc_<tap>` is then its pixel accuracy, void pixels left out.
 
     Args:
         at: layer names (see `auxhead.list_layers(learn.model, xb)`) or a dict name -> head.
@@ -99,6 +178,11 @@ class AuxHeads(Callback):
         head_loss: the heads' loss `(logits, *targets) -> loss`, when the Learner's
             `loss_func` does not fit them (a model whose output is a dict, say). Default: the
             Learner's current `loss_func` (so wrappers such as MixUp's apply to the heads).
+        ignore_index: the label of void pixels, left out of a dense head's pixel accuracy
+            (`acc_<tap>`); default: the loss's `ignore_index`.
+        resize: how dense heads' logits meet the labels in training, `AuxLoss`'s `resize`:
+            "logits" (upsampled to the labels, torchvision's recipe) or "targets" (labels
+            downsampled to each head, nnU-Net's).
 
     Example:
         >>> learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy,
@@ -121,6 +205,8 @@ class AuxHeads(Callback):
         temperature: float = 3.0,
         select: Callable | Mapping[str, Callable] | None = None,
         head_loss: Callable | None = None,
+        ignore_index: int | None = None,
+        resize: str | None = None,
     ) -> None:
         # `learn` is a property over `_learn`; set it first, as fastai's GetAttr would
         # otherwise forward the lookup of a missing `_learn` to `learn`, endlessly.
@@ -131,7 +217,7 @@ class AuxHeads(Callback):
         self.at, self.num_classes, self.head_spec = at, num_classes, head
         self.weights, self.schedule, self.head_metrics = weights, schedule, head_metrics
         self.distill, self.temperature, self.select = distill, temperature, select
-        self.head_loss = head_loss
+        self.head_loss, self.ignore_index, self.resize = head_loss, ignore_index, resize
         self.aux_loss: AuxLoss | None = None
         # One dict per trained epoch, Recorder column -> value, across every fit (fine_tune's
         # frozen and unfrozen phases alike): what plot_heads draws.
@@ -198,6 +284,7 @@ class AuxHeads(Callback):
             schedule=self.schedule,
             distill=self.distill,
             temperature=self.temperature,
+            **({} if self.resize is None else {"resize": self.resize}),
         )
         aux_model.set_heads(False)  # heads run only inside fit, when this callback says so
         self._splitter = learn.splitter

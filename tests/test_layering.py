@@ -34,6 +34,7 @@ DATA = {
     "auxhead._pixels",
     "auxhead._seg_folders",
     "auxhead.models",
+    "auxhead._segmodels",
     "auxhead._weights",
 }
 ADAPTERS = {"auxhead.fastai", "auxhead.gan.learner", "auxhead.gan.monitor"}  # fastai's
@@ -50,10 +51,13 @@ EAGER = {
     "cli": None,  # anything: the command line is the top of the stack
 }
 LAZY = {
-    "core": CORE | {"onnx"},  # the `onnx` extra: EarlyExit.export("x.onnx") checks what it wrote
+    # the `onnx` extra: EarlyExit.export("x.onnx") checks what it wrote; the `fastai` extra's
+    # torchmetrics: the segmentation scores (auxhead._segmetrics)
+    "core": CORE | {"onnx", "torchmetrics"},
     "gan": CORE | {"torchmetrics"},  # the Fréchet distance's Inception network
     "data": CORE
-    | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"},
+    | {"fastai", "sklearn", "PIL", "torchvision", "timm", "huggingface_hub", "safetensors"}
+    | {"segmentation_models_pytorch"},  # the `segment` extra's models (auxhead._segmodels)
     "adapter": CORE | {"fastai", "PIL", "matplotlib"},
     "cli": None,
 }

@@ -97,6 +97,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from auxhead.cli.train import OWNED_FILES, check_config, config_from_args, run_train
 
     config = config_from_args(args)
+    if config.task == "segment":
+        return _run_segment(config)
     check_config(config)  # before --out is touched
     print(f"auxhead train: {config.arch} on {config.data}, heads: "
           f"{config.head} -> {config.out}", flush=True)  # fmt: skip
@@ -111,6 +113,28 @@ def _run_train(args: argparse.Namespace) -> int:
     print(terminal_summary(result))
     print(f"\nreport: {out.path / 'report.md'}  (json, plots, exported model and checkpoint "
           f"beside it)")  # fmt: skip
+    return EXIT_OK
+
+
+def _run_segment(config) -> int:
+    from auxhead.cli.report import segment_summary, write_segment_report
+    from auxhead.cli.segment import OWNED_FILES, check_segment_config, run_segment
+
+    check_segment_config(config)  # before --out is touched
+    heads = f"--at {' '.join(config.at)}" if config.at else config.heads
+    print(f"auxhead train --task segment: {config.arch} on {config.data}, heads: {heads} -> "
+          f"{config.out}", flush=True)  # fmt: skip
+    with OutputFolder(config.out, OWNED_FILES) as out:
+        try:
+            result = run_segment(config, say=lambda line: print(line, flush=True))
+        except KeyboardInterrupt:
+            kept = out.existing(["checkpoint.pth"])
+            raise Interrupted(_kept(kept, "the last completed epoch")) from None
+        write_segment_report(result, out.path)
+    print()
+    print(segment_summary(result))
+    print(f"\nreport: {out.path / 'report.md'}  (json, predictions.png, exported model and "
+          "checkpoint beside it)")  # fmt: skip
     return EXIT_OK
 
 

@@ -119,6 +119,21 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def void_label(text: str) -> int | str | None:
+    """`--void`: a mask value >= 0, 'none' (every pixel labelled) or 'auto'."""
+    if text.lower() in ("none", "auto"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be a mask value (e.g. 255), 'none' or 'auto', got {text!r}"
+        ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def ema_decay(text: str) -> float:
     value = _finite(text)
     if not 0 <= value < 1:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from auxhead._format import count, percent
 from auxhead._format import si as _human
@@ -17,12 +17,19 @@ from auxhead.cli._common import atomic_path, write_text_atomic
 from auxhead.cli.acgan import TARGETS, ACGANResult
 from auxhead.cli.train import TrainResult
 
+if TYPE_CHECKING:
+    from auxhead.cli.segment import SegmentResult
+
 __all__ = [
     "exit_table",
+    "per_class_iou_table",
     "per_class_table",
+    "segment_scores_table",
+    "segment_summary",
     "terminal_summary",
     "write_acgan_report",
     "write_report",
+    "write_segment_report",
 ]
 
 
@@ -448,3 +455,205 @@ def write_acgan_report(result: ACGANResult, out: Path) -> dict[str, str]:
     _write_json(files["report_json"], report)
     write_text_atomic(files["report_md"], _acgan_markdown(report, torch.get_num_threads()))
     return {k: str(v) for k, v in files.items()}
+
+
+# auxhead train --task segment ------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}%"
+
+
+def segment_scores_table(result: SegmentResult, *, markdown: bool = False) -> str:
+    """mIoU, pixel accuracy and mean Dice of the model (with and without heads) and of each
+    head, on the test split."""
+    rows = [["with heads (main output)", *_score_cells(result.main)]]
+    if result.baseline is not None:
+        rows.append(["without heads", *_score_cells(result.baseline)])
+    rows += [[f"head at {s.name}", *_score_cells(s)] for s in result.head_scores]
+    return _table(["model", "mIoU", "pixel accuracy", "mean Dice"], rows, markdown)
+
+
+def _score_cells(scores: Any) -> list[str]:
+    return [_pct(scores.miou), _pct(scores.pixel_accuracy), _pct(scores.mean_dice)]
+
+
+NOT_IN_TEST = "in neither the test labels nor the predictions"
+
+
+def per_class_iou_table(result: SegmentResult, *, markdown: bool = False) -> str:
+    """Each class's IoU (and Dice) on the test split, with heads and, when compared, without;
+    a class absent from both labels and predictions says so."""
+    header = ["class", "IoU with heads"]
+    if result.baseline is not None:
+        header += ["IoU without heads", "difference"]
+    header.append("Dice with heads")
+    rows = []
+    for k, name in enumerate(result.codes):
+        iou = result.main.iou[k]
+        row = [name, _pct(iou) if iou is not None else NOT_IN_TEST]
+        if result.baseline is not None:
+            base = result.baseline.iou[k]
+            gap = "-" if iou is None or base is None else f"{100 * (iou - base):+.2f}"
+            row += [_pct(base), gap]
+        row.append(_pct(result.main.dice[k]))
+        rows.append(row)
+    return _table(header, rows, markdown)
+
+
+def _head_lines(result: SegmentResult) -> list[str]:
+    how = {"logits": "its logits upsampled to the labels", "targets": "the labels downsampled "
+           "to its output"}  # fmt: skip
+    return [
+        f"- `{tap}`: {h['kind']} head, weight {h['weight']:.3g}, {how.get(h['resize'], 'as is')}"
+        for tap, h in result.heads.items()
+    ]
+
+
+def _segment_markdown(result: SegmentResult) -> str:
+    c, b = result.config, result.budget
+    encoder = f" ({result.encoder})" if result.encoder else ""
+    void = f"void (mask value {result.void}) left out" if result.void is not None else "no void"
+    lines = [
+        f"# auxhead train --task segment: {result.arch}{encoder} on {result.data}",
+        "",
+        f"{result.n_train} training and {result.n_test} {result.test_split} images, "
+        f"{len(result.codes)} classes, {void}. {count(b.epochs, 'epoch')} of one-cycle at lr "
+        f"{b.lr:g}, batch size {b.bs}, {count(b.steps_per_epoch, 'step')} an epoch (budget: "
+        f"{b.why}), seed {c.seed}. Heads:",
+        "",
+        *_head_lines(result),
+        "",
+        *_warning_lines(result),
+    ]
+    if result.baseline is not None:
+        gain = 100 * (result.main.miou - result.baseline.miou)
+        lines += [
+            f"**With heads the model reaches {_pct(result.main.miou)} mIoU, against "
+            f"{_pct(result.baseline.miou)} without ({gain:+.2f} points), same seed and "
+            "budget.** One seed: `benchmarks/segmentation.py` measures several.",
+            "",
+        ]
+    lines += [
+        f"## Scores on the {result.test_split} split",
+        "",
+        segment_scores_table(result, markdown=True),
+        "",
+        "Counted by torchmetrics over every labelled pixel: mIoU is the mean IoU over the classes "
+        "present in the labels or the predictions; each head is scored with its logits "
+        "upsampled to the labels' size (the model with heads is scored by its own output, "
+        "which the heads do not change).",
+        "",
+        *[f"- {line}" for line in _segment_timing(result)],
+        "",
+        "## Per-class IoU",
+        "",
+        per_class_iou_table(result, markdown=True),
+        "",
+        "## Predictions",
+        "",
+        f"The first {len(result.figure.get('labels', []))} {result.test_split} images, their "
+        "labels and the predicted classes (void in black).",
+        "",
+        "![predictions beside the labels](predictions.png)",
+        "",
+        "## Training log",
+        "",
+        _history_table(result),
+        "",
+        "## Files",
+        "",
+    ]
+    notes = {
+        "model": "the trained model without heads, exported with fastai: "
+        "`fastai.learner.load_learner(path)` opens it without auxhead",
+        "model_pth": "the model without heads as a module: `torch.load(path, weights_only=False)` "
+        "(needs the model's library, not auxhead)",
+        "checkpoint": "state_dict with heads (and arch, heads, codes), saved every epoch",
+        "report_json": "every figure of this report",
+        "predictions_png": "predictions beside the labels",
+        "report_md": "this report",
+    }
+    lines += [f"- `{Path(p).name}`: {notes.get(k, k)}" for k, p in result.files.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _segment_timing(result: SegmentResult) -> list[str]:
+    lines = [f"training time with heads: {_seconds(result.train_seconds)} s"]
+    if result.baseline_seconds is not None:
+        lines.append(f"training time without heads: {_seconds(result.baseline_seconds)} s")
+    return lines
+
+
+def class_colours(n: int) -> list[tuple[float, float, float]]:
+    """One colour per class, matplotlib's tab20 (tab10 up to 10 classes)."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [tuple(cmap(k % cmap.N)[:3]) for k in range(n)]
+
+
+def _colour(mask: Any, colours: list) -> Any:
+    import numpy as np
+
+    palette = np.array([*colours, (0.0, 0.0, 0.0)])  # void and anything else: black
+    index = mask.numpy().copy()
+    index[(index < 0) | (index >= len(colours))] = len(colours)
+    return palette[index]
+
+
+def _plot_predictions(result: SegmentResult, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    figure = result.figure
+    images, labels = figure["images"], figure["labels"]
+    columns = [("image", None), ("labels", labels)]
+    columns += [(name, figure[name]) for name in ("with heads", "without heads") if name in figure]
+    colours = class_colours(len(result.codes))
+    n = len(labels)
+    fig, axes = plt.subplots(n, len(columns), figsize=(2.6 * len(columns), 2.2 * n + 0.8),
+                             squeeze=False)  # fmt: skip
+    for i in range(n):
+        for j, (title, masks) in enumerate(columns):
+            ax = axes[i][j]
+            if masks is None:
+                ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy())
+            else:
+                ax.imshow(_colour(masks[i], colours), interpolation="nearest")
+            ax.set_axis_off()
+            if i == 0:
+                ax.set_title(title, fontsize=9)
+    handles = [Patch(color=c, label=name) for c, name in zip(colours, result.codes, strict=True)]
+    if result.void is not None:
+        handles.append(Patch(color=(0, 0, 0), label="void"))
+    legend_rows = -(-len(handles) // 6)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / fig.get_figheight(), 1, 1))
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7,
+               frameon=False)  # fmt: skip
+    _savefig(fig, path)
+    plt.close(fig)
+
+
+def write_segment_report(result: SegmentResult, out: Path) -> dict[str, str]:
+    """Write predictions.png, report.json and report.md (last) into `out`.
+
+    Returns:
+        The files written, by kind (added to `result.files` too).
+    """
+    out = Path(out)
+    files = {"predictions_png": out / "predictions.png", "report_json": out / "report.json",
+             "report_md": out / "report.md"}  # fmt: skip
+    _plot_predictions(result, files["predictions_png"])
+    result.files.update({k: str(v) for k, v in files.items()})
+    _write_json(files["report_json"], result.as_json())
+    write_text_atomic(files["report_md"], _segment_markdown(result))
+    return {k: str(v) for k, v in files.items()}
+
+
+def segment_summary(result: SegmentResult) -> str:
+    """What the CLI prints at the end of a segment run."""
+    parts = [segment_scores_table(result), "", per_class_iou_table(result), ""]
+    parts += _segment_timing(result)
+    parts += [f"warning: {w}" for w in result.warnings]
+    return "\n".join(parts)

@@ -47,6 +47,7 @@ from auxhead.cli._common import (
     one_line,
     positive_float,
     positive_int,
+    void_label,
 )
 from auxhead.cli._state import seeded, torch_threads
 from auxhead.data import ImageData, dataloaders
@@ -61,6 +62,10 @@ from auxhead.models import (
     load_matching,
 )
 from auxhead.schedules import SCHEDULES
+
+TASKS = ("classify", "segment")
+SEGMENT_HEADS = ("fcn", "deep", "both")
+SEGMENT_FCN_WEIGHT = 0.4  # torchvision's and mmsegmentation's auxiliary FCN head
 
 __all__ = ["Budget", "TrainConfig", "TrainResult", "add_parser", "plan_budget", "run_train"]
 
@@ -116,6 +121,10 @@ class TrainConfig:
     distill: float = 0.0
     limit: int | None = None  # use only this many training (and a quarter as many test) images
     threads: int | None = None  # torch's CPU threads for the run; None: torch's choice
+    task: str = "classify"  # or "segment" (auxhead.cli.segment)
+    encoder: str | None = None  # segment: the body of unet and the smp models (resnet18)
+    heads: str = "fcn"  # segment: "fcn" (encoder), "deep" (decoder, nnU-Net) or "both"
+    void: int | str | None = "auto"  # segment: mask value left out of loss and scores
 
     @property
     def fine_tune(self) -> bool:
@@ -297,9 +306,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--size", type=image_size, default=None, metavar="N",
                    help="resize every image to N x N, 8 to 1024 (default: the data's own "
                    "size)")  # fmt: skip
-    p.add_argument("--arch", default=d.arch,
-                   help="'small_cnn', a torchvision model name (resnet18, ...) or a timm "
-                   "model name")  # fmt: skip
+    p.add_argument("--task", default=d.task, choices=TASKS,
+                   help="'classify' (one class an image) or 'segment' (one class a pixel: "
+                   "--data is a folder of images/ and labels/, see --heads)")  # fmt: skip
+    p.add_argument("--arch", default=None,
+                   help="classify: 'small_cnn' (default), a torchvision model name (resnet18, "
+                   "...) or a timm model name; segment: 'unet' (default: fastai's U-Net), a "
+                   "torchvision segmentation model (fcn_resnet50, deeplabv3_resnet50, "
+                   "deeplabv3_mobilenet_v3_large, lraspp_mobilenet_v3_large, ...), or smp-unet, "
+                   "smp-fpn, smp-deeplabv3plus, smp-pspnet (the smp extra)")  # fmt: skip
+    p.add_argument("--encoder", default=None,
+                   help="segment: the encoder of unet (a torchvision ResNet) and of the smp "
+                   "models (any smp encoder name); default resnet18")  # fmt: skip
+    p.add_argument("--heads", default=d.heads, choices=SEGMENT_HEADS,
+                   help="segment: 'fcn', an FCN head on the encoder's third stage (weight "
+                   "--aux-weight, default 0.4; logits upsampled to the labels, torchvision's "
+                   "recipe); 'deep', deep supervision, a 1x1-conv head on each decoder block "
+                   "(nnU-Net's weights; labels downsampled to each head); 'both'")  # fmt: skip
+    p.add_argument("--void", type=void_label, default=d.void, metavar="N",
+                   help="segment: the mask value of unlabelled pixels, left out of the loss and "
+                   "the scores ('none' for none; default: a Void line of codes.txt, else 255 "
+                   "when the masks hold it, or 11 for a folder named camvid)")  # fmt: skip
     p.add_argument("--pretrained", action="store_true",
                    help="start from the architecture's pretrained weights (torchvision's or "
                    "timm's cache; $TORCH_HOME/hub/checkpoints for torchvision) and fine-tune "
@@ -313,8 +340,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "thirds deep, chosen for every built-in, torchvision and timm model); "
                    "`auxhead layers --arch ARCH` lists them and marks the defaults")  # fmt: skip
     p.add_argument("--head", default=d.head, choices=sorted(HEAD_KINDS), help="head kind")
-    p.add_argument("--aux-weight", type=nonnegative_float, default=d.aux_weight,
-                   help="weight of every head's loss in the training loss")  # fmt: skip
+    p.add_argument("--aux-weight", type=nonnegative_float, default=None,
+                   help="weight of every head's loss in the training loss (default 0.3; 0.4 "
+                   "for segment's FCN head)")  # fmt: skip
     p.add_argument("--schedule", default=d.schedule, choices=sorted(SCHEDULES),
                    help="how the head weight changes over training")  # fmt: skip
     p.add_argument("--epochs", type=positive_int, default=None,
@@ -355,8 +383,19 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.out is not None and str(args.out).strip() == "":
         raise UsageError("--out is empty; give a folder path (it is created if missing)")
+    segment = args.task == "segment"
+    arch = args.arch or ("unet" if segment else TrainConfig.arch)
+    aux_weight = args.aux_weight
+    if aux_weight is None:
+        aux_weight = SEGMENT_FCN_WEIGHT if segment else TrainConfig.aux_weight
+    if not segment:
+        for option, value in (("--encoder", args.encoder), ("--heads", args.heads != "fcn"),
+                              ("--void", args.void != "auto")):  # fmt: skip
+            if value:
+                raise UsageError(f"{option} is for --task segment")
     return TrainConfig(
-        data=args.data, arch=args.arch, at=args.at, head=args.head, aux_weight=args.aux_weight,
+        task=args.task, encoder=args.encoder, heads=args.heads, void=args.void,
+        data=args.data, arch=arch, at=args.at, head=args.head, aux_weight=aux_weight,
         schedule=args.schedule, epochs=args.epochs, steps=args.steps, lr=args.lr, bs=args.bs,
         size=args.size, pretrained=args.pretrained, init=args.init, seed=args.seed,
         out=Path(args.out), compare=args.compare, early_exit=args.early_exit,
