@@ -5,8 +5,9 @@ Two parts, each a markdown table (printed, and written to DIR/results.md and DIR
 with --out DIR):
 
     train  An smp `Unet` on a ResNet-18 encoder (random init: nothing is downloaded) trained
-           from the same initial weights on the same crops, for the same number of steps,
-           three ways, for each seed:
+           from the same initial weights on the same batches (frames resized to --train-size,
+           128x96 by default, random flips), for the same number of AdamW steps, three ways,
+           for each seed:
              - no heads;
              - an FCN auxiliary head on the third encoder stage (`encoder.layer3`, stride 16),
                torchvision's recipe: `head="fcn"`, weight 0.5, `resize="logits"` (the head's
@@ -17,12 +18,12 @@ with --out DIR):
                zero, normalised), `resize="targets"` (the labels downsampled, nearest, to each
                head's size).
            Test-split mean IoU (void ignored) as the mean over seeds with a 95% t-interval,
-           the paired gain against no heads (same seed, same init, same crops) with its
+           the paired gain against no heads (same seed, same init, same batches) with its
            t-interval, pixel accuracy, per-class IoU, and the training time against no heads.
            IoU and accuracy come from torchmetrics (`MulticlassJaccardIndex(average=None,
            ignore_index=11)`, `MulticlassAccuracy(average="micro")`) over the whole test split
-           at its full 240x180 (padded to 256x192 for the U-Net, the padding cropped off the
-           logits); the model evaluated is the stripped one.
+           at its own 240x180 (the frames resized to the training size, the logits upsampled,
+           bilinear, to the labels'); the model evaluated is the stripped one.
     steps  Step-time ratios on torchvision's `fcn_resnet50` and `deeplabv3_resnet50` (random
            init): a training step (forward, loss, backward, SGD step) of the model built with
            `aux_loss=None` plus auxhead's FCN head at `backbone.layer3` (a copy of torchvision's
