@@ -731,11 +731,13 @@ def attach(
     layouts = _per_tap(layout, names, "layout")
     bad = {name: value for name, value in layouts.items() if value not in (None, *LAYOUTS)}
     if bad:
-        raise AttachError(f"layout must be one of {list(LAYOUTS)}; got {bad}")
+        got = bad if isinstance(layout, Mapping) else repr(layout)
+        raise AttachError(f"layout must be one of {list(LAYOUTS)}; got {got}")
     pools = _per_tap(pool, names, "pool")
     bad = {name: value for name, value in pools.items() if value not in (None, *POOLS)}
     if bad:
-        raise AttachError(f"pool must be one of {list(POOLS)} (or None); got {bad}")
+        got = bad if isinstance(pool, Mapping) else repr(pool)
+        raise AttachError(f"pool must be one of {list(POOLS)} (or None); got {got}")
     if mask is not None and not callable(mask):
         raise TypeError(
             f"mask must be a callable (args, kwargs) -> (B, N) real tokens, got {mask!r}"
@@ -790,6 +792,12 @@ def attach(
     head_shapes: dict[str, tuple[int, ...]] = {}
     for name, spec in pairs:
         shape = rows[name].shape
+        if pools[name] and isinstance(spec, str) and spec in DENSE_KINDS:
+            raise AttachError(
+                f"layer {name!r}: head {spec!r} predicts a class per token, so it needs the "
+                f"sequence itself, not pool={pools[name]!r}; drop pool for this tap, or use a "
+                "pooled head kind (inception, linear, sdn)"
+            )
         if pools[name]:
             # A sequence pooled before its head: the head sees (B, C), whatever it is.
             dims = _sequence_dims(name, shape, layouts[name] or rows[name].layout)

@@ -167,8 +167,9 @@ class AuxHeads(Callback):
     Args:
         at: layer names (see `auxhead.list_layers(learn.model, xb)`) or a dict name -> head.
         num_classes: logits per head; default `dls.c`.
-        head: head kind for names given as a list ("inception", "linear", "sdn"), an
-            `nn.Module` factory `(tap_shape, num_classes) -> nn.Module`.
+        head: head kind for names given as a list ("inception", "linear", "sdn"; dense
+            "fcn", "conv1x1" with `resize=`), an `nn.Module` factory
+            `(tap_shape, num_classes) -> nn.Module`.
         weights: one weight for all heads, a list in `at` order or a dict by name.
         schedule: multiplier of the weights over training progress, by name or callable.
         head_metrics: add per-head validation accuracy and loss columns.

@@ -102,8 +102,8 @@ def head_loss_term(
         if logits.dim() > 2 and resize is None and sizes and sizes != {tuple(logits.shape[2:])}:
             hint = (
                 "The head predicts at its tap's resolution, the targets are larger: pass "
-                "AuxLoss(resize='logits') to upsample the logits, or resize='targets' to "
-                "downsample the targets."
+                "resize='logits' (to AuxLoss, or to the fastai callback AuxHeads) to upsample "
+                "the logits, or resize='targets' to downsample the targets."
             )
         elif not isinstance(pred, torch.Tensor):
             hint = (

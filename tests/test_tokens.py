@@ -173,8 +173,11 @@ def test_pool_is_refused_where_it_cannot_work():
     x = _padded(torch.randint(1, 30, (5,)), [3])
     with pytest.raises(auxhead.AttachError, match="pool= needs a sequence"):
         auxhead.attach(model, ["fc"], pool="cls", sample=x)
-    with pytest.raises(auxhead.AttachError, match=r"pool must be one of \['cls', 'mean'\]"):
+    with pytest.raises(auxhead.AttachError, match=r"'cls', 'mean'\] \(or None\); got 'max'$"):
         auxhead.attach(model, ["enc.layers.0"], pool="max", sample=x)
+    # a dense kind predicts per token: pooling first would leave it nothing to predict on
+    with pytest.raises(auxhead.AttachError, match=r"needs the sequence itself, not pool='mean'"):
+        auxhead.attach(model, ["enc.layers.0"], head="fcn", pool="mean", num_classes=2, sample=x)
     with pytest.raises(TypeError, match="mask must be a callable"):
         auxhead.attach(model, ["enc.layers.0"], mask="attention_mask", sample=x)
     assert hook_count(model) == 0
