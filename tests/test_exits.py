@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -652,3 +653,36 @@ def test_heads_with_other_classes_are_refused():
         early(MIXED)  # no sample exits, but the head ran
     with pytest.raises(ValueError, match="heads that predict the model's classes"):
         early.calibrate([(MIXED, torch.zeros(4, dtype=torch.long))])
+
+
+@pytest.mark.parametrize("method", ["ltt", "ltt-harm", "empirical"])
+def test_calibrating_the_disagreement_is_calibrating_against_the_main_heads_answers(method):
+    """risk="disagreement" equals risk="drop" on labels replaced by the main head's answers
+    (a second way to compute the same thing); against these random labels, on which the main
+    head is right about half the time, the drop is a different calibration."""
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(600, 6, generator=g) * 2
+    labels = torch.randint(0, 2, (600,), generator=g)
+    main_answers = inputs[:, 4:6].argmax(dim=1)
+
+    def thresholds(targets, risk):
+        early = EarlyExit(pass_through(depth=4))
+        data = DataLoader(TensorDataset(inputs, targets), batch_size=100)
+        early.calibrate(data, max_accuracy_drop=0.05, method=method, risk=risk, timing_batches=0)
+        return early.thresholds
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # a fallback is a result here too
+        by_agreement = thresholds(labels, "disagreement")
+        assert by_agreement == thresholds(main_answers, "drop")
+        assert by_agreement == thresholds(main_answers, "disagreement")  # labels unused
+        assert by_agreement != thresholds(labels, "drop")
+
+
+def test_an_unknown_risk_is_refused_before_the_data_is_read():
+    def never():
+        raise AssertionError("read the data")
+        yield
+
+    with pytest.raises(ValueError, match=r"unknown risk 'harm'; choose one of \['drop', 'dis"):
+        EarlyExit(pass_through()).calibrate(never(), risk="harm")

@@ -93,6 +93,9 @@ def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
     return plan_stages(aux_model.model, aux_model.taps)
 
 
+RISKS = ("drop", "disagreement")  # what calibrate's max_accuracy_drop bounds
+
+
 class EarlyExit(nn.Module):
     """Inference that stops at the first head confident enough for each sample.
 
@@ -303,6 +306,7 @@ class EarlyExit(nn.Module):
         max_accuracy_drop: float = 0.005,
         confidence: float = 0.9,
         method: str = "ltt",
+        risk: str = "drop",
         temperature: bool = False,
         timing_batches: int = 8,
         seed: int = 0,
@@ -314,8 +318,9 @@ class EarlyExit(nn.Module):
         One pass runs every head and the main output on `data` and keeps each exit's score and
         correctness; the search then needs no more forwards. The cost of an exit counts the
         heads that run before it, so a head that saves too little is turned off (threshold 1).
-        Thresholds lie midway between neighbouring scores of `data`, so a new sample that
-        scores like one of them, give or take float noise, routes the same way.
+        With "ltt-harm" and "empirical", thresholds lie midway between neighbouring scores of
+        `data`, so a new sample that scores like one of them, give or take float noise,
+        routes the same way; "ltt" takes them from a grid fixed before `data` is seen.
 
         method="ltt" (the default) gives a distribution-free, finite-sample guarantee by
         Learn then Test (Angelopoulos et al. 2021): if `data` and the data served are i.i.d.
@@ -343,6 +348,12 @@ class EarlyExit(nn.Module):
                 new data ("ltt", "ltt-harm").
             method: "ltt" (guaranteed, by the drop), "ltt-harm" (guaranteed, by the harm
                 rate) or "empirical" (met on `data` only).
+            risk: what `max_accuracy_drop` bounds. "drop": the accuracy lost against the main
+                head (samples an exit gets right where the main head is wrong count in its
+                favour). "disagreement": the share of samples whose answer differs from the
+                main head's, right or wrong; it is never below the drop, so its bound bounds
+                the drop too, and it holds whatever the labels' quality (the labels are only
+                used for the summary's accuracies and temperature fits).
             temperature: fit one temperature per head (the NLL of softmax(logits / T) on a
                 random 30% of `data`, which the test then does not use; all of it with
                 "empirical") before choosing the thresholds; scores then come from the
@@ -372,9 +383,11 @@ class EarlyExit(nn.Module):
             >>> summary.saving, summary.bound  # FLOPs saved on valid_dl, the tested bound
         """
         check_targets(max_accuracy_drop, confidence)
+        if risk not in RISKS:  # before the pass over the data
+            raise ValueError(f"unknown risk {risk!r}; choose one of {list(RISKS)}")
         choose = functools.partial(choose_thresholds, max_accuracy_drop=max_accuracy_drop)
         seen, choice = self._search(
-            data, choose, confidence, method, temperature, timing_batches, seed
+            data, choose, confidence, method, temperature, timing_batches, seed, risk=risk
         )
         if choice.fallback:
             main_accuracy = seen.correct[:, -1].float().mean().item()
@@ -457,8 +470,12 @@ class EarlyExit(nn.Module):
         temperature: bool,
         timing_batches: int,
         seed: int,
+        *,
+        risk: str = "drop",
     ) -> tuple[Seen, Calibration]:
-        """One pass over `data`, then the thresholds `choose` picks from it."""
+        """One pass over `data`, then the thresholds `choose` picks from it: on each exit's
+        correctness (risk "drop"), or on its agreement with the main head ("disagreement":
+        the main head's answers stand in for the labels)."""
         if method not in METHODS:  # before the pass over the data
             raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
         seen = collect(
@@ -470,7 +487,7 @@ class EarlyExit(nn.Module):
         )
         choice = choose(
             seen.scores,
-            seen.correct,
+            seen.agree if risk == "disagreement" else seen.correct,
             seen.profile,
             confidence=confidence,
             method=method,

@@ -175,6 +175,7 @@ class Seen:
     timing_inputs: list[torch.Tensor]
     logits: torch.Tensor | None = None  # (N, E, K) head logits, kept to fit temperatures
     targets: torch.Tensor | None = None  # (N,)
+    agree: torch.Tensor | None = None  # (N, E + 1) bool: each head predicts the main's class
 
 
 def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +231,7 @@ def collect(
     taps = list(aux_model.taps)
     names = [*taps, MAIN]
     device = next(aux_model.parameters(), torch.empty(0)).device
-    scores, correct, kept, logits, labels = [], [], [], [], []
+    scores, correct, agree, kept, logits, labels = [], [], [], [], [], []
     first: torch.Tensor | None = None
     with eval_mode(aux_model), torch.no_grad():
         for batch in data:
@@ -258,6 +259,9 @@ def collect(
             scores.append(torch.stack([score(h, 1.0) for h in heads], dim=1).cpu())
             hits = [out.argmax(dim=-1) == targets for out in outputs]
             correct.append(torch.stack(hits, dim=1).cpu())  # (B, E + 1)
+            main_class = outputs[-1].argmax(dim=-1)
+            same = [out.argmax(dim=-1) == main_class for out in outputs]
+            agree.append(torch.stack(same, dim=1).cpu())  # (B, E + 1), main always True
             if keep_logits:
                 logits.append(torch.stack(heads, dim=1).float().cpu())  # (B, E, K)
                 labels.append(targets.cpu())
@@ -270,6 +274,7 @@ def collect(
         exits=names,
         scores=torch.cat(scores),
         correct=torch.cat(correct),
+        agree=torch.cat(agree),
         profile=flop_profile(aux_model, first),
         timing_inputs=kept,
         logits=torch.cat(logits) if keep_logits else None,
