@@ -66,22 +66,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import auxhead
+from auxhead.data import CAMVID_CODES, CAMVID_VOID
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "camvid"
-CLASSES = [
-    "Sky",
-    "Building",
-    "Pole",
-    "Road",
-    "Pavement",
-    "Tree",
-    "SignSymbol",
-    "Fence",
-    "Car",
-    "Pedestrian",
-    "Bicyclist",
-]
-VOID = 11  # "Unlabelled": ignored in the loss and the metrics
+CLASSES = CAMVID_CODES  # the 11 classes of the SegNet split
+VOID = CAMVID_VOID  # "Unlabelled": ignored in the loss and the metrics
 FCN_WEIGHT = 0.5  # torchvision's reference recipe: out + 0.5 * aux
 FCN_TAP = "encoder.layer3"
 DECODER_TAPS = ["decoder.blocks.0", "decoder.blocks.1", "decoder.blocks.2", "decoder.blocks.3"]
@@ -95,7 +84,7 @@ def load_camvid(root: Path, size: tuple[int, int]) -> dict[str, Any]:
     """The train split resized to `size` (width, height), the test split's images resized and
     its labels as they are, and the train split's channel means and deviations. Exits with one
     line when the data is not there or not CamVid-shaped."""
-    from auxhead.data import CAMVID_CODES, CAMVID_VOID, DataError, load_segmentation
+    from auxhead.data import DataError, load_segmentation
 
     if not root.is_dir():
         sys.exit(f"no CamVid at {root}: pass --data PATH (the SegNet split, see the docstring)")
