@@ -29,6 +29,7 @@ BLOCK = re.compile(r"(?:<!-- not run: (?P<why>.*?) -->\n+)?```python\n(?P<code>.
 DIRECTIVE = re.compile(r"^::: (?P<path>[\w.]+)\s*$", re.M)
 # Pages that train models run with the slow tests (`pytest -m slow`, as `.ci/run` does).
 SLOW_PAGES = {page for page in PAGES if page.startswith("tutorials/")}
+SLOW_PAGES |= {"api/transformers.md"}  # trains a Hugging Face model with its Trainer
 
 
 def python_blocks(page: str) -> list[str]:

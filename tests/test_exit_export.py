@@ -208,8 +208,17 @@ def test_onnx_without_its_packages_says_what_to_install(tmp_path, monkeypatch):
         auxhead.EarlyExit(aux).export(tmp_path / "early.onnx", torch.zeros(2, 6))
 
 
-@pytest.mark.parametrize("suffix", [".pt2", ".onnx"])
-@pytest.mark.parametrize("thresholds", [[0.0, 1.0], [None, 0.0]])
+# An onnx export takes 3-7 s: the default run keeps one (the only onnx check outside the slow
+# tests), the slow run has both.
+@pytest.mark.parametrize(
+    ("suffix", "thresholds"),
+    [
+        (".pt2", [0.0, 1.0]),
+        (".pt2", [None, 0.0]),
+        (".onnx", [0.0, 1.0]),
+        pytest.param(".onnx", [None, 0.0], marks=pytest.mark.slow),
+    ],
+)
 def test_one_image_sample_exports_a_dynamic_batch(suffix, thresholds, tmp_path, one_thread):
     """Traced on one image, with thresholds of 0 (everyone leaves, what `calibrate` returns
     when the first exit alone meets the target) and 1, the program takes any batch size and
