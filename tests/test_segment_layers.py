@@ -126,8 +126,10 @@ def test_layers_lists_a_segmentation_model_with_its_preset_taps(capsys):
     assert segment_taps("smp-unet", model, "fcn")["fcn"] == ["encoder.features.13"]
     assert main(["layers", "--task", "segment", "--size", "32"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("unet (encoder resnet18) on 3x32x32 inputs (* the --heads fcn tap: "
-                          "layers.0.6; + the --heads deep taps: layers.5, layers.6, layers.7)")  # fmt: skip
+    assert out.startswith(
+        "unet (encoder resnet18) on 3x32x32 inputs (* the --heads fcn tap: layers.0.6; + the "
+        "--heads deep taps: layers.5, layers.6, layers.7)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -138,8 +140,10 @@ def test_layers_lists_a_segmentation_model_with_its_preset_taps(capsys):
         (["--encoder", "mobilenet_v2"], "--encoder is for --task segment; add --task segment"),
         (["--task", "segment", "--time"], "--time is for --task classify"),
         (["--task", "segment", "--arch", "resnet18"], "unknown segmentation model 'resnet18'"),
-        (["--task", "segment", "--arch", "fcn_resnet50", "--encoder", "resnet18"],
-         "fcn_resnet50 names its encoder itself"),  # fmt: skip
+        (
+            ["--task", "segment", "--arch", "fcn_resnet50", "--encoder", "resnet18"],
+            "fcn_resnet50 names its encoder itself",
+        ),
     ],
 )
 def test_layers_segment_refusals_are_one_line(capsys, argv, expected):
