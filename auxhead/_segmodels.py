@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["SEGMENT_ARCHS", "SegmentArch", "build_segmenter", "segment_taps"]
+__all__ = ["SEGMENT_ARCHS", "SegmentArch", "build_segmenter", "segment_taps", "smp_fcn_tap"]
 
 DEFAULT_ENCODER = "resnet18"
 TORCHVISION_SEGMENTERS = (
@@ -43,6 +43,8 @@ SMP_SEGMENTERS = {  # --arch -> smp's class name
     "smp-pspnet": "PSPNet",
 }
 HEAD_PRESETS = ("fcn", "deep", "both")
+FCN_STRIDE = 16  # torchvision's FCN head: on layer3, the stride-16 stage of an undilated ResNet
+PROBE_SIZE = 64  # the blank image an smp encoder is probed with (a multiple of 32)
 DEEP_SUPERVISED = ("unet", "smp-unet", "smp-fpn")  # a decoder with one block per scale
 
 
@@ -101,15 +103,25 @@ def build_segmenter(
         return builder(weights=None, weights_backbone=None, num_classes=num_classes, aux_loss=False)
     import segmentation_models_pytorch as smp
 
-    if encoder not in smp.encoders.get_encoder_names():
+    if encoder not in smp.encoders.get_encoder_names() and not _timm_encoder(encoder):
         close = difflib.get_close_matches(encoder, smp.encoders.get_encoder_names(), n=3)
         hint = f" (close: {', '.join(close)})" if close else ""
         raise ValueError(
             f"unknown smp encoder {encoder!r}{hint}; "
-            "segmentation_models_pytorch.encoders.get_encoder_names() lists them"
+            "segmentation_models_pytorch.encoders.get_encoder_names() lists them, and "
+            "tu-NAME takes timm's model NAME"
         )
     cls = getattr(smp, SMP_SEGMENTERS[arch])
     return cls(encoder_name=encoder, encoder_weights=None, classes=num_classes)
+
+
+def _timm_encoder(encoder: str) -> bool:
+    """Whether `encoder` is smp's "tu-NAME" for a timm model NAME (smp builds it with timm)."""
+    if not encoder.startswith("tu-"):
+        return False
+    import timm
+
+    return timm.is_model(encoder[3:])
 
 
 def _fastai_unet(encoder: str, num_classes: int, size: tuple[int, int]) -> nn.Module:
@@ -137,12 +149,13 @@ def segment_taps(arch: str, model: nn.Module, heads: str) -> dict[str, list[str]
         heads: "fcn", "deep" or "both".
 
     Returns:
-        {"fcn": [the encoder's third stage]} and/or {"deep": [decoder blocks, coarsest
-        first]}.
+        {"fcn": [the encoder's third stage (`smp_fcn_tap` for smp)]} and/or {"deep": [decoder
+        blocks, coarsest first]}.
 
     Raises:
         ValueError: the preset does not fit this model (deep supervision on a model without
-            a decoder of several scales; an encoder without a `layer3`), naming `--at`.
+            a decoder of several scales; an smp encoder whose stage features no layer
+            returns), naming `--at`.
     """
     if heads not in HEAD_PRESETS:
         raise ValueError(f"heads must be one of {HEAD_PRESETS}, got {heads!r}")
@@ -156,14 +169,15 @@ def segment_taps(arch: str, model: nn.Module, heads: str) -> dict[str, list[str]
             # torchvision's own aux_classifier: on layer3 of a ResNet, on the MobileNet's
             # fourth-last stage (features 4) for deeplabv3_mobilenet_v3_large.
             stage = "backbone.layer3" if "resnet" in arch else "backbone.4"
-        elif arch == "smp-pspnet":
-            stage = "encoder.layer2"  # smp's PSPNet stops its encoder there (depth 3)
         else:
-            stage = "encoder.layer3"
-        if stage not in names:
+            stage = smp_fcn_tap(model)
+        if stage is not None and stage not in names:  # a model that is not the arch's
+            raise ValueError(f"no {stage!r} in {arch} for the FCN head; name the layer with --at")
+        if stage is None:
             raise ValueError(
-                f"no {stage!r} in {arch} with this encoder for the FCN head; name the layer "
-                f"with --at (`auxhead layers` lists them)"
+                f"{arch} with this encoder has no layer whose output is the encoder's stage "
+                f"feature at stride {FCN_STRIDE} (it is computed inside a forward, not by a layer) "
+                "for the FCN head; name the layer with --at"
             )
         taps["fcn"] = [stage]
     if heads in ("deep", "both"):
@@ -177,3 +191,40 @@ def segment_taps(arch: str, model: nn.Module, heads: str) -> dict[str, list[str]
             raise ValueError(deep_refusal(arch))
         taps["deep"] = blocks
     return taps
+
+
+def smp_fcn_tap(model: nn.Module) -> str | None:
+    """Where the FCN head goes on an smp model, for any smp encoder: the outermost layer of
+    `model.encoder` whose output is the feature the encoder returns at stride 16 (torchvision's
+    `layer3`; `features.13` of mobilenet_v2, `model.s3` of timm's regnets), or its deepest
+    feature when the encoder stops earlier (PSPNet's, at stride 8). None when no layer returns
+    that feature as it is (mit_b0 reshapes tokens inside its forward).
+
+    Found by running the encoder once on a blank PROBE_SIZE image with a hook on every layer
+    and matching the tensors the encoder returns to the hooks' outputs by identity.
+    """
+    import torch
+
+    encoder = model.encoder
+    calls: list[tuple[str, object]] = []
+    hooks = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: calls.append((name, out)))
+        for name, module in encoder.named_modules()
+        if name
+    ]
+    channels = getattr(encoder, "_in_channels", 3)
+    was_training = encoder.training
+    try:
+        with torch.no_grad():
+            features = encoder.eval()(torch.zeros(1, channels, PROBE_SIZE, PROBE_SIZE))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        encoder.train(was_training)
+    stages = [f for f in features[1:] if f.ndim == 4 and f.shape[1] > 0]
+    at_stride = [f for f in stages if PROBE_SIZE // f.shape[-1] == FCN_STRIDE]
+    feature = (at_stride or stages)[0 if at_stride else -1]
+    # the outermost layer that returned it; of those, the last to run (an in-place ReLU after
+    # a BatchNorm returns the same tensor, as the BatchNorm saw it before the ReLU)
+    found = [(name.count("."), -i, name) for i, (name, out) in enumerate(calls) if out is feature]
+    return f"encoder.{min(found)[2]}" if found else None

@@ -165,6 +165,31 @@ def check_segment_config(config: TrainConfig) -> None:
             f"--encoder: {config.arch} names its encoder itself; drop --encoder (or use unet, "
             "smp-unet, smp-fpn, smp-deeplabv3plus or smp-pspnet)"
         )
+    if spec.family == "smp" and not config.at:
+        _check_smp_taps(config)
+
+
+def layers_hint(config: TrainConfig) -> str:
+    """The `auxhead layers` command that lists this run's model's layers."""
+    encoder = f" --encoder {config.encoder}" if config.encoder else ""
+    return f"`auxhead layers --task segment --arch {config.arch}{encoder}` lists them"
+
+
+def _check_smp_taps(config: TrainConfig) -> None:
+    """Build the smp model (2 classes, its random init kept off the run's seed) and find its
+    preset taps, so that an unknown encoder, or one without an FCN tap, is refused before the
+    data loads."""
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = build_segmenter(
+                config.arch, 2, encoder=config.encoder or DEFAULT_ENCODER, size=(64, 64)
+            )
+        except ValueError as error:
+            raise UsageError(f"--arch/--encoder: {error}") from None
+        try:
+            segment_taps(config.arch, model, config.heads)
+        except ValueError as error:
+            raise UsageError(f"--heads {config.heads}: {error} ({layers_hint(config)})") from None
 
 
 def plan_segment_budget(n_train: int, config: TrainConfig) -> Budget:
@@ -255,18 +280,18 @@ def _heads(
     try:
         taps = segment_taps(config.arch, model, config.heads)
     except ValueError as error:
-        raise UsageError(f"--heads {config.heads}: {error}") from None
+        raise UsageError(f"--heads {config.heads}: {error} ({layers_hint(config)})") from None
     heads = {}
     for tap in taps.get("fcn", []):
         heads[tap] = {"kind": "fcn", "weight": config.aux_weight, "resize": "logits"}
     # One resize for every head (AuxLoss takes one): with both presets, torchvision's.
     deep_resize = "logits" if "fcn" in taps else "targets"
-    for tap, weight in _nnunet_weights(model, sample, taps.get("deep", [])).items():
+    for tap, weight in nnunet_weights(model, sample, taps.get("deep", [])).items():
         heads[tap] = {"kind": "conv1x1", "weight": weight, "resize": deep_resize}
     return heads
 
 
-def _nnunet_weights(model: nn.Module, sample: torch.Tensor, taps: list[str]) -> dict[str, float]:
+def nnunet_weights(model: nn.Module, sample: torch.Tensor, taps: list[str]) -> dict[str, float]:
     """nnU-Net's deep-supervision weights of the decoder blocks at `taps`, relative to the main
     output's (the same optimum as nnU-Net's normalised sum, scaled); the coarsest block, whose
     weight is 0, gets no head at all: it would never train."""
@@ -337,7 +362,7 @@ def _run(config: TrainConfig, say: Callable[[str], None]) -> SegmentResult:
     except AttachError as error:
         raise UsageError(
             f"--at/--heads: cannot attach heads at {', '.join(heads)} ({one_line(error)}); "
-            f"choose other layers (`auxhead layers --arch {config.arch}` lists them)"
+            f"choose other layers ({layers_hint(config)})"
         ) from None
     start = time.perf_counter()
     learn.fit_one_cycle(budget.epochs, budget.lr)

@@ -710,7 +710,9 @@ def check_runs(model: nn.Module, sample: torch.Tensor, arch: str) -> None:
 
 
 def _taps(config: TrainConfig, model: nn.Module, sample: torch.Tensor) -> list[str]:
-    listing = f"`auxhead layers --arch {config.arch}` lists every layer"
+    segment = " --task segment" if config.task == "segment" else ""
+    encoder = f" --encoder {config.encoder}" if segment and config.encoder else ""
+    listing = f"`auxhead layers{segment} --arch {config.arch}{encoder}` lists every layer"
     if not config.at:
         try:
             return default_taps(model, sample)
