@@ -185,6 +185,9 @@ def test_bad_segment_options_end_in_one_line(tmp_path, capsys, extra, expected):
 
 
 def test_segment_options_are_refused_for_classification(tmp_path, capsys):
+    argv = ["train", "--data", "digits", "--arch", "smp-unet", "--out", tmp_path]
+    line = error_line(capsys, argv)
+    assert line == "auxhead: error: --arch smp-unet is a segmentation model: add --task segment"
     line = error_line(capsys, ["train", "--encoder", "resnet18", "--out", tmp_path])
     assert line == "auxhead: error: --encoder is for --task segment"
     out = tmp_path / "o"

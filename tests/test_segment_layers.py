@@ -74,6 +74,7 @@ def test_an_encoder_whose_stages_no_layer_returns_is_refused_naming_at():
         segment_taps("smp-unet", model, "fcn")
 
 
+@pytest.mark.slow  # a training run of the command, 6 s
 def test_default_heads_train_on_a_mobilenet_encoder(tmp_path):
     argv = ["train", "--task", "segment", "--data", CAMVID_TINY, "--size", "32", "--steps", "1",
             "--bs", "4", "--threads", "1", "--arch", "smp-unet", "--encoder", "mobilenet_v2",

@@ -643,6 +643,12 @@ def _model(config: TrainConfig, data: ImageData, init: InitWeights | None = None
     except WeightsUnavailable as error:
         raise UsageError(f"--pretrained: {error}") from None
     except ValueError as error:
+        from auxhead._segmodels import SEGMENT_ARCHS
+
+        if config.arch in SEGMENT_ARCHS:
+            raise UsageError(
+                f"--arch {config.arch} is a segmentation model: add --task segment"
+            ) from None
         raise UsageError(f"--arch: {error}") from None
     if init is not None:
         try:
