@@ -48,6 +48,7 @@ from auxhead.cli.train import (
     TrainConfig,
     _taps,
     check_runs,
+    plan_epochs,
 )
 from auxhead.fastai import AuxHeads, export_learner, segmentation_metrics
 
@@ -201,16 +202,7 @@ def plan_segment_budget(n_train: int, config: TrainConfig) -> Budget:
         reasons.append(f"batch size {bs} for {n_train} training images")
     steps_per_epoch = max(1, n_train // bs)
     lr = config.lr or DEFAULT_LR
-    if config.epochs is not None:
-        epochs = config.epochs
-        reasons.append("--epochs given")
-    elif config.steps is not None:
-        epochs = -(-config.steps // steps_per_epoch)
-        reasons.append(f"--steps {config.steps} at {steps_per_epoch} steps an epoch")
-    else:
-        epochs = max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
-        if epochs > DEFAULT_EPOCHS:
-            reasons.append(f"at least {MIN_STEPS} steps (--epochs or --steps to change)")
+    epochs = plan_epochs(config, steps_per_epoch, reasons, DEFAULT_EPOCHS, MIN_STEPS)
     return Budget(bs, lr, epochs, steps_per_epoch, "; ".join(reasons) or "the defaults")
 
 

@@ -169,17 +169,25 @@ def plan_budget(n_train: int, config: TrainConfig) -> Budget:
         lr = float(f"{DEFAULT_LR * math.sqrt(bs / DEFAULT_BS):.2g}")
         if bs != DEFAULT_BS:
             reasons.append(f"lr {lr:g} scaled to it")
-    if config.epochs is not None:
-        epochs = config.epochs
-        reasons.append("--epochs given")
-    elif config.steps is not None:
-        epochs = -(-config.steps // steps_per_epoch)
-        reasons.append(f"--steps {config.steps} at {steps_per_epoch} steps an epoch")
-    else:
-        epochs = max(DEFAULT_EPOCHS, -(-MIN_STEPS // steps_per_epoch))
-        if epochs > DEFAULT_EPOCHS:
-            reasons.append(f"at least {MIN_STEPS} steps (--epochs or --steps to change)")
+    epochs = plan_epochs(config, steps_per_epoch, reasons, DEFAULT_EPOCHS, MIN_STEPS)
     return Budget(bs, lr, epochs, steps_per_epoch, "; ".join(reasons) or "the defaults")
+
+
+def plan_epochs(
+    config: TrainConfig, steps_per_epoch: int, reasons: list[str], default: int, min_steps: int
+) -> int:
+    """--epochs, or --steps rounded up to whole epochs, or `default` epochs (more to make
+    `min_steps` steps); the reason goes into `reasons`."""
+    if config.epochs is not None:
+        reasons.append("--epochs given")
+        return config.epochs
+    if config.steps is not None:
+        reasons.append(f"--steps {config.steps} at {steps_per_epoch} steps an epoch")
+        return -(-config.steps // steps_per_epoch)
+    epochs = max(default, -(-min_steps // steps_per_epoch))
+    if epochs > default:
+        reasons.append(f"at least {min_steps} steps (--epochs or --steps to change)")
+    return epochs
 
 
 @dataclass
