@@ -242,11 +242,56 @@ def rules(args: argparse.Namespace, calib: Pool, test: Pool, seed: int) -> dict[
             )  # fmt: skip
             thresholds = torch.tensor(choice.thresholds, dtype=torch.float64)
             out[f"{label}, {name}"] = test.thresholded(criterion, thresholds)
+            out[f"{label}, {name}"]["thresholds"] = thresholds.tolist()
     thresholds = shared_fit(calib, "entropy", args.eps)
     out["DeeBERT (one entropy threshold, fit on calib.)"] = test.thresholded("entropy", thresholds)
     for k in args.patience:
         out[f"PABEE, patience {k}"] = test.patience(k)
+    # At matched accuracy (fitted on the test sentences themselves, so an optimistic bound for
+    # the baselines): the cheapest entropy threshold, and the smallest patience, whose test
+    # drop is no larger than that of max softmax under ltt 90%.
+    target = out["max softmax, ltt 90%"]["drop"]
+    thresholds = shared_fit(test, "entropy", max(target, 0.0))
+    out["DeeBERT, matched on test (oracle)"] = test.thresholded("entropy", thresholds)
+    matched = [test.patience(k) for k in range(1, DEPTH)]
+    out["PABEE, matched on test (oracle)"] = next(
+        (m for m in matched if m["drop"] <= max(target, 0.0) + 1e-12), test.patience(DEPTH - 1)
+    )
     return out
+
+
+@torch.no_grad()
+def time_loop(aux, dataset, thresholds: Sequence[float], count: int) -> dict[str, float]:
+    """Median seconds per sentence at batch size 1 of the full model and of a hand-written
+    early-stopped loop (layer by layer, each head whose threshold is below 1 run on its
+    layer's tokens, stopping at the first whose max softmax is above it), interleaved
+    sentence by sentence. Not `EarlyExit`: it does not route token models yet."""
+    model, taps = aux.model, list(aux.taps)
+    full_times, early_times = [], []
+
+    def full(ids, mask):
+        return model(input_ids=ids, attention_mask=mask)
+
+    def early(ids, mask):
+        h = model.emb(ids) + model.pos[:, : ids.shape[1]]
+        pad = mask == 0
+        for i, layer in enumerate(model.layers):
+            h = layer(h, src_key_padding_mask=pad)
+            if i < len(taps) and thresholds[i] < 1:
+                logits = aux.run_head(taps[i], h)
+                if float(confidence(logits)[0]) > thresholds[i]:
+                    return logits
+        return model.fc(h.mean(1))
+
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        ids, mask = item["input_ids"][None], item["attention_mask"][None]
+        pair = [(full, full_times), (early, early_times)]
+        for fn, times in pair if index % 2 else pair[::-1]:
+            start = time.perf_counter()
+            fn(ids, mask)
+            times.append(time.perf_counter() - start)
+    return {"full_s": statistics.median(full_times), "early_s": statistics.median(early_times)}
 
 
 def run_split(args: argparse.Namespace, seed: int) -> dict:
@@ -262,6 +307,12 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
     calib = Pool(cache(aux, data.train, calib_rows, layer_flops, head_flops))
     test = Pool(cache(aux, data.valid, list(range(len(data.valid))), layer_flops, head_flops))
     heads_acc = test.correct.double().mean(0).tolist()
+    found = rules(args, calib, test, seed)
+    timing = (
+        time_loop(aux, data.valid, found["max softmax, ltt 90%"]["thresholds"], args.time_sentences)
+        if args.time_sentences
+        else None
+    )
     result = {
         "seed": seed,
         "train": len(fit_rows),
@@ -269,7 +320,8 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
         "test": len(data.valid),
         "full_acc": heads_acc[-1],
         "head_acc": heads_acc[:-1],
-        "rules": rules(args, calib, test, seed),
+        "rules": found,
+        "timing": timing,
         "seconds": time.perf_counter() - start,
     }
     print(
@@ -298,6 +350,14 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
             + " / ".join(f"{a:.1%}" for a in r["head_acc"])
             + f" | {m['layers']:.2f} | {DEPTH / m['layers']:.2f}x | {m['flops_saved']:.1%} | "
             f"{m['drop'] * 100:+.2f} pt |"
+        )
+    if results[0]["timing"]:
+        full = statistics.fmean(r["timing"]["full_s"] for r in results)
+        early = statistics.fmean(r["timing"]["early_s"] for r in results)
+        print(
+            f"\nbatch size 1, hand-written early-stopped loop with the ltt 90% thresholds (not "
+            f"EarlyExit), median per sentence, mean over splits: full model {full * 1e3:.2f} ms, "
+            f"early-stopped {early * 1e3:.2f} ms, {full / early:.2f}x"
         )
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(
@@ -330,22 +390,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calib-pct", type=float, default=0.15, help="of the training part")
     parser.add_argument("--eps", type=float, default=0.01, help="the accuracy drop allowed")
     parser.add_argument("--patience", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--bs", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--aux-weight", type=float, default=1.0, help="each head's weight")
     parser.add_argument("--width", type=int, default=64, help="d_model")
     parser.add_argument("--ff", type=int, default=128, help="feed-forward width")
     parser.add_argument("--heads", type=int, default=4, help="attention heads")
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument(
+        "--time-sentences", type=int, default=300, help="bs-1 timing sentences (0: none)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="save the raw results here")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="only report these --json files"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.merge:  # the tables of runs made apart (splits run side by side), from their --json
+        results = [r for path in args.merge for r in json.loads(path.read_text())["results"]]
+        report(args, sorted(results, key=lambda r: r["seed"]))
+        return
     if not (args.data / "rt-polarity.pos").is_file():
         print(f"no MR data at {args.data} (rt-polarity.pos/.neg); pass --data", file=sys.stderr)
         raise SystemExit(2)
