@@ -19,18 +19,29 @@ is then replayed from the cache:
       drop on the calibration sentences is within --eps (DeeBERT tunes its threshold on dev
       data this way), and the same entropy scores under ltt 90%;
     - PABEE: patience k (k + 1 heads in a row agree; `auxhead.exits._patience`), each k in
-      --patience; PABEE has no target to calibrate, so its drop is what it is.
+      --patience; PABEE has no target to calibrate, so its drop is what it is;
+    - both baselines at matched accuracy: the cheapest entropy threshold and the smallest
+      patience whose TEST drop is no larger than max softmax's under ltt 90% (fitted on the
+      test sentences: an optimistic bound for them).
 
 Reported on the test sentences: the full model's accuracy (beside Kim 2014 CNN-rand, 76.1%),
 mean layers run (exit depth), the speed-up in layers (6 / mean layers), FLOPs saved (the
 encoder layers and the heads each sample runs at its own length, counted with
 FlopCounterMode; the embedding costs none) and the accuracy drop against the full model;
-across splits, how often the drop exceeded --eps. No wall-clock: EarlyExit does not route
-token models yet (issue #22, item 3), so nothing here skips layers for real.
+across splits, how often the drop exceeded --eps.
 
-Command (the docs' run, about 15 minutes on one thread):
+Wall-clock: `EarlyExit` does not route token models yet (issue #22, item 3), so there is no
+batch-size-32 figure. At batch size 1 only, --time-sentences test sentences are timed through
+the full model and through a hand-written loop that runs layer by layer and stops at the
+first head (ltt 90% thresholds) that is confident enough, interleaved, median per sentence.
+
+Commands (the docs' run: three processes side by side, then their tables merged):
 
     OMP_NUM_THREADS=1 python benchmarks/text_exits.py --data ../shared/data/mr --splits 5
+    OMP_NUM_THREADS=1 python benchmarks/text_exits.py --first-split 4 --splits 1 --json a.json
+    python benchmarks/text_exits.py --merge a.json b.json c.json
+
+Without the data at --data it says so in one line and exits.
 """
 
 from __future__ import annotations
