@@ -1,0 +1,454 @@
+"""Early exits for a text classifier: a 6-layer transformer encoder trained from scratch on MR
+with a head on every layer, and how many layers its exits skip at a bounded accuracy drop.
+
+Per split (--splits random 90/10 splits of the 10,662 MR sentences, seeded 0, 1, ...):
+`auxhead.data.load_mr` splits off 10% as the test set and trains a BPE tokenizer on the other
+90%; --calib-pct of that 90% is held out for calibration (never trained on, never the test
+set), and the encoder trains on the rest with `AuxLoss` (each head weighted --aux-weight).
+Heads: `attach(model, ["layers.0", ..., "layers.4"], head="linear", pool="mean")` (the masked
+mean over real tokens), the model's own classifier on layer 6 (mean-pooled too) as the main
+output, so a sample leaving at head i has run i + 1 layers.
+
+One pass over the calibration and test sentences caches every head's logits; every rule below
+is then replayed from the cache:
+
+    - ltt 90%: `choose_thresholds(max_accuracy_drop=--eps, confidence=0.9)` on the max-softmax
+      scores of the calibration sentences (what `EarlyExit.calibrate` would do), and the same
+      with `method="empirical"` (the plain fit, no guarantee);
+    - DeeBERT: one entropy threshold shared by every layer (1 - H / log K), the cheapest whose
+      drop on the calibration sentences is within --eps (DeeBERT tunes its threshold on dev
+      data this way), and the same entropy scores under ltt 90%;
+    - PABEE: patience k (k + 1 heads in a row agree; `auxhead.exits._patience`), each k in
+      --patience; PABEE has no target to calibrate, so its drop is what it is;
+    - both baselines at matched accuracy: the cheapest entropy threshold and the smallest
+      patience whose TEST drop is no larger than max softmax's under ltt 90% (fitted on the
+      test sentences: an optimistic bound for them).
+
+Reported on the test sentences: the full model's accuracy (beside Kim 2014 CNN-rand, 76.1%),
+mean layers run (exit depth), the speed-up in layers (6 / mean layers), FLOPs saved (the
+encoder layers and the heads each sample runs at its own length, counted with
+FlopCounterMode; the embedding costs none) and the accuracy drop against the full model;
+across splits, how often the drop exceeded --eps.
+
+Wall-clock: `EarlyExit` does not route token models yet (issue #22, item 3), so there is no
+batch-size-32 figure. At batch size 1 only, --time-sentences test sentences are timed through
+the full model and through a hand-written loop that runs layer by layer and stops at the
+first head (ltt 90% thresholds) that is confident enough, interleaved, median per sentence.
+
+Commands (the docs' run: three processes side by side, then their tables merged):
+
+    OMP_NUM_THREADS=1 python benchmarks/text_exits.py --data ../shared/data/mr --splits 5
+    OMP_NUM_THREADS=1 python benchmarks/text_exits.py --first-split 4 --splits 1 --json a.json
+    python benchmarks/text_exits.py --merge a.json b.json c.json
+
+Without the data at --data it says so in one line and exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import auxhead
+from auxhead.data import load_mr
+from auxhead.exits import (
+    FlopProfile,
+    choose_thresholds,
+    confidence,
+    entropy_confidence,
+    exit_indices,
+)
+from auxhead.exits._patience import patience_exits
+
+KIM_CNN_RAND = 0.761  # Kim (2014), CNN-rand on MR, 10-fold cross-validation
+DEPTH = 6
+
+
+class Encoder(nn.Module):
+    """Token ids and their attention mask (1 real, 0 padding) through `DEPTH` post-norm
+    transformer layers; the masked mean of the last layer's tokens, classified."""
+
+    def __init__(self, vocab: int, width: int, ff: int, heads: int, max_len: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width, padding_idx=0)
+        self.pos = nn.Parameter(torch.randn(1, max_len, width) * 0.02)
+        self.drop = nn.Dropout(0.1)
+        self.layers = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, ff, dropout=0.1, batch_first=True)
+            for _ in range(DEPTH)
+        )
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.drop(self.emb(input_ids) + self.pos[:, : input_ids.shape[1]])
+        pad = attention_mask == 0
+        for layer in self.layers:
+            h = layer(h, src_key_padding_mask=pad)
+        keep = (~pad).unsqueeze(-1).to(h.dtype)
+        return self.fc((h * keep).sum(1) / keep.sum(1).clamp(min=1))
+
+
+def batches(dataset, rows: Sequence[int], size: int, generator: torch.Generator | None):
+    """Padded batches of `rows`, sentences of similar length together (less padding); the
+    batch order shuffled with `generator`, or in order when it is None."""
+    rows = sorted(rows, key=lambda i: len(dataset.ids[i]))
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    if generator is not None:
+        chunks = [chunks[i] for i in torch.randperm(len(chunks), generator=generator)]
+    for chunk in chunks:
+        yield chunk, dataset.batch(chunk)
+
+
+def train(args: argparse.Namespace, data, fit_rows: list[int], seed: int):
+    torch.manual_seed(seed)
+    model = Encoder(data.vocab_size, args.width, args.ff, args.heads, args.max_length)
+    taps = [f"layers.{i}" for i in range(DEPTH - 1)]
+    sample = data.train.batch(fit_rows[:4])
+    sample = {k: sample[k] for k in ("input_ids", "attention_mask")}
+    aux = auxhead.attach(model, taps, head="linear", pool="mean", sample=sample)
+    loss_fn = auxhead.AuxLoss(nn.CrossEntropyLoss(), aux, weights=args.aux_weight)
+    opt = torch.optim.AdamW(aux.parameters(), lr=args.lr, weight_decay=0.01)
+    steps = args.epochs * math.ceil(len(fit_rows) / args.bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    aux.train()
+    for _ in range(args.epochs):
+        for _, batch in batches(data.train, fit_rows, args.bs, generator):
+            logits = aux(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            loss = loss_fn(logits, batch["labels"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return aux.eval()
+
+
+@torch.no_grad()
+def cache(aux, dataset, rows: list[int], layer_flops, head_flops: int) -> dict:
+    """Every head's and the main output's logits on `rows`, their labels, and the per-sample
+    FLOPs of layers (N, DEPTH) at each sentence's own length."""
+    heads, main, labels, lengths = [], [], [], []
+    with aux.heads_enabled():
+        for chunk, batch in batches(dataset, rows, 256, None):
+            out = aux(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            heads.append(torch.stack(list(aux.aux_outputs.values()), dim=1))
+            main.append(out)
+            labels.append(batch["labels"])
+            lengths += [len(dataset.ids[i]) for i in chunk]
+    per_layer = torch.tensor([layer_flops(n) for n in lengths], dtype=torch.float64)
+    return {
+        "heads": torch.cat(heads).float(),  # (N, E, 2)
+        "main": torch.cat(main).float(),  # (N, 2)
+        "y": torch.cat(labels),
+        "layer_flops": per_layer,  # (N,): one layer at this length
+        "head_flops": head_flops,
+    }
+
+
+def flop_counter(aux, width: int):
+    """(layer_flops(length), head_flops): one encoder layer on one sentence of that length,
+    and one head (or the main classifier) on one pooled row, counted by FlopCounterMode."""
+    layer = aux.model.layers[0]
+    known: dict[int, int] = {}
+
+    def layer_flops(n: int) -> int:
+        if n not in known:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                layer(torch.zeros(1, n, width), src_key_padding_mask=torch.zeros(1, n).bool())
+            known[n] = counter.get_total_flops()
+        return known[n]
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        aux.model.fc(torch.zeros(1, width))
+    return layer_flops, counter.get_total_flops()
+
+
+class Pool:
+    """Cached logits of some sentences: correctness, scores by each criterion, FLOPs."""
+
+    def __init__(self, c: dict) -> None:
+        self.heads, self.main, self.y = c["heads"], c["main"], c["y"]
+        n_exits = self.heads.shape[1]
+        right = [self.heads[:, e].argmax(-1) == self.y for e in range(n_exits)]
+        self.correct = torch.stack([*right, self.main.argmax(-1) == self.y], dim=1)
+        self.layer, self.head = c["layer_flops"], c["head_flops"]
+        self.scores = {
+            name: torch.stack([fn(self.heads[:, e]) for e in range(n_exits)], dim=1).double()
+            for name, fn in (("confidence", confidence), ("entropy", entropy_confidence))
+        }
+
+    def profile(self) -> FlopProfile:
+        """Mean per-sentence FLOPs, as `choose_thresholds` wants them."""
+        layer = float(self.layer.mean())
+        taps = [f"layers.{i}" for i in range(DEPTH - 1)]
+        return FlopProfile(
+            backbone={t: round(layer * (i + 1)) for i, t in enumerate(taps)},
+            heads=dict.fromkeys(taps, self.head),
+            full=round(layer * DEPTH) + self.head,
+        )
+
+    def measure(self, exits: torch.Tensor, heads_run: torch.Tensor) -> dict[str, float]:
+        """Accuracy, layers and FLOPs of sending each sentence to `exits` (E: main), having run
+        `heads_run` (N,) auxiliary heads on the way."""
+        right = self.correct.gather(1, exits[:, None]).squeeze(1)
+        depth = (exits + 1).double()  # head i sits on layer i + 1; the main output on layer 6
+        flops = depth * self.layer + (heads_run + (exits == DEPTH - 1)) * self.head
+        full = DEPTH * self.layer + self.head
+        main = self.correct[:, -1].double().mean().item()
+        acc = right.double().mean().item()
+        return {
+            "acc": acc,
+            "drop": main - acc,
+            "layers": depth.mean().item(),
+            "flops_saved": 1 - (flops.sum() / full.sum()).item(),
+        }
+
+    def thresholded(self, criterion: str, thresholds: torch.Tensor) -> dict[str, float]:
+        exits = exit_indices(self.scores[criterion], thresholds)
+        active = (thresholds < 1).long()
+        # heads run: every active head up to and including the one a sentence leaves at
+        ran = torch.cumsum(torch.cat([active, active.new_zeros(1)]), 0)[exits]
+        return self.measure(exits, ran.double())
+
+    def patience(self, k: int) -> dict[str, float]:
+        exits = patience_exits(list(self.heads.unbind(1)), k)
+        ran = torch.clamp(exits + 1, max=DEPTH - 1).double()  # PABEE runs every head it reaches
+        return self.measure(exits, ran)
+
+
+def shared_fit(pool: Pool, criterion: str, eps: float) -> torch.Tensor:
+    """DeeBERT's rule: one threshold for every exit, the cheapest (most sentences leaving
+    early) whose drop on `pool` is within eps."""
+    scores = pool.scores[criterion]
+    best = torch.ones(DEPTH - 1, dtype=torch.float64)
+    best_flops = 0.0
+    for t in torch.cat([scores.flatten().unique(), torch.ones(1, dtype=torch.float64)]):
+        thresholds = torch.full((DEPTH - 1,), float(t), dtype=torch.float64)
+        result = pool.thresholded(criterion, thresholds)
+        if result["drop"] <= eps + 1e-12 and result["flops_saved"] > best_flops:
+            best, best_flops = thresholds, result["flops_saved"]
+    return best
+
+
+def rules(args: argparse.Namespace, calib: Pool, test: Pool, seed: int) -> dict[str, dict]:
+    """Each rule's test-set figures, its thresholds fitted on `calib`."""
+    out = {}
+    profile = calib.profile()
+    for criterion, label in (("confidence", "max softmax"), ("entropy", "entropy")):
+        for method, name in (("ltt", "ltt 90%"), ("empirical", "plain fit")):
+            choice = choose_thresholds(
+                calib.scores[criterion], calib.correct, profile, max_accuracy_drop=args.eps,
+                confidence=0.9, method=method, seed=seed,
+            )  # fmt: skip
+            thresholds = torch.tensor(choice.thresholds, dtype=torch.float64)
+            out[f"{label}, {name}"] = test.thresholded(criterion, thresholds)
+            out[f"{label}, {name}"]["thresholds"] = thresholds.tolist()
+    thresholds = shared_fit(calib, "entropy", args.eps)
+    out["DeeBERT (one entropy threshold, fit on calib.)"] = test.thresholded("entropy", thresholds)
+    for k in args.patience:
+        out[f"PABEE, patience {k}"] = test.patience(k)
+    # At matched accuracy (fitted on the test sentences themselves, so an optimistic bound for
+    # the baselines): the cheapest entropy threshold, and the smallest patience, whose test
+    # drop is no larger than that of max softmax under ltt 90%.
+    target = out["max softmax, ltt 90%"]["drop"]
+    thresholds = shared_fit(test, "entropy", max(target, 0.0))
+    out["DeeBERT, matched on test (oracle)"] = test.thresholded("entropy", thresholds)
+    matched = [test.patience(k) for k in range(1, DEPTH)]
+    out["PABEE, matched on test (oracle)"] = next(
+        (m for m in matched if m["drop"] <= max(target, 0.0) + 1e-12), test.patience(DEPTH - 1)
+    )
+    return out
+
+
+@torch.no_grad()
+def time_loop(aux, dataset, thresholds: Sequence[float], count: int) -> dict[str, float]:
+    """Median seconds per sentence at batch size 1 of the full model and of a hand-written
+    early-stopped loop (layer by layer, each head whose threshold is below 1 run on its
+    layer's tokens, stopping at the first whose max softmax is above it), interleaved
+    sentence by sentence. Not `EarlyExit`: it does not route token models yet."""
+    model, taps = aux.model, list(aux.taps)
+    full_times, early_times = [], []
+
+    def full(ids, mask):
+        return model(input_ids=ids, attention_mask=mask)
+
+    def early(ids, mask):
+        h = model.emb(ids) + model.pos[:, : ids.shape[1]]
+        pad = mask == 0
+        for i, layer in enumerate(model.layers):
+            h = layer(h, src_key_padding_mask=pad)
+            if i < len(taps) and thresholds[i] < 1:
+                logits = aux.run_head(taps[i], h)
+                if float(confidence(logits)[0]) > thresholds[i]:
+                    return logits
+        return model.fc(h.mean(1))
+
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        ids, mask = item["input_ids"][None], item["attention_mask"][None]
+        pair = [(full, full_times), (early, early_times)]
+        for fn, times in pair if index % 2 else pair[::-1]:
+            start = time.perf_counter()
+            fn(ids, mask)
+            times.append(time.perf_counter() - start)
+    return {"full_s": statistics.median(full_times), "early_s": statistics.median(early_times)}
+
+
+def run_split(args: argparse.Namespace, seed: int) -> dict:
+    start = time.perf_counter()
+    data = load_mr(
+        args.data, valid_pct=0.1, seed=seed, vocab_size=args.vocab, max_length=args.max_length
+    )
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_calib = round(args.calib_pct * len(order))
+    calib_rows, fit_rows = order[:n_calib], order[n_calib:]
+    aux = train(args, data, fit_rows, seed)
+    layer_flops, head_flops = flop_counter(aux, args.width)
+    calib = Pool(cache(aux, data.train, calib_rows, layer_flops, head_flops))
+    test = Pool(cache(aux, data.valid, list(range(len(data.valid))), layer_flops, head_flops))
+    heads_acc = test.correct.double().mean(0).tolist()
+    found = rules(args, calib, test, seed)
+    timing = (
+        time_loop(aux, data.valid, found["max softmax, ltt 90%"]["thresholds"], args.time_sentences)
+        if args.time_sentences
+        else None
+    )
+    result = {
+        "seed": seed,
+        "train": len(fit_rows),
+        "calib": len(calib_rows),
+        "test": len(data.valid),
+        "full_acc": heads_acc[-1],
+        "head_acc": heads_acc[:-1],
+        "rules": found,
+        "timing": timing,
+        "seconds": time.perf_counter() - start,
+    }
+    print(
+        f"split {seed}: {len(fit_rows)} train / {len(calib_rows)} calib / {len(data.valid)} test, "
+        f"full model {heads_acc[-1]:.2%}, heads "
+        + " ".join(f"{a:.1%}" for a in heads_acc[:-1])
+        + f" ({result['seconds']:.0f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return result
+
+
+def report(args: argparse.Namespace, results: list[dict]) -> None:
+    accs = [r["full_acc"] for r in results]
+    print(
+        "\n| split (seed) | full model test acc | heads 1-5 test acc | "
+        "ltt 90%: layers run | speed-up (layers) | FLOPs saved | drop |\n"
+        "|---|---|---|---|---|---|---|"
+    )
+    key = "max softmax, ltt 90%"
+    for r in results:
+        m = r["rules"][key]
+        print(
+            f"| {r['seed']} | {r['full_acc']:.2%} | "
+            + " / ".join(f"{a:.1%}" for a in r["head_acc"])
+            + f" | {m['layers']:.2f} | {DEPTH / m['layers']:.2f}x | {m['flops_saved']:.1%} | "
+            f"{m['drop'] * 100:+.2f} pt |"
+        )
+    if results[0]["timing"]:
+        full = statistics.fmean(r["timing"]["full_s"] for r in results)
+        early = statistics.fmean(r["timing"]["early_s"] for r in results)
+        print(
+            f"\nbatch size 1, hand-written early-stopped loop with the ltt 90% thresholds (not "
+            f"EarlyExit), median per sentence, mean over splits: full model {full * 1e3:.2f} ms, "
+            f"early-stopped {early * 1e3:.2f} ms, {full / early:.2f}x"
+        )
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    print(
+        f"\nfull model: mean test accuracy {statistics.fmean(accs):.2%} (sd {sd:.2%}) over "
+        f"{len(accs)} splits; Kim (2014) CNN-rand {KIM_CNN_RAND:.1%}"
+    )
+    print(
+        f"\n| rule (fit on the calibration sentences) | mean layers run | speed-up (layers) | "
+        f"FLOPs saved | mean test drop | worst drop | splits with drop > {args.eps * 100:.1f} pt |"
+        "\n|---|---|---|---|---|---|---|"
+    )
+    for name in results[0]["rules"]:
+        runs = [r["rules"][name] for r in results]
+        layers = statistics.fmean(m["layers"] for m in runs)
+        over = sum(m["drop"] > args.eps + 1e-12 for m in runs)
+        print(
+            f"| {name} | {layers:.2f} | {DEPTH / layers:.2f}x | "
+            f"{statistics.fmean(m['flops_saved'] for m in runs):.1%} | "
+            f"{statistics.fmean(m['drop'] for m in runs) * 100:+.2f} pt | "
+            f"{max(m['drop'] for m in runs) * 100:+.2f} pt | {over} of {len(runs)} |"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options (the docs' commands are parsed with it in tests/test_commands.py)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=Path("../shared/data/mr"))
+    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--first-split", type=int, default=0, help="seed of the first split")
+    parser.add_argument("--calib-pct", type=float, default=0.15, help="of the training part")
+    parser.add_argument("--eps", type=float, default=0.01, help="the accuracy drop allowed")
+    parser.add_argument("--patience", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--bs", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="each head's weight")
+    parser.add_argument("--width", type=int, default=64, help="d_model")
+    parser.add_argument("--ff", type=int, default=128, help="feed-forward width")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads")
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument(
+        "--time-sentences", type=int, default=300, help="bs-1 timing sentences (0: none)"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None, help="save the raw results here")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, help="only report these --json files"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.merge:  # the tables of runs made apart (splits run side by side), from their --json
+        results = [r for path in args.merge for r in json.loads(path.read_text())["results"]]
+        report(args, sorted(results, key=lambda r: r["seed"]))
+        return
+    if not (args.data / "rt-polarity.pos").is_file():
+        print(f"no MR data at {args.data} (rt-polarity.pos/.neg); pass --data", file=sys.stderr)
+        raise SystemExit(2)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    print(
+        f"{args.splits} splits; {args.threads} torch thread(s); load average "
+        f"{os.getloadavg()[0]:.2f} at the start",
+        flush=True,
+    )
+    seeds = range(args.first_split, args.first_split + args.splits)
+    results = [run_split(args, seed) for seed in seeds]
+    report(args, results)
+    print(
+        f"\ntotal {time.perf_counter() - start:.0f} s; load average {os.getloadavg()[0]:.2f} "
+        "at the end"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        record = {"args": vars(args), "results": results}
+        args.json.write_text(json.dumps(record, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
