@@ -31,7 +31,7 @@ IMAGE_SUFFIXES = {
     ".tiff", ".webp",
 }  # fmt: skip
 # Folder name (lower case) -> the split it holds.
-_SPLITS = {
+SPLITS = {
     "train": "train",
     "training": "train",
     "val": "valid",
@@ -102,7 +102,7 @@ def find_layout(root: Path) -> Layout:
     """
     skipped = Skipped()
     folders, files = _entries(root, skipped)
-    splits = [p for p in folders if p.name.lower() in _SPLITS]
+    splits = [p for p in folders if p.name.lower() in SPLITS]
     if splits and len(splits) < len(folders):
         others = [p for p in folders if p not in splits]
         raise DataError(
@@ -121,7 +121,7 @@ def find_layout(root: Path) -> Layout:
 def _split_layout(root: Path, splits: list[Path], skipped: Skipped) -> Layout:
     by_split: dict[str, list[Path]] = {"train": [], "valid": [], "test": []}
     for folder in splits:
-        by_split[_SPLITS[folder.name.lower()]].append(folder)
+        by_split[SPLITS[folder.name.lower()]].append(folder)
     for split, found in by_split.items():
         if len(found) > 1:
             raise DataError(

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from auxhead._errors import DataError
-from auxhead._folders import IMAGE_SUFFIXES
+from auxhead._folders import IMAGE_SUFFIXES, SPLITS
 
 IMAGE_DIRS = ("images", "image", "imgs", "img", "jpegimages", "img_dir")
 MASK_DIRS = (
@@ -36,16 +36,6 @@ MASK_DIRS = (
     "ann_dir", "gt",
 )  # fmt: skip
 MASK_SUFFIXES = ("_P", "_mask", "_label", "_labels", "_gt", "_seg")
-# Folder name (lower case) -> the split it holds.
-SPLITS = {
-    "train": "train",
-    "training": "train",
-    "val": "valid",
-    "valid": "valid",
-    "validation": "valid",
-    "test": "test",
-    "testing": "test",
-}
 CODES_FILES = ("codes.txt", "classes.txt")
 LAYOUTS = (
     "an image folder beside a mask folder (images/ + labels/, imgs/ + masks/, image/ + label/, "

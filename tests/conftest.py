@@ -88,3 +88,17 @@ def _offline(monkeypatch):
     import auxhead._weights
 
     monkeypatch.setattr(auxhead._weights, "_reachable", lambda url: False)
+
+
+def error_line(capsys, argv) -> str:
+    """Run `auxhead argv` in process: it must exit 2, without a traceback, with exactly one
+    error line; that line."""
+    from auxhead.cli import main
+
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    return errors[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_state, process_state
+from conftest import assert_same_state, error_line, process_state
 
 from auxhead import __version__
 from auxhead.cli import main
@@ -52,18 +52,6 @@ def _threads_are_left_alone():
     threads = torch.get_num_threads()  # --threads 1 sets them for the run only
     yield
     assert torch.get_num_threads() == threads
-
-
-def error_line(capsys, argv) -> str:
-    """Run `auxhead argv` in process: it must exit 2 with exactly one error line."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("auxhead: error:") or "error:" in line]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same_state, process_state
+from conftest import assert_same_state, error_line, process_state
 
 from auxhead.cli import main
 from auxhead.cli._common import LOCK_NAME
@@ -43,16 +43,6 @@ def _image_folder(root, classes=("a", "b", "c"), n=12, size=(28, 28)):
             pixels = np.clip(rng.normal(60 + 70 * k, 30, size), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(root / name / f"{i}.png")
     return root
-
-
-def error_line(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_classifier_epochs_scale_with_the_data():

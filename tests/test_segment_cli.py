@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import error_line
 from PIL import Image
 
 from auxhead._segmetrics import at_label_size, segmentation_scores
@@ -32,17 +33,6 @@ def run(argv) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         code = main([str(a) for a in argv])
     return code, stdout.getvalue(), stderr.getvalue()
-
-
-def error_line(capsys, argv) -> str:
-    """Run `auxhead argv` in process: it must exit 2 with exactly one error line."""
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 def make_folder(root: Path, n_train: int = 6, n_val: int = 2, size: int = 32) -> Path:

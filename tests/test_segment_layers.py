@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from conftest import error_line
 
 import auxhead
 from auxhead._segmodels import build_segmenter, segment_taps, smp_fcn_tap
@@ -17,16 +18,6 @@ from auxhead.data import CAMVID_TINY
 pytest.importorskip("segmentation_models_pytorch")
 
 K = 3
-
-
-def error_line(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    return errors[0]
 
 
 @pytest.mark.parametrize(
