@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["POOLS", "MaskFn", "ModelMask", "keep_from", "pool_tokens", "refuse_token_model"]
+__all__ = ["POOLS", "MaskFn", "ModelMask", "keep_from", "pool_tokens"]
 
 # How a head on a (B, N, C) tap pools it to (B, C): the first token, or the mean of the real ones.
 POOLS = ("cls", "mean")
@@ -88,12 +88,15 @@ class ModelMask:
     (by keyword or at its place among the positional ones). `store(keep)` receives it, or None.
     A plain class, not a closure, so an `AuxModel` holding it can be pickled and deep-copied."""
 
-    def __init__(self, model: nn.Module, mask: MaskFn | None, store: Callable[[Any], None]):
+    def __init__(
+        self, model: nn.Module, mask: MaskFn | None, store: Callable[[Any], None] | None = None
+    ):
         self.mask = mask
         self.store = store
         self.position = None if mask is not None else _position(model, ATTENTION_MASK)
 
-    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def find(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The real tokens (B, N) of the call `model(*args, **kwargs)`, or None."""
         if self.mask is not None:
             found = self.mask(args, kwargs)
         elif ATTENTION_MASK in kwargs:
@@ -102,16 +105,8 @@ class ModelMask:
             found = args[self.position]
         else:
             found = None
-        self.store(keep_from(found))
+        return keep_from(found)
 
-
-def refuse_token_model(model: nn.Module) -> None:
-    """Raise naming the model if it takes an `attention_mask` (a Hugging Face token model):
-    routing its samples needs the mask to follow them, which early exits do not do yet."""
-    if takes_attention_mask(model):
-        raise ValueError(
-            f"EarlyExit cannot route {type(model).__name__} yet: it takes an attention_mask, "
-            "and early exits for token models (narrowing the batch and its mask as samples "
-            "leave) are planned (issue #22), not built. Its heads train and evaluate as usual: "
-            "aux_model.heads_enabled() gives every head's logits."
-        )
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.store is not None:
+            self.store(self.find(args, kwargs))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -153,13 +153,24 @@ class AuxModel(nn.Module):
 
     def head_input(self, name: str, output: Any) -> torch.Tensor:
         """What the head at `name` classifies, given that layer's output: the tensor its
-        `select` picks, or the first tensor."""
+        `select` picks, or the first tensor (`tap_tensor`), laid out as the head reads it
+        (`arrange`)."""
+        return self.arrange(name, self.tap_tensor(name, output))
+
+    def tap_tensor(self, name: str, output: Any) -> torch.Tensor:
+        """The tensor of the layer `name`'s output that its head classifies: the one its
+        `select` picks, or the first."""
         select = self._select.get(name)
         features = select(output) if select is not None else first_tensor(output)
         if not isinstance(features, torch.Tensor):
             raise TypeError(
                 f"layer {name!r} outputs no tensor for its head; pass `select=` to attach"
             )
+        return features
+
+    def arrange(self, name: str, features: torch.Tensor) -> torch.Tensor:
+        """`tap_tensor`'s tensor laid out as the head at `name` reads it (channels-last taps
+        permuted to channels first)."""
         dims = self._permute.get(name)
         if dims is None or features.is_nested:  # nested: permuted sample by sample (_run_head)
             return features
@@ -177,23 +188,65 @@ class AuxModel(nn.Module):
             if name in self._copy or not self.training:
                 features = features.clone()
             self._pending[name] = features
-            keep = self._padding.get(self._mask_owner.get(name, ""))
-            if (
-                name in self._masked
-                and keep is not None
-                and not features.is_nested
-                and features.dim() == 3
-                and features.shape[:2] == keep.shape
-            ):
+            keep = self._keep_for(name, features, self._padding.get(self._mask_owner.get(name, "")))
+            if keep is not None:
                 self._keep[name] = keep
 
-    def run_head(self, name: str, features: torch.Tensor) -> torch.Tensor:
+    def run_head(
+        self, name: str, features: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The head at `name` on `features` as `head_input` gives them, as the forward runs
         it: with its own random stream, and on a nested tensor (a masked
-        `nn.TransformerEncoder` in eval) sample by sample, over the real tokens only."""
+        `nn.TransformerEncoder` in eval) sample by sample, over the real tokens only. On a
+        sequence (b, N, C), `keep` (b, N) (`real_tokens`, True at real tokens) is what its
+        pooling reads; None: every token."""
         if name not in self.taps:
             raise KeyError(f"no head at {name!r}; taps are {self.taps}")
-        return self._run_head(name, features)
+        return self._run_head(name, features, self._keep_for(name, features, keep))
+
+    @property
+    def reads_padding(self) -> bool:
+        """Whether calls of the wrapped model say which tokens are real (`real_tokens`): it
+        takes an `attention_mask`, or attach was given `mask=`."""
+        return self._mask_fn is not None or takes_attention_mask(self.model)
+
+    def real_tokens(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        """The real tokens (B, N) of a call `model(*args, **kwargs)`, as the heads' pooling
+        reads them from the model's inputs: from `attach(mask=...)`, else from the
+        `attention_mask` the model takes; None when it takes none."""
+        if not self.reads_padding:
+            return None
+        return ModelMask(self.model, self._mask_fn).find(args, kwargs)
+
+    @contextmanager
+    def padding_recorded(self) -> Iterator[Callable[[str], torch.Tensor | None]]:
+        """Inside the block, calls of the wrapped model record which tokens are real, as its
+        forward does for the heads (the model's `attention_mask`, the padding mask of a
+        `nn.TransformerEncoder` around a tap) without running the heads; yields
+        `tap -> keep (B, N)` of the latest call, or None."""
+        if self._pending is not None:
+            raise RuntimeError("padding_recorded inside a forward of this AuxModel")
+        self._pending, self._padding = {}, {}
+        previous, self._heads_on = self._heads_on, False
+        try:
+            yield lambda name: self._padding.get(self._mask_owner.get(name, ""))
+        finally:
+            self._pending, self._keep, self._padding = None, {}, {}
+            self._heads_on = previous
+
+    def _keep_for(
+        self, name: str, features: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """`keep` if the head at `name` pools over real tokens and it fits `features`."""
+        if (
+            name in self._masked
+            and keep is not None
+            and not features.is_nested
+            and features.dim() == 3
+            and features.shape[:2] == keep.shape
+        ):
+            return keep
+        return None
 
     def _run_head(
         self, name: str, features: torch.Tensor, keep: torch.Tensor | None = None

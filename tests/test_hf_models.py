@@ -152,16 +152,6 @@ def test_distillation_runs_on_the_models_logits():
     torch.testing.assert_close(term, expected)
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_early_exit_refuses_a_token_model_by_name(family):
-    model = tiny(family)
-    aux = auxhead.attach(
-        model, LAYERS[family], num_classes=2, pool="cls", sample=batch(sentences([3, 2]), family)
-    )
-    with pytest.raises(ValueError, match=f"cannot route {type(model).__name__} yet.*planned"):
-        auxhead.EarlyExit(aux)
-
-
 def test_a_copied_aux_model_reads_its_own_attention_mask():
     model = tiny("bert").eval()
     sentence, other = sentences([4, 9])

@@ -16,6 +16,7 @@ How compute is saved depends on the model (`EarlyExit.mode`):
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import warnings
@@ -28,7 +29,6 @@ from torch import nn
 
 from auxhead._probe import eval_mode
 from auxhead._spread import per_name
-from auxhead._tokens import refuse_token_model
 from auxhead.attach import AuxModel
 from auxhead.exits._calibrate import (
     METHODS,
@@ -41,8 +41,9 @@ from auxhead.exits._calibrate import (
 from auxhead.exits._export import Routed, export_program
 from auxhead.exits._forward import forward_generic, forward_staged
 from auxhead.exits._fx import plan_stages
+from auxhead.exits._graph import GraphPlan, as_keywords, forward_graph, graph_cut, key
 from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
-from auxhead.exits._stages import Plan
+from auxhead.exits._stages import NotStageable, Plan
 from auxhead.exits._summary import ExitSummary, Seen, collect, seconds_per_sample, summarise
 
 __all__ = ["MODES", "EarlyExit"]
@@ -91,6 +92,32 @@ def _check_temperatures(value: Any, taps: list[str]) -> tuple[float, ...]:
 
 def _plan(aux_model: AuxModel) -> tuple[Plan | None, str]:
     return plan_stages(aux_model.model, aux_model.taps)
+
+
+def _token_model(aux_model: AuxModel) -> bool:
+    """Whether the model reads a padding mask from its inputs (Hugging Face's `attention_mask`,
+    or the mask given to attach), or takes more than one input: then it is cut from its
+    export graph, where the mask can follow the samples."""
+    model = aux_model.model
+    if aux_model.reads_padding:
+        return True
+    try:
+        parameters = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [
+        p
+        for p in parameters
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return len(required) > 1
+
+
+def _one_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+        got = ", ".join([*(type(a).__name__ for a in args), *kwargs])
+        raise TypeError(f"EarlyExit takes one input tensor for this model, got ({got})")
+    return args[0]
 
 
 RISKS = ("drop", "disagreement")  # what calibrate's max_accuracy_drop bounds
@@ -143,7 +170,6 @@ class EarlyExit(nn.Module):
                 f"EarlyExit needs the AuxModel that auxhead.attach returned, "
                 f"got {type(aux_model).__name__}"
             )
-        refuse_token_model(aux_model.model)  # no silent wrong routing of padded batches
         if isinstance(criterion, str):
             if criterion not in CRITERIA:
                 raise ValueError(
@@ -166,15 +192,25 @@ class EarlyExit(nn.Module):
         self.return_exits = return_exits
         self.summary: ExitSummary | None = None
         self._plan: Plan | None = None
+        self._graphs: dict[tuple[str, ...], GraphPlan] = {}  # token models: by input names
+        self._asked = mode
+        self._tokens = _token_model(aux_model)
+        self._cut_error: str | None = None  # why the export graph could not be cut
         self.mode_reason = "mode='generic' was asked for"
-        if mode != "generic":
+        if mode != "generic" and self._tokens:
+            self._plan = None
+            self.mode_reason = (
+                "a token model: stages are cut from its torch.export graph at the first batch, "
+                "and the padding mask narrows with the samples that stay"
+            )
+        elif mode != "generic":
             self._plan, self.mode_reason = _plan(aux_model)
             if self._plan is None and mode == "staged":
                 raise ValueError(
                     f"cannot route samples through {type(aux_model.model).__name__} stage "
                     f"by stage: {self.mode_reason}. Use mode='generic' (or 'auto')."
                 )
-        self.mode = "staged" if self._plan is not None else "generic"
+        self.mode = "staged" if self._plan is not None or self._graph_mode else "generic"
         logger.info(
             "EarlyExit runs %s in %s mode: %s",
             type(aux_model.model).__name__,
@@ -188,7 +224,39 @@ class EarlyExit(nn.Module):
         super()._apply(fn, recurse)
         if self._plan is not None and self._plan.traced:
             self._plan, self.mode_reason = _plan(self.aux_model)
+        self._graphs = {}  # cut again at the next batch, from the moved tensors
         return self
+
+    @property
+    def _graph_mode(self) -> bool:
+        """A token model routed by stages cut from its export graph (or to be, at the first
+        batch)."""
+        return self._tokens and self._asked != "generic" and self._cut_error is None
+
+    def _graph_plan(self, kwargs: dict[str, Any]) -> GraphPlan | None:
+        """The stages for a call with these keyword inputs, cut at the first such call; None
+        once cutting has failed (mode "auto": generic from then on)."""
+        name = key(kwargs)
+        if name not in self._graphs:
+            try:
+                self._graphs[name] = graph_cut(self.aux_model, kwargs)
+            except NotStageable as error:
+                if self._asked == "staged":
+                    raise ValueError(
+                        f"cannot route samples through {type(self.aux_model.model).__name__} "
+                        f"stage by stage: {error}. Use mode='generic' (or 'auto')."
+                    ) from None
+                self._cut_error = str(error)
+                self.mode = "generic"
+                self.mode_reason = f"it stops only once the whole batch has exited ({error})"
+                logger.info("EarlyExit runs %s in generic mode: %s", name, error)
+                return None
+            stages = len(self._graphs[name].stages)
+            self.mode_reason = (
+                f"{stages} stages cut from the torch.export graph; the padding mask and every "
+                "batch-first value narrow with the samples that stay"
+            )
+        return self._graphs[name]
 
     @property
     def taps(self) -> list[str]:
@@ -234,23 +302,42 @@ class EarlyExit(nn.Module):
             f"thresholds={self.thresholds}{scaled}, return_exits={self.return_exits}"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(B, ...) inputs -> (B, K) logits, each sample's from its exit; with `return_exits`,
-        `(logits, exits)`: exits (B,) the exit index of each sample, `len(taps)` the main head.
-        """
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"EarlyExit takes one input tensor, got {type(x).__name__}")
+    def forward(
+        self, *args: Any, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(B, ...) inputs, as the model takes them -> (B, K) logits, each sample's from its
+        exit; with `return_exits`, `(logits, exits)`: exits (B,) the exit index of each
+        sample, `len(taps)` the main head. A token model takes its keyword inputs
+        (`early(input_ids=ids, attention_mask=mask)`, or `early(**batch)`); the logits are
+        its `logits`, whatever its output type."""
         active = [threshold < 1.0 for threshold in self._thresholds]
         with eval_mode(self.aux_model), torch.no_grad():
-            if self._plan is not None:
+            if self._tokens:
+                logits, exits = self._forward_tokens(args, kwargs, active)
+            elif self._plan is not None:
+                x = _one_input(args, kwargs)
                 logits, exits = forward_staged(x, self._plan, self.aux_model, active, self._decide)
             else:
-                logits, exits = forward_generic(x, self.aux_model, active, self._decide)
+                logits, exits = forward_generic(
+                    (args, kwargs), self.aux_model, active, self._decide
+                )
         return (logits, exits) if self.return_exits else logits
 
-    def _decide(self, index: int, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The head's logits (b, K) and which of the b samples exit at tap `index` (b,)."""
-        logits = self.aux_model.run_head(self.taps[index], features)
+    def _forward_tokens(
+        self, args: tuple, kwargs: dict, active: list[bool]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = as_keywords(self.aux_model.model, args, kwargs)
+        if self._graph_mode and (plan := self._graph_plan(inputs)) is not None:
+            keep = self.aux_model.real_tokens((), inputs)
+            return forward_graph(inputs, plan, self.aux_model, active, self._decide, keep)
+        return forward_generic(((), inputs), self.aux_model, active, self._decide)
+
+    def _decide(
+        self, index: int, features: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head's logits (b, K) and which of the b samples exit at tap `index` (b,); `keep`
+        (b, N): the real tokens of a sequence tap."""
+        logits = self.aux_model.run_head(self.taps[index], features, keep)
         scores = score_logits(self._criterion, logits, self._temperatures[index])
         return logits, leaves(scores, self._thresholds[index])
 

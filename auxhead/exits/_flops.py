@@ -77,10 +77,11 @@ def flop_profile(aux_model: AuxModel, sample: Any) -> FlopProfile:
 
             return hook
 
-        with HookSet() as hooks:
+        with HookSet() as hooks, aux_model.padding_recorded() as real_tokens:
             for name, module in resolve(aux_model.model, taps).items():
                 hooks.forward(module, mark(name))
             call_model(aux_model.model, sample)
+            keep = {name: real_tokens(name) for name in taps}
         full = counter.get_total_flops()
         missing = [name for name in taps if name not in marks]
         if missing:
@@ -88,7 +89,7 @@ def flop_profile(aux_model: AuxModel, sample: Any) -> FlopProfile:
         for name in taps:
             # The outer counter keeps counting; the head's FLOPs are the difference.
             before = counter.get_total_flops()
-            aux_model.head(name)(features[name])
+            aux_model.run_head(name, features[name], keep[name])  # pooled as it runs
             heads[name] = counter.get_total_flops() - before
 
     def per_sample(flops: int) -> int:

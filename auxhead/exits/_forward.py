@@ -2,7 +2,7 @@
 stages run on the undecided only) and generic (the model runs whole with hooks at the taps, and
 stops once every sample has exited).
 
-Both take `decide(index, features) -> (logits (b, K), leave (b,))`, which runs exit `index`'s
+Both take `decide(index, features, keep) -> (logits (b, K), leave (b,))`, which runs exit `index`'s
 head on the features of the b samples still running and applies the routing rule, and
 `active`, which exits can take samples at all (threshold < 1: only their heads run).
 """
@@ -16,14 +16,15 @@ import torch
 from torch import nn
 
 from auxhead._hooks import HookSet
-from auxhead._probe import resolve
+from auxhead._probe import batch_size, first_tensor, resolve
 from auxhead.attach import AuxModel
-from auxhead.exits._route import MAIN, check_logits
+from auxhead.exits._route import MAIN, check_logits, model_logits
 from auxhead.exits._stages import Plan
 
 __all__ = ["Decide", "forward_generic", "forward_staged", "head_copy"]
 
-Decide = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (exit index, features (b, ...), real tokens (b, N) or None) -> (logits (b, K), leave (b,))
+Decide = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class _BatchExited(BaseException):
@@ -122,15 +123,19 @@ def forward_staged(
 
 
 def forward_generic(
-    x: torch.Tensor, aux_model: AuxModel, active: Sequence[bool], decide: Decide
+    inputs: tuple[tuple, dict], aux_model: AuxModel, active: Sequence[bool], decide: Decide
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, ...) inputs -> (B, K) logits and (B,) exit indices, the model run whole."""
-    taps, batch = aux_model.taps, x.shape[0]
-    exits = torch.full((batch,), len(taps), dtype=torch.long, device=x.device)
-    decided = torch.zeros(batch, dtype=torch.bool, device=x.device)
+    """(B, ...) inputs, as `(args, kwargs)` of the model's call -> (B, K) logits and (B,) exit
+    indices, the model run whole. On a token model each head pools over the real tokens of
+    the samples still running (the rows of the padding mask the model's forward records)."""
+    args, kwargs = inputs
+    taps, batch = aux_model.taps, batch_size((*args, *kwargs.values()))
+    device = first_tensor((*args, *kwargs.values())).device
+    exits = torch.full((batch,), len(taps), dtype=torch.long, device=device)
+    decided = torch.zeros(batch, dtype=torch.bool, device=device)
     state: dict[str, Any] = {"out": None, "last": -1}
 
-    def decide_at(index: int):
+    def decide_at(index: int, real_tokens: Callable[[str], torch.Tensor | None]):
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             if index < state["last"]:
                 in_order = [taps[state["last"]], taps[index]]
@@ -146,7 +151,8 @@ def forward_generic(
                     f"dimension is not the batch ({batch}); early exits need batch-first taps"
                 )
             rows = (~decided).nonzero().squeeze(1)
-            logits, leave = decide(index, features[rows])
+            keep = real_tokens(taps[index])
+            logits, leave = decide(index, features[rows], None if keep is None else keep[rows])
             if state["out"] is None:
                 state["out"] = logits.new_empty((batch, *logits.shape[1:]))
             state["out"][rows[leave]] = check_logits(logits, state["out"], taps[index])[leave]
@@ -159,11 +165,11 @@ def forward_generic(
 
     modules = resolve(aux_model.model, taps)
     try:
-        with HookSet() as hooks:
+        with HookSet() as hooks, aux_model.padding_recorded() as real_tokens:
             for index, tap in enumerate(taps):
                 if active[index]:
-                    hooks.forward(modules[tap], decide_at(index))
-            main = aux_model.model(x)
+                    hooks.forward(modules[tap], decide_at(index, real_tokens))
+            main = model_logits(aux_model.model(*args, **kwargs))
     except _BatchExited:
         return state["out"], exits
     out = state["out"]

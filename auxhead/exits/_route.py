@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from auxhead._probe import first_tensor
+
 __all__ = [
     "CRITERIA",
     "MAIN",
@@ -23,6 +25,7 @@ __all__ = [
     "exit_indices",
     "first_true",
     "leaves",
+    "model_logits",
     "score_logits",
 ]
 
@@ -97,3 +100,16 @@ def exit_indices(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
         tensor([0, 1])
     """
     return first_true(leaves(scores, thresholds))
+
+
+def model_logits(output: Any) -> torch.Tensor:
+    """The (B, K) logits of a model's output: the tensor itself, the `logits` of a Hugging Face
+    `ModelOutput` (or a dict), or the first tensor of a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    tensor = first_tensor(output)
+    if tensor is None:
+        raise ValueError(f"the model returns {type(output).__name__}, with no logits tensor in it")
+    return tensor

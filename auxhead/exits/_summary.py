@@ -8,21 +8,28 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch import nn
+import torch.utils._pytree as pytree
 
-from auxhead._hooks import HookSet
-from auxhead._probe import eval_mode, resolve
+from auxhead._probe import batch_size, eval_mode, first_tensor
 from auxhead.attach import AuxModel
 from auxhead.exits._calibrate import Calibration
 from auxhead.exits._flops import FlopProfile, flop_profile
-from auxhead.exits._route import MAIN, check_logits, exit_indices, first_true
+from auxhead.exits._route import MAIN, check_logits, exit_indices, first_true, model_logits
 
-__all__ = ["ExitSummary", "Seen", "collect", "seconds_per_sample", "split_batch", "summarise"]
+__all__ = [
+    "ExitSummary",
+    "Seen",
+    "as_call",
+    "collect",
+    "seconds_per_sample",
+    "split_batch",
+    "summarise",
+]
 
 Score = Callable[[torch.Tensor, float], torch.Tensor]  # (B, K) logits, temperature -> (B,)
 
@@ -172,24 +179,42 @@ class Seen:
     scores: torch.Tensor  # (N, E) each head's score, by the criterion (at temperature 1)
     correct: torch.Tensor  # (N, E + 1) bool: each head, then the main output, is right
     profile: FlopProfile
-    timing_inputs: list[torch.Tensor]
+    timing_inputs: list[Any]  # the first batches' inputs, as `split_batch` gives them
     logits: torch.Tensor | None = None  # (N, E, K) head logits, kept to fit temperatures
     targets: torch.Tensor | None = None  # (N,)
     agree: torch.Tensor | None = None  # (N, E + 1) bool: each head predicts the main's class
 
 
-def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, class-index targets) from one batch, or a ValueError saying what is wrong."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+LABELS = ("labels", "label")  # where a Hugging Face batch (a dict) keeps its targets
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """(inputs, class-index targets) from one batch, or a ValueError saying what is wrong.
+    A batch is `(inputs, targets)`, inputs one tensor, a tuple of them or a dict of keyword
+    inputs; or a dict of keyword inputs with the targets under "labels" (Hugging Face's)."""
+    if isinstance(batch, Mapping):
+        found = [name for name in LABELS if name in batch]
+        if not found:
+            raise ValueError(
+                f"calibration needs labelled batches; this dict has {sorted(batch)} and no "
+                "'labels'. Pass batches with their labels, as a validation DataLoader gives them."
+            )
+        inputs = {name: value for name, value in batch.items() if name not in LABELS}
+        targets = batch[found[0]]
+    elif isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+    else:
         got = type(batch).__name__
         got += f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else ""
         raise ValueError(
             f"calibration needs labelled batches (inputs, targets), got a {got}. "
             "Pass a DataLoader over (input, label) pairs, such as the validation DataLoader."
         )
-    inputs, targets = batch
-    if not isinstance(inputs, torch.Tensor):
-        raise TypeError(f"EarlyExit takes one input tensor per batch, got {type(inputs).__name__}")
+    if not isinstance(inputs, (torch.Tensor, Mapping, tuple, list)):
+        raise TypeError(
+            "EarlyExit takes a tensor, a tuple of tensors or a dict of keyword inputs per "
+            f"batch, got {type(inputs).__name__}"
+        )
     targets = torch.as_tensor(targets).as_subclass(torch.Tensor)  # drop fastai's subclasses
     if targets.dim() != 1 or targets.is_floating_point():
         raise ValueError(
@@ -199,23 +224,36 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
-def _every_head(aux_model: AuxModel, inputs: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-    """The model's output and each head's logits, the head run (`run_head`) on a copy of its
-    tap's output taken as the tap returns, as `EarlyExit`'s forward runs it: a model that
-    changes a tap's output in place later does not change what the head saw."""
-    by_tap: dict[str, Any] = {}
+def as_call(inputs: Any) -> tuple[tuple, dict]:
+    """A batch's inputs as the `(args, kwargs)` of the model's call."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
 
-    def run(tap: str):
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            by_tap[tap] = aux_model.run_head(tap, aux_model.head_input(tap, output).clone())
 
-        return hook
+def _moved(inputs: Any, device: torch.device) -> Any:
+    return pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, inputs)
 
-    with HookSet() as hooks:
-        for tap, module in resolve(aux_model.model, aux_model.taps).items():
-            hooks.forward(module, run(tap))
-        main = aux_model.model(inputs)
-    return main, by_tap
+
+def _first(inputs: Any, batch: int) -> Any:
+    """The first sample of a batch's inputs, as a batch of one."""
+    return pytree.tree_map(
+        lambda v: v[:1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v,
+        inputs,
+    )
+
+
+def _every_head(aux_model: AuxModel, inputs: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The model's logits and each head's, from the AuxModel's own forward with its heads on
+    (eval mode: each head on a copy of its tap's output taken as the tap returns, as
+    `EarlyExit`'s forward runs it; a token model's heads pool over its real tokens)."""
+    args, kwargs = as_call(inputs)
+    with aux_model.heads_enabled():
+        main = aux_model(*args, **kwargs)
+    by_tap, aux_model.aux_outputs = aux_model.aux_outputs, {}
+    return model_logits(main), by_tap
 
 
 def collect(
@@ -232,11 +270,11 @@ def collect(
     names = [*taps, MAIN]
     device = next(aux_model.parameters(), torch.empty(0)).device
     scores, correct, agree, kept, logits, labels = [], [], [], [], [], []
-    first: torch.Tensor | None = None
+    first: Any = None
     with eval_mode(aux_model), torch.no_grad():
         for batch in data:
             inputs, targets = split_batch(batch)
-            inputs, targets = inputs.to(device), targets.to(device)
+            inputs, targets = _moved(inputs, device), targets.to(device)
             main, by_tap = _every_head(aux_model, inputs)
             missing = [tap for tap in taps if tap not in by_tap]
             if missing:
@@ -265,7 +303,7 @@ def collect(
             if keep_logits:
                 logits.append(torch.stack(heads, dim=1).float().cpu())  # (B, E, K)
                 labels.append(targets.cpu())
-            first = inputs[:1] if first is None else first
+            first = _first(inputs, main.shape[0]) if first is None else first
             if len(kept) < timing_batches:
                 kept.append(inputs)
     if first is None:
@@ -361,17 +399,24 @@ def summarise(
     )
 
 
-def seconds_per_sample(model: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> float:
-    """Wall-clock seconds per sample of `model` over `batches`, after one warm-up call."""
+def seconds_per_sample(model: Callable[..., Any], batches: list[Any]) -> float:
+    """Wall-clock seconds per sample of `model` over `batches` (each a tensor, a tuple or a
+    dict of keyword inputs), after one warm-up call."""
+    first = first_tensor(pytree.tree_leaves(batches[0]))
 
     def sync() -> None:
-        if batches[0].is_cuda:
-            torch.cuda.synchronize(batches[0].device)
+        if first is not None and first.is_cuda:
+            torch.cuda.synchronize(first.device)
 
-    model(batches[0])
+    def run(inputs: Any) -> None:
+        args, kwargs = as_call(inputs)
+        model(*args, **kwargs)
+
+    run(batches[0])
     sync()
     start = time.perf_counter()
     for batch in batches:
-        model(batch)
+        run(batch)
     sync()
-    return (time.perf_counter() - start) / sum(batch.shape[0] for batch in batches)
+    samples = sum(batch_size(batch) for batch in batches)
+    return (time.perf_counter() - start) / samples
