@@ -248,6 +248,18 @@ class AuxModel(nn.Module):
             return keep
         return None
 
+    def head_logits(
+        self, name: str, features: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The head at `name` on dense `features` (as `head_input` gives them), pooled over
+        `keep` as the forward pools them, without its random stream: what an exported
+        program of the heads runs (in eval, where heads draw no random numbers)."""
+        head = self.heads[_key(name)]
+        keep = self._keep_for(name, features, keep)
+        if name in self._pool:
+            return head(pool_tokens(features, keep, self._pool[name]))
+        return head(features) if keep is None else head(features, keep=keep)
+
     def _run_head(
         self, name: str, features: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -30,12 +30,23 @@ encoder layers and the heads each sample runs at its own length, counted with
 FlopCounterMode; the embedding costs none) and the accuracy drop against the full model;
 across splits, how often the drop exceeded --eps.
 
-Wall-clock: `EarlyExit` does not route token models yet (issue #22, item 3), so there is no
-batch-size-32 figure. At batch size 1 only, --time-sentences test sentences are timed through
-the full model and through a hand-written loop that runs layer by layer and stops at the
-first head (ltt 90% thresholds) that is confident enough, interleaved, median per sentence.
+Wall-clock, through `auxhead.EarlyExit` itself (staged: the encoder cut into stages from its
+torch.export graph, the batch and its padding mask narrowed as sentences exit): the ltt 90%
+max-softmax thresholds set on `EarlyExit(aux)`, and DeeBERT's shared entropy threshold on
+`EarlyExit(aux, criterion="entropy")`, against the full model (`model(input_ids=...,
+attention_mask=...)`, eval, no grad, the heads' hooks removed), on --threads torch threads. At
+batch size 1, the first --time-sentences test sentences, unpadded; at batch size 32,
+--time-batches batches of 32 test sentences drawn in a shuffled order (padded to the longest
+of each batch). Full model and early exits alternate which runs first, batch by batch; the
+figure is the median over batches of seconds per sentence, and the speed-up full / early.
+PABEE is not an `EarlyExit` criterion (it needs the heads before the exit to agree), so it has
+no wall-clock figure. The first pass of the batch-size-32 timing also checks the routing: each
+test sentence's exit from `EarlyExit` against the exit the replay gives it from the cached
+logits. `EarlyExit.calibrate` on the calibration sentences (a DataLoader of
+`TokenDataset.collate` batches) is run too, and its thresholds are reported beside the
+replay's.
 
-Commands (the docs' run: three processes side by side, then their tables merged):
+Commands (one process; --json keeps the raw results, --merge reports runs made apart):
 
     OMP_NUM_THREADS=1 python benchmarks/text_exits.py --data ../shared/data/mr --splits 5
     OMP_NUM_THREADS=1 python benchmarks/text_exits.py --first-split 4 --splits 1 --json a.json
@@ -58,6 +69,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 import auxhead
@@ -73,6 +85,9 @@ from auxhead.exits._patience import patience_exits
 
 KIM_CNN_RAND = 0.761  # Kim (2014), CNN-rand on MR, 10-fold cross-validation
 DEPTH = 6
+LTT = "max softmax, ltt 90%"
+DEEBERT = "DeeBERT (one entropy threshold, fit on calib.)"
+TIMED = {LTT: "confidence", DEEBERT: "entropy"}  # the rules timed through EarlyExit: criterion
 
 
 class Encoder(nn.Module):
@@ -138,9 +153,10 @@ def train(args: argparse.Namespace, data, fit_rows: list[int], seed: int):
 def cache(aux, dataset, rows: list[int], layer_flops, head_flops: int) -> dict:
     """Every head's and the main output's logits on `rows`, their labels, and the per-sample
     FLOPs of layers (N, DEPTH) at each sentence's own length."""
-    heads, main, labels, lengths = [], [], [], []
+    heads, main, labels, lengths, order = [], [], [], [], []
     with aux.heads_enabled():
         for chunk, batch in batches(dataset, rows, 256, None):
+            order += chunk
             out = aux(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             heads.append(torch.stack(list(aux.aux_outputs.values()), dim=1))
             main.append(out)
@@ -153,6 +169,7 @@ def cache(aux, dataset, rows: list[int], layer_flops, head_flops: int) -> dict:
         "y": torch.cat(labels),
         "layer_flops": per_layer,  # (N,): one layer at this length
         "head_flops": head_flops,
+        "rows": order,  # the dataset row of each cached sentence
     }
 
 
@@ -183,6 +200,7 @@ class Pool:
         right = [self.heads[:, e].argmax(-1) == self.y for e in range(n_exits)]
         self.correct = torch.stack([*right, self.main.argmax(-1) == self.y], dim=1)
         self.layer, self.head = c["layer_flops"], c["head_flops"]
+        self.rows = c["rows"]
         self.scores = {
             name: torch.stack([fn(self.heads[:, e]) for e in range(n_exits)], dim=1).double()
             for name, fn in (("confidence", confidence), ("entropy", entropy_confidence))
@@ -255,13 +273,14 @@ def rules(args: argparse.Namespace, calib: Pool, test: Pool, seed: int) -> dict[
             out[f"{label}, {name}"] = test.thresholded(criterion, thresholds)
             out[f"{label}, {name}"]["thresholds"] = thresholds.tolist()
     thresholds = shared_fit(calib, "entropy", args.eps)
-    out["DeeBERT (one entropy threshold, fit on calib.)"] = test.thresholded("entropy", thresholds)
+    out[DEEBERT] = test.thresholded("entropy", thresholds)
+    out[DEEBERT]["thresholds"] = thresholds.tolist()
     for k in args.patience:
         out[f"PABEE, patience {k}"] = test.patience(k)
     # At matched accuracy (fitted on the test sentences themselves, so an optimistic bound for
     # the baselines): the cheapest entropy threshold, and the smallest patience, whose test
     # drop is no larger than that of max softmax under ltt 90%.
-    target = out["max softmax, ltt 90%"]["drop"]
+    target = out[LTT]["drop"]
     thresholds = shared_fit(test, "entropy", max(target, 0.0))
     out["DeeBERT, matched on test (oracle)"] = test.thresholded("entropy", thresholds)
     matched = [test.patience(k) for k in range(1, DEPTH)]
@@ -271,38 +290,110 @@ def rules(args: argparse.Namespace, calib: Pool, test: Pool, seed: int) -> dict[
     return out
 
 
+def _inputs(batch: dict) -> dict[str, torch.Tensor]:
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 @torch.no_grad()
-def time_loop(aux, dataset, thresholds: Sequence[float], count: int) -> dict[str, float]:
-    """Median seconds per sentence at batch size 1 of the full model and of a hand-written
-    early-stopped loop (layer by layer, each head whose threshold is below 1 run on its
-    layer's tokens, stopping at the first whose max softmax is above it), interleaved
-    sentence by sentence. Not `EarlyExit`: it does not route token models yet."""
-    model, taps = aux.model, list(aux.taps)
-    full_times, early_times = [], []
+def wall_clock(
+    aux, early: auxhead.EarlyExit, dataset, test: Pool, args: argparse.Namespace, seed: int
+) -> dict:
+    """Through `early` (its thresholds set): each test sentence's exit against the replay's
+    (`test`), and the median seconds per sentence of the full model, of `early`, and of
+    `early` with every exit off (thresholds 1: the same stages, no sentence leaving; what
+    routing costs or gains by itself), interleaved batch by batch (which runs first rotates),
+    at batch size 1 (the first --time-sentences test sentences) and 32 (--time-batches
+    shuffled batches)."""
+    thresholds = torch.tensor(early.thresholds, dtype=torch.float64)
+    replay = exit_indices(test.scores[early.criterion], thresholds).tolist()
+    replayed = dict(zip(test.rows, replay, strict=True))
+    chosen = early.thresholds
 
-    def full(ids, mask):
-        return model(input_ids=ids, attention_mask=mask)
-
-    def early(ids, mask):
-        h = model.emb(ids) + model.pos[:, : ids.shape[1]]
-        pad = mask == 0
-        for i, layer in enumerate(model.layers):
-            h = layer(h, src_key_padding_mask=pad)
-            if i < len(taps) and thresholds[i] < 1:
-                logits = aux.run_head(taps[i], h)
-                if float(confidence(logits)[0]) > thresholds[i]:
-                    return logits
-        return model.fc(h.mean(1))
-
-    for index in range(min(count, len(dataset))):
-        item = dataset[index]
-        ids, mask = item["input_ids"][None], item["attention_mask"][None]
-        pair = [(full, full_times), (early, early_times)]
-        for fn, times in pair if index % 2 else pair[::-1]:
+    def full(inputs: dict) -> float:
+        with aux.hooks_removed() as model:  # the model as it is served: no hooks on it
             start = time.perf_counter()
-            fn(ids, mask)
-            times.append(time.perf_counter() - start)
-    return {"full_s": statistics.median(full_times), "early_s": statistics.median(early_times)}
+            model(**inputs)
+            return time.perf_counter() - start
+
+    def routed(inputs: dict) -> float:
+        start = time.perf_counter()
+        early(**inputs)
+        return time.perf_counter() - start
+
+    def plain(inputs: dict) -> float:  # without PyTorch's fused encoder-layer kernel
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return full(inputs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(True)
+
+    def off(inputs: dict) -> float:
+        early.thresholds = 1.0
+        try:
+            return routed(inputs)
+        finally:
+            early.thresholds = chosen
+
+    def timed(chunks: list[list[int]]) -> dict[str, float]:
+        runs = {
+            "full_s": (full, []),
+            "plain_s": (plain, []),
+            "off_s": (off, []),
+            "early_s": (routed, []),
+        }
+        names = list(runs)
+        for index, chunk in enumerate(chunks):
+            inputs = _inputs(dataset.batch(chunk))
+            first = index % len(names)
+            for name in names[first:] + names[:first]:
+                fn, times = runs[name]
+                times.append(fn(inputs) / len(chunk))
+        out = {name: statistics.median(times) for name, (_, times) in runs.items()}
+        out["speedup"] = out["full_s"] / out["early_s"]
+        out["speedup_plain"] = out["plain_s"] / out["early_s"]
+        out["speedup_off"] = out["off_s"] / out["early_s"]
+        out["batches"] = len(chunks)
+        return out
+
+    # The routing check (and the warm-up: the first call cuts the stages): every test
+    # sentence once, in shuffled batches of 32.
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(dataset), generator=generator).tolist()
+    agree, right, depth = 0, 0, 0
+    early.return_exits = True
+    for i in range(0, len(order), 32):
+        chunk = order[i : i + 32]
+        batch = dataset.batch(chunk)
+        logits, exits = early(**_inputs(batch))
+        right += int((logits.argmax(-1) == batch["labels"]).sum())
+        depth += int((exits + 1).sum())
+        agree += sum(replayed[row] == e for row, e in zip(chunk, exits.tolist(), strict=True))
+    early.return_exits = False
+    result = {
+        "thresholds": list(early.thresholds),
+        "mode": early.mode,
+        "acc": right / len(order),
+        "layers": depth / len(order),
+        "agree": agree / len(order),
+    }
+    if args.time_sentences:
+        result["bs1"] = timed([[row] for row in range(min(args.time_sentences, len(dataset)))])
+    if args.time_batches:
+        chunks: list[list[int]] = []
+        while len(chunks) < args.time_batches:  # full batches only, a new order each pass
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+            chunks += [order[i : i + 32] for i in range(0, len(order) - 31, 32)]
+        result["bs32"] = timed(chunks[: args.time_batches])
+    return result
+
+
+def calibrate_check(aux, data, calib_rows: list[int], args: argparse.Namespace) -> list[float]:
+    """The thresholds `EarlyExit.calibrate` picks on the calibration sentences (the same
+    target as the replay's ltt 90% rule), read from a DataLoader of collated dicts."""
+    loader = DataLoader(Subset(data.train, calib_rows), batch_size=64, collate_fn=data.collate)
+    early = auxhead.EarlyExit(aux)
+    early.calibrate(loader, max_accuracy_drop=args.eps, confidence=0.9, timing_batches=0)
+    return list(early.thresholds)
 
 
 def run_split(args: argparse.Namespace, seed: int) -> dict:
@@ -319,11 +410,11 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
     test = Pool(cache(aux, data.valid, list(range(len(data.valid))), layer_flops, head_flops))
     heads_acc = test.correct.double().mean(0).tolist()
     found = rules(args, calib, test, seed)
-    timing = (
-        time_loop(aux, data.valid, found["max softmax, ltt 90%"]["thresholds"], args.time_sentences)
-        if args.time_sentences
-        else None
-    )
+    wall = {}
+    for name, criterion in TIMED.items():
+        early = auxhead.EarlyExit(aux, criterion=criterion, thresholds=found[name]["thresholds"])
+        wall[name] = wall_clock(aux, early, data.valid, test, args, seed)
+    calibrated = calibrate_check(aux, data, calib_rows, args)
     result = {
         "seed": seed,
         "train": len(fit_rows),
@@ -332,7 +423,8 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
         "full_acc": heads_acc[-1],
         "head_acc": heads_acc[:-1],
         "rules": found,
-        "timing": timing,
+        "wall": wall,
+        "calibrate_thresholds": calibrated,
         "seconds": time.perf_counter() - start,
     }
     print(
@@ -346,30 +438,75 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
     return result
 
 
+def _speedup(r: dict, name: str, size: str) -> str:
+    timing = (r.get("wall") or {}).get(name, {}).get(size)
+    return f"{timing['speedup']:.2f}x" if timing else "-"
+
+
 def report(args: argparse.Namespace, results: list[dict]) -> None:
     accs = [r["full_acc"] for r in results]
     print(
         "\n| split (seed) | full model test acc | heads 1-5 test acc | "
-        "ltt 90%: layers run | speed-up (layers) | FLOPs saved | drop |\n"
-        "|---|---|---|---|---|---|---|"
+        "ltt 90%: layers run | speed-up (layers) | FLOPs saved | drop | "
+        "wall-clock bs 1 | wall-clock bs 32 |\n"
+        "|---|---|---|---|---|---|---|---|---|"
     )
-    key = "max softmax, ltt 90%"
     for r in results:
-        m = r["rules"][key]
+        m = r["rules"][LTT]
         print(
             f"| {r['seed']} | {r['full_acc']:.2%} | "
             + " / ".join(f"{a:.1%}" for a in r["head_acc"])
             + f" | {m['layers']:.2f} | {DEPTH / m['layers']:.2f}x | {m['flops_saved']:.1%} | "
-            f"{m['drop'] * 100:+.2f} pt |"
+            f"{m['drop'] * 100:+.2f} pt | {_speedup(r, LTT, 'bs1')} | {_speedup(r, LTT, 'bs32')} |"
         )
-    if results[0]["timing"]:
-        full = statistics.fmean(r["timing"]["full_s"] for r in results)
-        early = statistics.fmean(r["timing"]["early_s"] for r in results)
+    timed = [r for r in results if r.get("wall")]
+    if timed:
         print(
-            f"\nbatch size 1, hand-written early-stopped loop with the ltt 90% thresholds (not "
-            f"EarlyExit), median per sentence, mean over splits: full model {full * 1e3:.2f} ms, "
-            f"early-stopped {early * 1e3:.2f} ms, {full / early:.2f}x"
+            f"\nWall-clock through auxhead.EarlyExit ({timed[0]['wall'][LTT]['mode']} mode), "
+            "median seconds per sentence, interleaved batch by batch: the full model as PyTorch "
+            "runs it (its fused encoder-layer fast path on), the same without the fast path, "
+            "EarlyExit with every exit off (the stages alone), EarlyExit; speed-ups of the "
+            "early exits over each."
         )
+        for size, label in (("bs1", "batch size 1"), ("bs32", "batch size 32")):
+            if not all(size in r["wall"][name] for r in timed for name in TIMED):
+                continue
+            print(
+                f"\n{label}:\n\n| rule | split | full | full, no fast path | exits off | early "
+                "| speed-up | over no fast path | over exits off | layers run | drop | "
+                "exits as replayed |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+            )
+            for name in TIMED:
+                for r in timed:
+                    w = r["wall"][name]
+                    t = w[size]
+                    print(
+                        f"| {name} | {r['seed']} | "
+                        + " | ".join(
+                            f"{t[k] * 1e3:.3f} ms"
+                            for k in ("full_s", "plain_s", "off_s", "early_s")
+                        )
+                        + f" | {t['speedup']:.2f}x | {t['speedup_plain']:.2f}x | "
+                        f"{t['speedup_off']:.2f}x | {w['layers']:.2f} | "
+                        f"{(r['full_acc'] - w['acc']) * 100:+.2f} pt | {w['agree']:.1%} |"
+                    )
+                means = [
+                    statistics.fmean(r["wall"][name][size][k] for r in timed)
+                    for k in ("speedup", "speedup_plain", "speedup_off")
+                ]
+                print(
+                    f"| {name} | mean | | | | | **{means[0]:.2f}x** | {means[1]:.2f}x | "
+                    f"{means[2]:.2f}x | "
+                    f"{statistics.fmean(r['wall'][name]['layers'] for r in timed):.2f} | | |"
+                )
+        print("\nPABEE: no wall-clock (patience is not an EarlyExit criterion).")
+        for r in timed:
+            replay = ", ".join(f"{t:.4f}" for t in r["rules"][LTT]["thresholds"])
+            chosen = ", ".join(f"{t:.4f}" for t in r.get("calibrate_thresholds", []))
+            print(
+                f"split {r['seed']}: ltt 90% thresholds, replay [{replay}]; "
+                f"EarlyExit.calibrate on the calibration sentences [{chosen}]"
+            )
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(
         f"\nfull model: mean test accuracy {statistics.fmean(accs):.2%} (sd {sd:.2%}) over "
@@ -403,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patience", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--bs", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--lr", type=float, default=1e-3, help="2e-3 makes layer 1's head as good as the model"
+    )
     parser.add_argument("--aux-weight", type=float, default=1.0, help="each head's weight")
     parser.add_argument("--width", type=int, default=64, help="d_model")
     parser.add_argument("--ff", type=int, default=128, help="feed-forward width")
@@ -412,6 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument(
         "--time-sentences", type=int, default=300, help="bs-1 timing sentences (0: none)"
+    )
+    parser.add_argument(
+        "--time-batches", type=int, default=100, help="bs-32 timing batches (0: none)"
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="save the raw results here")

@@ -38,7 +38,7 @@ from auxhead.exits._calibrate import (
     choose_budget_thresholds,
     choose_thresholds,
 )
-from auxhead.exits._export import Routed, export_program
+from auxhead.exits._export import GraphRouted, Routed, export_program
 from auxhead.exits._forward import forward_generic, forward_staged
 from auxhead.exits._fx import plan_stages
 from auxhead.exits._graph import GraphPlan, as_keywords, forward_graph, graph_cut, key
@@ -147,6 +147,8 @@ class EarlyExit(nn.Module):
         mode_reason: why: the stages found, or why the model cannot be cut.
         return_exits: as given; can be changed.
         summary: the last `calibrate` (or `evaluate`) result, or None.
+        last_exits: each sample's exit index (B,) in the latest forward (`len(taps)`: the
+            main head), whatever `return_exits` says; None before the first.
 
     Example:
         >>> aux = auxhead.attach(resnet, ["layer2", "layer3"], sample=x[:2])  # then train it
@@ -191,6 +193,7 @@ class EarlyExit(nn.Module):
         self.temperatures = 1.0
         self.return_exits = return_exits
         self.summary: ExitSummary | None = None
+        self.last_exits: torch.Tensor | None = None  # (B,) of the latest forward
         self._plan: Plan | None = None
         self._graphs: dict[tuple[str, ...], GraphPlan] = {}  # token models: by input names
         self._asked = mode
@@ -321,6 +324,7 @@ class EarlyExit(nn.Module):
                 logits, exits = forward_generic(
                     (args, kwargs), self.aux_model, active, self._decide
                 )
+        self.last_exits = exits
         return (logits, exits) if self.return_exits else logits
 
     def _forward_tokens(
@@ -370,6 +374,26 @@ class EarlyExit(nn.Module):
                 empty sample, .onnx without the onnx/onnxscript packages, or an ONNX file
                 whose batch size torch's exporter fixed (not written).
         """
+        if self._tokens and self._graph_mode:
+            inputs = sample if isinstance(sample, dict) else {}
+            if not isinstance(sample, dict):
+                raise ValueError(
+                    f"export of {type(self.aux_model.model).__name__} traces with a dict of its "
+                    f"keyword inputs (input_ids, attention_mask, ...), got "
+                    f"{type(sample).__name__}; pass a batch such as `early.export(path, batch)`"
+                )
+            plan = self._graph_plan(as_keywords(self.aux_model.model, (), inputs))
+            if plan is not None:
+                graph = GraphRouted(
+                    plan,
+                    self.aux_model,
+                    thresholds=self.thresholds,
+                    temperatures=self.temperatures,
+                    criterion=self._criterion,
+                    return_exits=self.return_exits,
+                )
+                with eval_mode(self.aux_model):
+                    return export_program(graph, path, inputs)
         if self._plan is None:
             raise ValueError(
                 f"export needs a staged EarlyExit (this one is generic: {self.mode_reason})"

@@ -21,18 +21,21 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from auxhead.attach import AuxModel
 from auxhead.exits._forward import head_copy
-from auxhead.exits._route import Criterion, leaves
+from auxhead.exits._graph import GraphPlan
+from auxhead.exits._route import Criterion, leaves, model_logits
 from auxhead.exits._stages import Plan
 
-__all__ = ["Routed", "export_program"]
+__all__ = ["GraphRouted", "Routed", "export_program"]
 
 
 class Routed(nn.Module):
@@ -117,6 +120,112 @@ class Routed(nn.Module):
         return torch.cond(leave.all(), everyone_leaves, some_stay, (h, leave, rows, out, exits))
 
 
+class GraphRouted(nn.Module):
+    """The forward of an `EarlyExit` on a token model (stages cut from its export graph), as
+    one module torch.export can trace: the model's keyword inputs, positionally in
+    `plan.names` order -> (B, K) logits, or (logits, (B,) exit indices) with `return_exits`.
+    As `Routed`, each active exit is a `torch.cond`; the samples that stay take their rows of
+    every batch-first slot of the state, and of the real tokens the heads pool over."""
+
+    def __init__(
+        self,
+        plan: GraphPlan,
+        aux_model: AuxModel,
+        *,
+        thresholds: Sequence[float],
+        temperatures: Sequence[float],
+        criterion: Criterion,
+        return_exits: bool,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.stages = nn.ModuleList(plan.stages)
+        self.aux_model = [aux_model]  # in a list: not a submodule (its hooks stay out)
+        self.heads = nn.ModuleDict(
+            {str(i): aux_model.head(t) for i, t in enumerate(aux_model.taps)}
+        )
+        self.taps = list(aux_model.taps)
+        self.exits = [i for i, t in enumerate(thresholds) if t < 1.0]
+        self.thresholds = list(thresholds)
+        self.temperatures = list(temperatures)
+        self.criterion = criterion
+        self.return_exits = return_exits
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        aux_model = self.aux_model[0]
+        kwargs = dict(zip(self.plan.names, inputs, strict=True))
+        keep = aux_model.real_tokens((), kwargs)
+        state = self.plan.stages[0](*inputs)
+        batch = state[0].shape[0]
+        rows = torch.arange(batch, device=state[0].device)
+        logits, exits = self._from(0, 1, state, keep, rows, None, None)
+        return (logits, exits) if self.return_exits else logits
+
+    def _run(self, start: int, stop: int, state: tuple) -> tuple:
+        """Stages `start` to `stop` - 1 (stage i ends at tap i; the last gives the outputs)."""
+        for index in range(start, stop):
+            state = self.stages[index](*state)
+        return state
+
+    def _from(
+        self,
+        k: int,
+        position: int,
+        state: tuple,
+        keep: torch.Tensor | None,
+        rows: torch.Tensor,
+        out: torch.Tensor | None,
+        exits: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `Routed._from`, on the state (slots) of the samples `rows` before stage
+        `position`."""
+        n_exits = len(self.taps)
+        if k == len(self.exits):  # no exit left: the main output
+            flat = self._run(position, len(self.stages), state)
+            logits = model_logits(self.plan.output(flat))
+            if out is None:
+                return logits, _filled(logits, n_exits)
+            out = out.index_copy(0, rows, logits.to(out.dtype))
+            return out, exits.index_fill(0, rows, n_exits)
+        index = self.exits[k]
+        state = self._run(position, index + 1, state)
+        tap = self.taps[index]
+        aux_model = self.aux_model[0]
+        features = aux_model.arrange(tap, state[0]).clone()
+        logits = aux_model.head_logits(tap, features, keep)
+        t = self.temperatures[index]
+        scores = self.criterion(logits if t == 1.0 else logits / t)
+        leave = leaves(scores, self.thresholds[index])
+        if out is None:
+            out, exits = logits, _filled(logits, index)
+        else:
+            out = out.index_copy(0, rows, logits.to(out.dtype))
+            exits = exits.index_fill(0, rows, index)
+        narrow = self.plan.narrow[index]
+        tensors = [i for i, v in enumerate(state) if isinstance(v, torch.Tensor)]
+        others = {i: v for i, v in enumerate(state) if i not in tensors}  # sizes: as they are
+        has_keep = keep is not None
+
+        def everyone_leaves(leave, out, exits, rows, keep, *slots):
+            return out.clone(), exits.clone()
+
+        def some_stay(leave, out, exits, rows, keep, *slots):
+            stay = torch.nonzero(~leave).squeeze(1)  # (m,), m >= 1 data-dependent
+            torch._check(stay.shape[0] >= 1)  # true in this branch; later stages need it
+            full = dict(others)
+            for i, value in zip(tensors, slots, strict=True):
+                full[i] = value.index_select(0, stay) if narrow[i] else value
+            narrowed = tuple(full[i] for i in range(len(state)))
+            kept = keep.index_select(0, stay) if has_keep else None
+            rows = rows.index_select(0, stay)
+            return self._from(k + 1, index + 1, narrowed, kept, rows, out, exits)
+
+        # Without real tokens, `rows` stands in for `keep` (an operand must be a tensor).
+        slots = (state[i] for i in tensors)
+        operands = (leave, out, exits, rows, keep if has_keep else rows, *slots)
+        return torch.cond(leave.all(), everyone_leaves, some_stay, operands)
+
+
 def _filled(logits: torch.Tensor, index: int) -> torch.Tensor:
     """(B,) exit indices, all `index`, dense (a `full_like` of a column would keep its stride,
     which `torch.cond` refuses in an output)."""
@@ -179,11 +288,15 @@ def _check_dynamic_batch(path: Path) -> None:
         )
 
 
-def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Path:
+def export_program(
+    routed: Routed | GraphRouted, path: str | Path, sample: torch.Tensor | dict[str, Any]
+) -> Path:
     """Export `routed` to `path`, traced on `sample` with a dynamic batch size: a `torch.export`
     program for .pt2 (load it with `torch.export.load(path).module()`), or one self-contained
     ONNX file for .onnx (the `torch.cond`s become ONNX `If`s), written by torch's ONNX
-    exporter, which needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`)."""
+    exporter, which needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`).
+    A `Routed` takes one input, "x"; a `GraphRouted` the model's keyword inputs, by name (the
+    token dimension stays dynamic too)."""
     path = Path(path)
     if path.suffix not in (".pt2", ".onnx"):
         raise ValueError(
@@ -191,8 +304,17 @@ def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Pa
             f"{path.name!r}"
         )
     routed = routed.eval()
-    sample = _two_or_more(sample)
     batch = torch.export.Dim("batch", min=1, max=65536)
+    if isinstance(routed, GraphRouted):
+        inputs = _named_inputs(routed.plan.names, sample)
+        names = list(routed.plan.names)
+        per_input = tuple(
+            {0: batch, **{d: torch.export.Dim.AUTO for d in range(1, value.dim())}}
+            for value in inputs
+        )
+        shapes = (per_input,)  # forward(*inputs): one varargs parameter
+    else:
+        inputs, names, shapes = (_two_or_more(sample),), ["x"], ({0: batch},)
     if path.suffix == ".onnx":
         missing = [
             name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None
@@ -202,13 +324,20 @@ def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Pa
                 f"writing {path.name} needs the {' and '.join(missing)} package(s): "
                 "pip install 'auxhead[onnx]' (or export to a .pt2 file)"
             )
-        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        with (
+            torch.no_grad(),
+            contextlib.redirect_stdout(io.StringIO()),  # its progress lines
+            warnings.catch_warnings(),
+        ):
+            # One batch dimension shared by several inputs: the exporter names it once, and
+            # says so.
+            warnings.filterwarnings("ignore", message=r".*shares the same shape constraints")
             program = torch.onnx.export(
                 routed,
-                (sample,),
+                inputs,
                 dynamo=True,
-                dynamic_shapes=({0: batch},),
-                input_names=["x"],
+                dynamic_shapes=shapes,
+                input_names=names,
                 output_names=["logits", "exit"] if routed.return_exits else ["logits"],
                 verbose=False,
             )
@@ -216,6 +345,22 @@ def export_program(routed: Routed, path: str | Path, sample: torch.Tensor) -> Pa
         _check_dynamic_batch(path)
         return path
     with torch.no_grad():
-        program = torch.export.export(routed, (sample,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(routed, inputs, dynamic_shapes=shapes)
     torch.export.save(program, path)
     return path
+
+
+def _named_inputs(names: Sequence[str], sample: Any) -> tuple[torch.Tensor, ...]:
+    """The sample's keyword inputs in `names` order, at batch size >= 2 (see `_two_or_more`)."""
+    if not isinstance(sample, dict) or any(name not in sample for name in names):
+        got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
+        raise ValueError(
+            f"export of this token model traces with a dict of its inputs {list(names)}, got "
+            f"{got}; pass a batch such as `early.export(path, batch)` with those keys"
+        )
+    inputs = tuple(sample[name] for name in names)
+    if any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] == 0 for v in inputs):
+        raise ValueError(f"export traces with a sample batch: tensors {list(names)} of (B, ...)")
+    if inputs[0].shape[0] == 1:
+        inputs = tuple(torch.cat([v, v]) for v in inputs)
+    return inputs

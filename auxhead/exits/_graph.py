@@ -18,6 +18,7 @@ the model's own forward, and the stages run one after the other must give the mo
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -166,15 +167,28 @@ def graph_cut(aux_model: AuxModel, kwargs: dict[str, Any]) -> GraphPlan:
         return node.op not in ("get_attr", "output")
 
     crossing: list[list[fx.Node]] = []
+    read: list[dict[fx.Node, int]] = []  # per cut: sizes read from the tap's output, by dim
     narrow: list[tuple[bool, ...]] = []
     for tap, end in zip(taps, ends, strict=True):
         tap_node = tap_nodes[tap]
         if not _batch_first_value(tap_node, batch_symbol):
             raise NotStageable(f"tap {tap!r} outputs no batch-first tensor")
         slots: list[fx.Node] = [tap_node]
+        sizes: dict[fx.Node, int] = {}
+        dims = [_symbol(d) for d in tap_node.meta["val"].shape]
 
-        def carry(node: fx.Node, tap: str = tap, slots: list[fx.Node] = slots) -> None:
+        def carry(
+            node: fx.Node,
+            tap: str = tap,
+            slots: list[fx.Node] = slots,
+            sizes: dict[fx.Node, int] = sizes,
+            dims: list[Any] = dims,
+        ) -> None:
             """Make `node` available after the cut: as a slot, or recomputed there."""
+            value = node.meta.get("val")
+            if isinstance(value, torch.SymInt) and _symbol(value) in dims:
+                sizes[node] = dims.index(_symbol(value))  # a size of the tap's output: read
+                return
             kind = _kind(node, batch_symbol)
             if kind in ("batch", "shared"):
                 if node not in slots:
@@ -195,15 +209,18 @@ def graph_cut(aux_model: AuxModel, kwargs: dict[str, Any]) -> GraphPlan:
             if is_value(node) and any(position[user] > end for user in node.users):
                 carry(node)
         crossing.append(slots)
+        read.append(sizes)
         narrow.append(tuple(_kind(node, batch_symbol) == "batch" for node in slots))
 
     stages = []
     bounds = list(zip([-1, *ends], [*ends, len(nodes) - 1], strict=True))
     for index, (start, end) in enumerate(bounds):
         incoming = crossing[index - 1] if index else inputs
+        sizes = read[index - 1] if index else {}
         outgoing = crossing[index] if index < len(taps) else None
         part = nodes[start + 1 : end + 1]
-        graph = _stage_graph(part, incoming, outgoing, lambda n: _kind(n, batch_symbol))
+        kind = functools.partial(_kind, batch_symbol=batch_symbol)
+        graph = _stage_graph(part, incoming, sizes, outgoing, kind)
         stages.append(fx.GraphModule(module, graph, class_name=f"Stage_{index}"))
     names = tuple(node.name for node in inputs)
     plan = GraphPlan(tuple(stages), tuple(narrow), names, program.call_spec.out_spec)
@@ -213,8 +230,8 @@ def graph_cut(aux_model: AuxModel, kwargs: dict[str, Any]) -> GraphPlan:
 
 def _kind(node: fx.Node, batch_symbol: Any) -> str | None:
     """How a value crossing a cut follows the samples: "batch" (narrowed by rows), "shared"
-    (no batch in it: passed on), "batch size" (read again from a narrowed slot), "derived"
-    (size arithmetic with the batch in it: computed again from its inputs), or None (it
+    (no batch in it: passed on), "derived" (size arithmetic with the batch in it: computed
+    again from its inputs; the batch size itself is read from the tap's output), or None (it
     cannot follow)."""
     value = node.meta.get("val")
     if isinstance(value, torch.Tensor):
@@ -224,8 +241,6 @@ def _kind(node: fx.Node, batch_symbol: Any) -> str | None:
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
         if batch_symbol not in _free(value):
             return "shared"
-        if _symbol(value) == batch_symbol:
-            return "batch size"
         return "derived" if node.op == "call_function" else None
     return "shared" if value is None else None
 
@@ -247,26 +262,27 @@ def _batch_first_value(node: fx.Node, batch_symbol: Any) -> bool:
 def _stage_graph(
     part: list[fx.Node],
     incoming: list[fx.Node],
+    sizes: dict[fx.Node, int],
     outgoing: list[fx.Node] | None,
     kind: Callable[[fx.Node], str | None],
 ) -> fx.Graph:
     """A graph running `part` on `incoming` (one placeholder each, slot 0 the previous tap's
-    output; the model's inputs for the first stage). The batch size is read again from slot
-    0, and size arithmetic with it computed again. It returns the values of `outgoing`, or
-    the model's outputs (flat) when `outgoing` is None."""
+    output; the model's inputs for the first stage). The sizes in `sizes` (the batch size,
+    the sequence length) are read again from slot 0, by dimension, and size arithmetic with
+    the batch computed again. It returns the values of `outgoing`, or the model's outputs
+    (flat) when `outgoing` is None."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for slot, node in enumerate(incoming):
         env[node] = graph.placeholder(node.name if node.op == "placeholder" else f"slot_{slot}")
+    for node, dim in sizes.items():
+        env[node] = graph.call_function(torch.ops.aten.sym_size.int, (env[incoming[0]], dim))
 
     def lookup(node: fx.Node) -> fx.Node:
         if node in env:
             return env[node]
-        how = kind(node)
-        if node.op == "get_attr" or how == "derived":  # every stage reads (or redoes) its own
+        if node.op == "get_attr" or kind(node) == "derived":  # every stage reads (or redoes)
             env[node] = graph.node_copy(node, lookup)
-        elif how == "batch size" and incoming:
-            env[node] = graph.call_function(torch.ops.aten.sym_size.int, (env[incoming[0]], 0))
         else:
             raise NotStageable(f"a stage needs {node.name!r}, which does not cross the cut")
         return env[node]
@@ -354,15 +370,31 @@ def _interpret(module: fx.GraphModule, sample: dict[str, Any]) -> dict[fx.Node, 
 
 
 def _check(plan: GraphPlan, aux_model: AuxModel, sample: dict[str, Any]) -> None:
-    """The stages, run one after the other on the sample, give the model's output."""
-    with eval_mode(aux_model.model), torch.no_grad():
-        expected = model_logits(aux_model.model(**sample))
+    """The stages, run one after the other on the sample, give the model's output, and each
+    head on its stage's slot 0 (pooled over `real_tokens`) the logits it gives in the
+    AuxModel's own forward."""
+    keep = aux_model.real_tokens((), sample)
+    with eval_mode(aux_model), torch.no_grad():
+        with aux_model.heads_enabled():
+            expected = model_logits(aux_model(**sample))
+        heads, aux_model.aux_outputs = aux_model.aux_outputs, {}
         state = plan.stages[0](*(sample[name] for name in plan.names))
-        for stage in plan.stages[1:-1]:
-            state = stage(*state)
+        for index, tap in enumerate(aux_model.taps):
+            if index:
+                state = plan.stages[index](*state)
+            got = aux_model.run_head(tap, aux_model.arrange(tap, state[0]).clone(), keep)
+            if not _close(got, heads[tap]):
+                raise NotStageable(
+                    f"the head at {tap!r} reads other tokens in the stages than in the model's "
+                    "forward (attach with mask=, saying which tokens are real)"
+                )
         got = model_logits(plan.output(plan.stages[-1](*state)))
-    if got.shape != expected.shape or not torch.allclose(got, expected, atol=TOLERANCE):
+    if not _close(got, expected):
         raise NotStageable("the stages cut from the export graph do not reproduce the model")
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return got.shape == expected.shape and torch.allclose(got, expected, atol=TOLERANCE)
 
 
 def forward_graph(
