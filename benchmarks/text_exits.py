@@ -43,8 +43,9 @@ PABEE is not an `EarlyExit` criterion (it needs the heads before the exit to agr
 no wall-clock figure. The first pass of the batch-size-32 timing also checks the routing: each
 test sentence's exit from `EarlyExit` against the exit the replay gives it from the cached
 logits. `EarlyExit.calibrate` on the calibration sentences (a DataLoader of
-`TokenDataset.collate` batches) is run too, and its thresholds are reported beside the
-replay's.
+`TokenDataset.collate` batches) is run too: its thresholds and their test figures are
+reported beside the replay's, with the replay's search run again on the calibration sentences
+in the order, and with the seed, that calibrate reads them.
 
 Commands (one process; --json keeps the raw results, --merge reports runs made apart):
 
@@ -415,6 +416,20 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
         early = auxhead.EarlyExit(aux, criterion=criterion, thresholds=found[name]["thresholds"])
         wall[name] = wall_clock(aux, early, data.valid, test, args, seed)
     calibrated = calibrate_check(aux, data, calib_rows, args)
+    # The replay's search again, on the calibration sentences in the order calibrate reads
+    # them (its DataLoader's) and with its seed (0): the betting test reads the samples in a
+    # seeded random order of the data as given, so the order can change where it stops.
+    position = {row: i for i, row in enumerate(calib.rows)}
+    order = torch.tensor([position[row] for row in calib_rows])
+    again = choose_thresholds(
+        calib.scores["confidence"][order], calib.correct[order], calib.profile(),
+        max_accuracy_drop=args.eps, confidence=0.9, seed=0,
+    )  # fmt: skip
+    check = {
+        "thresholds": calibrated,
+        "test": test.thresholded("confidence", torch.tensor(calibrated, dtype=torch.float64)),
+        "replay_in_its_order": list(again.thresholds),
+    }
     result = {
         "seed": seed,
         "train": len(fit_rows),
@@ -424,7 +439,7 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
         "head_acc": heads_acc[:-1],
         "rules": found,
         "wall": wall,
-        "calibrate_thresholds": calibrated,
+        "calibrate": check,
         "seconds": time.perf_counter() - start,
     }
     print(
@@ -501,11 +516,19 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
                 )
         print("\nPABEE: no wall-clock (patience is not an EarlyExit criterion).")
         for r in timed:
-            replay = ", ".join(f"{t:.4f}" for t in r["rules"][LTT]["thresholds"])
-            chosen = ", ".join(f"{t:.4f}" for t in r.get("calibrate_thresholds", []))
+            if "calibrate" not in r:
+                continue
+            c, m = r["calibrate"], r["rules"][LTT]
+
+            def row(values: list[float]) -> str:
+                return "[" + ", ".join(f"{t:.4f}" for t in values) + "]"
+
             print(
-                f"split {r['seed']}: ltt 90% thresholds, replay [{replay}]; "
-                f"EarlyExit.calibrate on the calibration sentences [{chosen}]"
+                f"split {r['seed']}: ltt 90% thresholds, replay {row(m['thresholds'])} (test: "
+                f"{m['layers']:.2f} layers, drop {m['drop'] * 100:+.2f} pt); "
+                f"EarlyExit.calibrate {row(c['thresholds'])} (test: {c['test']['layers']:.2f} "
+                f"layers, drop {c['test']['drop'] * 100:+.2f} pt); the replay's search in "
+                f"calibrate's order and seed {row(c['replay_in_its_order'])}"
             )
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(

@@ -286,3 +286,23 @@ def test_onnx_file_routes_like_the_eager_forward_in_onnxruntime(kind, tmp_path, 
         got, got_exits = session.run(None, {k: v.numpy() for k, v in other.items()})
         assert got_exits.tolist() == exits.tolist()
         torch.testing.assert_close(torch.from_numpy(got), logits, **TOL)
+
+
+@pytest.mark.parametrize("mode", ["auto", "generic"])
+def test_patience_routes_a_token_model_like_the_rule_on_the_whole_batch(mode):
+    from auxhead.exits._patience import patience_logits
+
+    torch.manual_seed(0)
+    inputs = batch(sentences(LENGTHS * 4, seed=2), "bert")
+    taps = ["layers.0", "layers.1", "layers.2"]
+    aux = auxhead.attach(Encoder(depth=4), taps, num_classes=2, pool="mean", sample=inputs)
+    aux.eval()
+    early = auxhead.EarlyExit(aux, criterion="patience", patience=1, mode=mode)
+    logits = early(**inputs)
+    with torch.no_grad(), aux.heads_enabled():
+        main = aux(**inputs)
+    expected, exits = patience_logits([aux.aux_outputs[t] for t in taps], main, 1)
+    assert early.mode == ("staged" if mode == "auto" else "generic")
+    assert early.last_exits.tolist() == exits.tolist()
+    assert len(set(exits.tolist())) >= 2
+    torch.testing.assert_close(logits, expected, **TOL)

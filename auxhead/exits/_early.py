@@ -39,9 +39,10 @@ from auxhead.exits._calibrate import (
     choose_thresholds,
 )
 from auxhead.exits._export import GraphRouted, Routed, export_program
-from auxhead.exits._forward import forward_generic, forward_staged
+from auxhead.exits._forward import Decide, forward_generic, forward_staged
 from auxhead.exits._fx import plan_stages
 from auxhead.exits._graph import GraphPlan, as_keywords, forward_graph, graph_cut, key
+from auxhead.exits._patience import PatienceRule, choose_patience
 from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
 from auxhead.exits._stages import NotStageable, Plan
 from auxhead.exits._summary import ExitSummary, Seen, collect, seconds_per_sample, summarise
@@ -51,6 +52,8 @@ __all__ = ["MODES", "EarlyExit"]
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "staged", "generic")
+
+PATIENCE = "patience"  # PABEE's criterion: heads in a row that agree (`EarlyExit.patience`)
 
 PerTap = float | list[float] | tuple[float, ...] | Mapping[str, float]  # one value, or one per tap
 
@@ -137,7 +140,10 @@ class EarlyExit(nn.Module):
             all. 0: every sample exits there; 1: none does (and the head is not run). All 1
             (the default): the main head answers until `calibrate` sets them.
         criterion: "confidence" (max softmax probability), "entropy" (1 - entropy / log K) or
-            a callable (B, K) logits -> (B,) scores in [0, 1], higher meaning surer.
+            a callable (B, K) logits -> (B,) scores in [0, 1], higher meaning surer; or
+            "patience" (PABEE: a sample leaves once `patience` heads in a row predict the
+            class of the head before them; thresholds are not used, every head runs).
+        patience: for criterion="patience"; `calibrate` chooses it.
         mode: "auto" (staged if the model can be cut, else generic), "staged" or "generic".
         return_exits: the forward (and the exported program) returns `(logits, exits)`,
             with each sample's exit index, instead of the logits alone.
@@ -165,6 +171,7 @@ class EarlyExit(nn.Module):
         criterion: str | Criterion = "confidence",
         mode: str = "auto",
         return_exits: bool = False,
+        patience: int = 2,
     ) -> None:
         super().__init__()
         if not isinstance(aux_model, AuxModel):
@@ -173,12 +180,19 @@ class EarlyExit(nn.Module):
                 f"got {type(aux_model).__name__}"
             )
         if isinstance(criterion, str):
-            if criterion not in CRITERIA:
+            if criterion not in (*CRITERIA, PATIENCE):
                 raise ValueError(
-                    f"unknown criterion {criterion!r}; choose one of {sorted(CRITERIA)} or pass "
-                    "a callable (B, K) logits -> (B,) scores in [0, 1]"
+                    f"unknown criterion {criterion!r}; choose one of "
+                    f"{sorted([*CRITERIA, PATIENCE])} or pass a callable (B, K) logits -> (B,) "
+                    "scores in [0, 1]"
                 )
-            self._criterion = CRITERIA[criterion]
+            if criterion == PATIENCE and len(aux_model.taps) < 2:
+                raise ValueError(
+                    "criterion='patience' needs two heads or more (a sample leaves when "
+                    f"heads in a row agree); this AuxModel has {aux_model.taps}"
+                )
+            # Patience routes by agreement; the scores summaries keep are max softmax.
+            self._criterion = CRITERIA.get(criterion, CRITERIA["confidence"])
         elif callable(criterion):
             self._criterion = criterion
         else:
@@ -191,6 +205,7 @@ class EarlyExit(nn.Module):
         self.criterion = criterion if isinstance(criterion, str) else "custom"
         self.thresholds = thresholds
         self.temperatures = 1.0
+        self.patience = patience
         self.return_exits = return_exits
         self.summary: ExitSummary | None = None
         self.last_exits: torch.Tensor | None = None  # (B,) of the latest forward
@@ -280,6 +295,23 @@ class EarlyExit(nn.Module):
         self._thresholds = _check_thresholds(value, self.taps)
 
     @property
+    def patience(self) -> int:
+        """With criterion="patience" (PABEE): a sample leaves at the first head that agrees
+        with the `patience` heads before it, each predicting the class of the one before it
+        (so the first exit possible is head `patience`); else the main head answers. Ignored
+        by the other criteria; `calibrate` chooses it."""
+        return self._patience
+
+    @patience.setter
+    def patience(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"patience must be a whole number >= 1 (how many heads in a row must agree "
+                f"with the one before them), got {value!r}"
+            )
+        self._patience = value
+
+    @property
     def temperatures(self) -> tuple[float, ...]:
         """One temperature per tap, in `at` order: a head's score is the criterion of its
         logits / T (the logits it answers with are its own). `calibrate(temperature=True)`
@@ -314,27 +346,37 @@ class EarlyExit(nn.Module):
         (`early(input_ids=ids, attention_mask=mask)`, or `early(**batch)`); the logits are
         its `logits`, whatever its output type."""
         active = [threshold < 1.0 for threshold in self._thresholds]
+        decide = self._decide
+        if self.criterion == PATIENCE:  # every head runs; the rule keeps state per call
+            active, decide = [True] * len(active), self._patience_rule(PatienceRule(self.patience))
         with eval_mode(self.aux_model), torch.no_grad():
             if self._tokens:
-                logits, exits = self._forward_tokens(args, kwargs, active)
+                logits, exits = self._forward_tokens(args, kwargs, active, decide)
             elif self._plan is not None:
                 x = _one_input(args, kwargs)
-                logits, exits = forward_staged(x, self._plan, self.aux_model, active, self._decide)
+                logits, exits = forward_staged(x, self._plan, self.aux_model, active, decide)
             else:
-                logits, exits = forward_generic(
-                    (args, kwargs), self.aux_model, active, self._decide
-                )
+                logits, exits = forward_generic((args, kwargs), self.aux_model, active, decide)
         self.last_exits = exits
         return (logits, exits) if self.return_exits else logits
 
     def _forward_tokens(
-        self, args: tuple, kwargs: dict, active: list[bool]
+        self, args: tuple, kwargs: dict, active: list[bool], decide: Decide
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = as_keywords(self.aux_model.model, args, kwargs)
         if self._graph_mode and (plan := self._graph_plan(inputs)) is not None:
             keep = self.aux_model.real_tokens((), inputs)
-            return forward_graph(inputs, plan, self.aux_model, active, self._decide, keep)
-        return forward_generic(((), inputs), self.aux_model, active, self._decide)
+            return forward_graph(inputs, plan, self.aux_model, active, decide, keep)
+        return forward_generic(((), inputs), self.aux_model, active, decide)
+
+    def _patience_rule(self, rule: PatienceRule) -> Decide:
+        def decide(
+            index: int, features: torch.Tensor, keep: torch.Tensor | None = None
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = self.aux_model.run_head(self.taps[index], features, keep)
+            return logits, rule(logits)
+
+        return decide
 
     def _decide(
         self, index: int, features: torch.Tensor, keep: torch.Tensor | None = None
@@ -374,6 +416,11 @@ class EarlyExit(nn.Module):
                 empty sample, .onnx without the onnx/onnxscript packages, or an ONNX file
                 whose batch size torch's exporter fixed (not written).
         """
+        if self.criterion == PATIENCE:
+            raise ValueError(
+                "export routes by thresholds; the patience rule is eager only. Calibrate "
+                "thresholds with criterion='confidence' or 'entropy' to export"
+            )
         if self._tokens and self._graph_mode:
             inputs = sample if isinstance(sample, dict) else {}
             if not isinstance(sample, dict):
@@ -496,6 +543,10 @@ class EarlyExit(nn.Module):
         check_targets(max_accuracy_drop, confidence)
         if risk not in RISKS:  # before the pass over the data
             raise ValueError(f"unknown risk {risk!r}; choose one of {list(RISKS)}")
+        if self.criterion == PATIENCE:
+            return self._calibrate_patience(
+                data, max_accuracy_drop, confidence, method, risk, temperature, timing_batches, seed
+            )
         choose = functools.partial(choose_thresholds, max_accuracy_drop=max_accuracy_drop)
         seen, choice = self._search(
             data, choose, confidence, method, temperature, timing_batches, seed, risk=risk
@@ -509,6 +560,69 @@ class EarlyExit(nn.Module):
                 choice,
             )
         return self._calibrated(seen, choice, drop=max_accuracy_drop)
+
+    def _calibrate_patience(
+        self,
+        data: Iterable[Any],
+        drop: float,
+        confidence: float,
+        method: str,
+        risk: str,
+        temperature: bool,
+        timing_batches: int,
+        seed: int,
+    ) -> ExitSummary:
+        """`calibrate` for criterion="patience": it picks the patience (`choose_patience`)."""
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+        if temperature:
+            raise ValueError(
+                "temperature scaling does not change which class a head predicts, so it does "
+                "not change the patience rule: pass temperature=False"
+            )
+        seen = collect(
+            self.aux_model, data, self._score, timing_batches=timing_batches, keep_logits=True
+        )
+        assert seen.logits is not None
+        choice = choose_patience(
+            seen.logits.argmax(dim=-1),
+            seen.agree if risk == "disagreement" else seen.correct,
+            seen.profile.exit_costs([True] * len(self.taps)),
+            max_accuracy_drop=drop,
+            confidence=confidence,
+            method=method,
+            full=seen.profile.full,
+            seed=seed,
+        )
+        self.patience = choice.patience
+        guaranteed = method != "empirical"
+        if choice.fallback:
+            main_accuracy = seen.correct[:, -1].float().mean().item()
+            margin = f" at {confidence:.0%} confidence" if guaranteed else ""
+            warnings.warn(
+                f"no patience keeps the accuracy within max_accuracy_drop={drop} of the main "
+                f"head's {main_accuracy:.2%} while saving FLOPs{margin}, so every sample goes "
+                f"to the main head (patience {choice.patience}). Train the heads longer, allow "
+                "a larger drop" + (", a lower confidence or more data." if guaranteed else "."),
+                stacklevel=2,
+            )
+        n = len(seen.correct)
+        calibration = Calibration(
+            thresholds=(0.0,) * len(self.taps),
+            temperatures=(1.0,) * len(self.taps),
+            method=method,
+            target="drop",
+            fallback=choice.fallback,
+            confidence=confidence if guaranteed else None,
+            bound=choice.bound,
+            path_samples=0,
+            test_samples=n,
+            path_length=len(self.taps) - 1,
+            passed=choice.passed,
+        )
+        self.summary = self._summarise(seen, calibration=calibration, drop=drop)
+        logger.info("calibrated early exits\n%s", self.summary)
+        return self.summary
 
     def calibrate_budget(
         self,
@@ -546,6 +660,11 @@ class EarlyExit(nn.Module):
         """
         check_budget(max_flops)
         check_targets(0.0, confidence)
+        if self.criterion == PATIENCE:
+            raise ValueError(
+                "calibrate_budget chooses thresholds; with criterion='patience' use calibrate "
+                "(it chooses the patience for an accuracy drop)"
+            )
         choose = functools.partial(choose_budget_thresholds, max_flops=max_flops)
         seen, choice = self._search(
             data, choose, confidence, method, temperature, timing_batches, seed
@@ -562,7 +681,7 @@ class EarlyExit(nn.Module):
         """The `ExitSummary` of the current thresholds on `data` (e.g. a test set after
         `calibrate` on a validation set), without changing them. Arguments as in `calibrate`.
         """
-        scaled = any(t != 1.0 for t in self.temperatures)
+        scaled = any(t != 1.0 for t in self.temperatures) or self.criterion == PATIENCE
         seen = collect(
             self.aux_model, data, self._score, timing_batches=timing_batches, keep_logits=scaled
         )
@@ -645,6 +764,7 @@ class EarlyExit(nn.Module):
             seconds = (early_s, full_s)
         return summarise(
             seen,
+            patience=self.patience if self.criterion == PATIENCE else None,
             thresholds=self.thresholds,
             temperatures=self.temperatures,
             criterion=self.criterion,

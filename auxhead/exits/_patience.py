@@ -1,5 +1,6 @@
-"""PABEE's patience rule (Zhou et al., "BERT Loses Patience", NeurIPS 2020), as a pure function
-of the heads' logits: the routing for token models (issue #22, item 3) will call it.
+"""PABEE's patience rule (Zhou et al., "BERT Loses Patience", NeurIPS 2020): as a pure function
+of the heads' logits, as the state `EarlyExit(criterion="patience")` carries through its
+forward, and as Learn then Test calibration of the patience.
 
 Head by head, in the order they run, each sample keeps a counter: +1 when this head predicts
 the same class as the head before it, back to 0 when it does not (the first head starts at 0).
@@ -11,10 +12,13 @@ patience t an exit needs t + 1 heads in a row that agree, so the first exit poss
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["patience_exits", "patience_logits"]
+from auxhead.exits._bounds import fixed_sequence, wsr_p_values, wsr_upper_bound
+
+__all__ = ["PatienceChoice", "PatienceRule", "choose_patience", "patience_exits", "patience_logits"]
 
 
 def _check(logits: Sequence[torch.Tensor], patience: int) -> None:
@@ -52,18 +56,108 @@ def patience_exits(logits: Sequence[torch.Tensor], patience: int) -> torch.Tenso
         >>> patience_exits(heads, patience=2)  # tensor([3]): heads 1, 2, 3 agree
     """
     _check(logits, patience)
-    batch = logits[0].shape[0]
-    device = logits[0].device
-    exits = torch.full((batch,), len(logits), dtype=torch.long, device=device)
-    counter = torch.zeros(batch, dtype=torch.long, device=device)
-    previous = logits[0].argmax(dim=-1)  # (B,)
-    for index in range(1, len(logits)):
-        prediction = logits[index].argmax(dim=-1)  # (B,)
-        counter = torch.where(prediction == previous, counter + 1, torch.zeros_like(counter))
-        leaving = (counter >= patience) & (exits == len(logits))
+    return _exits(torch.stack([t.argmax(dim=-1) for t in logits], dim=1), patience)
+
+
+def _exits(predictions: torch.Tensor, patience: int) -> torch.Tensor:
+    """(B, E) each head's predicted class -> (B,) exit indices under the patience rule."""
+    batch, heads = predictions.shape
+    exits = torch.full((batch,), heads, dtype=torch.long, device=predictions.device)
+    counter = torch.zeros(batch, dtype=torch.long, device=predictions.device)
+    for index in range(1, heads):
+        same = predictions[:, index] == predictions[:, index - 1]
+        counter = torch.where(same, counter + 1, torch.zeros_like(counter))
+        leaving = (counter >= patience) & (exits == heads)
         exits = torch.where(leaving, torch.full_like(exits, index), exits)
-        previous = prediction
     return exits
+
+
+class PatienceRule:
+    """The patience rule as `EarlyExit`'s forward applies it, head by head, to the samples
+    still running: each call gets the logits of the samples that have not exited, in batch
+    order, and says which leave; the state of those that stay carries to the next head (the
+    forwards drop exactly the samples that leave). One per forward call."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.previous: torch.Tensor | None = None  # (b,) the last head's predictions
+        self.counter: torch.Tensor | None = None  # (b,) heads in a row that agreed
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        prediction = logits.argmax(dim=-1)  # (b,)
+        if self.previous is None:
+            counter = torch.zeros_like(prediction)
+        else:
+            counter = torch.where(prediction == self.previous, self.counter + 1, 0)
+        leave = counter >= self.patience
+        self.previous, self.counter = prediction[~leave], counter[~leave]
+        return leave
+
+
+@dataclass(frozen=True)
+class PatienceChoice:
+    """What `choose_patience` decided, and the evidence for it."""
+
+    patience: int  # len(heads) when nothing passed: no sample can exit
+    fallback: bool
+    bound: float | None  # ltt: the (1 - delta) upper bound on the chosen patience's drop
+    passed: int  # patiences that passed the test in sequence (ltt) or met the target
+
+
+def choose_patience(
+    predictions: torch.Tensor,
+    correct: torch.Tensor,
+    costs: Sequence[float],
+    *,
+    max_accuracy_drop: float,
+    confidence: float,
+    method: str,
+    full: float,
+    seed: int = 0,
+) -> PatienceChoice:
+    """The patience that costs least while the accuracy drop against the main head stays
+    within `max_accuracy_drop`: with "ltt" (and "ltt-harm", the same test here), on new data
+    with probability >= `confidence`, by Learn then Test along the patiences from the most
+    careful (len(heads) - 1: only the last head can let samples go) down to 1, a path fixed
+    before the data is seen, each tested with the Waudby-Smith-Ramdas betting test of
+    "drop > max_accuracy_drop" and stopping at the first that fails; with "empirical", on
+    these samples only.
+
+    Args:
+        predictions: (N, E) each head's predicted class.
+        correct: (N, E + 1) bool, whether each head, then the main output, is right (or, to
+            bound the disagreement, agrees with the main output).
+        costs: FLOPs of leaving at each exit, then of the main output, every head running.
+        full: FLOPs of the model alone: a patience that costs more saves nothing.
+        max_accuracy_drop, confidence, method, seed: as `EarlyExit.calibrate`.
+    """
+    heads = predictions.shape[1]
+    path = list(range(heads - 1, 0, -1))
+    none = PatienceChoice(heads, True, None, 0)
+    if not path:
+        return none
+    exits = torch.stack([_exits(predictions, p) for p in path])  # (M, N)
+    right = correct.T.gather(0, exits).double()  # (M, N)
+    main = correct[:, -1].double()
+    price = torch.tensor(list(costs), dtype=torch.float64)[exits].mean(dim=1)  # (M,)
+    if method == "empirical":
+        ok = [i for i in range(len(path)) if float((main - right[i]).mean()) <= max_accuracy_drop]
+        passed, bound = len(ok), None
+    else:
+        order = torch.randperm(main.numel(), generator=torch.Generator().manual_seed(seed))
+        shifted = ((main - right + 1) / 2)[:, order]
+        delta = 1 - confidence
+        eps = max_accuracy_drop
+        passed = fixed_sequence(wsr_p_values(shifted, (1 + eps) / 2, delta).tolist(), delta)
+        ok = list(range(passed))
+    if not ok:
+        return none
+    pick = min(ok, key=lambda i: float(price[i]))
+    if float(price[pick]) >= full:
+        return none  # the heads cost more than the samples leaving save
+    if method != "empirical":
+        bound = 2 * wsr_upper_bound(shifted[pick], 1 - confidence) - 1
+    return PatienceChoice(path[pick], False, bound, passed)
 
 
 def patience_logits(

@@ -19,6 +19,7 @@ from auxhead._probe import batch_size, eval_mode, first_tensor
 from auxhead.attach import AuxModel
 from auxhead.exits._calibrate import Calibration
 from auxhead.exits._flops import FlopProfile, flop_profile
+from auxhead.exits._patience import patience_exits
 from auxhead.exits._route import MAIN, check_logits, exit_indices, first_true, model_logits
 
 __all__ = [
@@ -74,6 +75,7 @@ class ExitSummary:
     drop_interval: tuple[float, float] = (0.0, 0.0)  # 95% interval of the drop (normal approx.)
     temperatures: list[float] | None = None  # per head, when fitted
     calibration_samples: tuple[int, int] | None = None  # "ltt": (path part, test part)
+    patience: int | None = None  # criterion "patience": heads in a row that must agree
 
     @property
     def drop(self) -> float:
@@ -102,6 +104,7 @@ class ExitSummary:
         rows = [("exit", "threshold", "share", "accuracy", "FLOPs/sample")]
         for index, name in enumerate(self.exits):
             threshold = self.thresholds[index] if index < len(self.thresholds) else None
+            threshold = None if self.patience is not None else threshold
             accuracy = self.exit_accuracy[index]
             rows.append(
                 (
@@ -121,7 +124,8 @@ class ExitSummary:
             for row in rows
         ]
         lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(0, f"early exits on {self.samples} samples (criterion: {self.criterion})")
+        rule = self.criterion if self.patience is None else f"patience {self.patience}"
+        lines.insert(0, f"early exits on {self.samples} samples (criterion: {rule})")
         low, high = self.drop_interval
         lines.append(
             f"accuracy {self.accuracy:.2%} (main head alone {self.main_accuracy:.2%}): drop "
@@ -342,10 +346,14 @@ def summarise(
     drop: float | None = None,
     calibration: Calibration | None = None,
     max_flops: float | None = None,
+    patience: int | None = None,
 ) -> ExitSummary:
-    """The `ExitSummary` of these thresholds and temperatures on `seen`; `seconds` is the
-    wall-clock per sample (with early exits, of the model alone), if timed."""
+    """The `ExitSummary` of these thresholds and temperatures on `seen` (or of the patience
+    rule, every head running); `seconds` is the wall-clock per sample (with early exits, of
+    the model alone), if timed."""
     n_exits = len(seen.exits) - 1
+    if patience is not None:
+        thresholds, temperatures = [0.0] * n_exits, [1.0] * n_exits  # every head runs
     fitted = any(t != 1.0 for t in temperatures)
     scores = seen.scores
     if fitted:
@@ -354,7 +362,11 @@ def summarise(
             [score(seen.logits[:, e], temperatures[e]) for e in range(n_exits)], dim=1
         )
     limits = torch.tensor(thresholds, dtype=torch.float64)
-    exits = exit_indices(scores, limits)  # (N,)
+    if patience is None:
+        exits = exit_indices(scores, limits)  # (N,)
+    else:
+        assert seen.logits is not None, "the patience rule needs the logits"
+        exits = patience_exits(list(seen.logits.unbind(1)), patience)
     costs = seen.profile.exit_costs((limits < 1).tolist())
     oracle = first_true(seen.correct[:, :n_exits])  # (N,)
     oracle_costs = seen.profile.direct_costs()
@@ -396,6 +408,7 @@ def summarise(
             if calibration is not None and calibration.method != "empirical"
             else None
         ),
+        patience=patience,
     )
 
 
