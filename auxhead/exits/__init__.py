@@ -18,6 +18,7 @@ from auxhead.exits._calibrate import (
 )
 from auxhead.exits._early import EarlyExit
 from auxhead.exits._flops import FlopProfile, exit_flops, exit_params, flop_profile
+from auxhead.exits._patience import PatienceChoice, choose_patience, patience_exits
 from auxhead.exits._route import CRITERIA, confidence, entropy_confidence, exit_indices
 from auxhead.exits._summary import ExitSummary
 from auxhead.exits._timing import ExitTiming, TapTiming, exit_timing
@@ -29,9 +30,11 @@ __all__ = [
     "ExitSummary",
     "ExitTiming",
     "FlopProfile",
+    "PatienceChoice",
     "TapTiming",
     "check_targets",
     "choose_budget_thresholds",
+    "choose_patience",
     "choose_thresholds",
     "confidence",
     "entropy_confidence",
@@ -40,4 +43,5 @@ __all__ = [
     "exit_params",
     "exit_timing",
     "flop_profile",
+    "patience_exits",
 ]

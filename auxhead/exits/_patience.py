@@ -128,8 +128,11 @@ def choose_patience(
         correct: (N, E + 1) bool, whether each head, then the main output, is right (or, to
             bound the disagreement, agrees with the main output).
         costs: FLOPs of leaving at each exit, then of the main output, every head running.
+        max_accuracy_drop: the accuracy the exits may lose against the main head.
+        confidence: 1 - delta, for "ltt".
+        method: "ltt" or "ltt-harm" (guaranteed, the same test here) or "empirical".
         full: FLOPs of the model alone: a patience that costs more saves nothing.
-        max_accuracy_drop, confidence, method, seed: as `EarlyExit.calibrate`.
+        seed: the order the betting test reads the samples in.
     """
     heads = predictions.shape[1]
     path = list(range(heads - 1, 0, -1))
