@@ -306,3 +306,14 @@ def test_patience_routes_a_token_model_like_the_rule_on_the_whole_batch(mode):
     assert early.last_exits.tolist() == exits.tolist()
     assert len(set(exits.tolist())) >= 2
     torch.testing.assert_close(logits, expected, **TOL)
+
+
+def test_a_first_batch_of_one_token_sentences_does_not_fix_the_length():
+    """torch.export fixes a dimension traced at size 1: such a batch gets stages of its own,
+    and longer sentences afterwards are cut again, not refused."""
+    aux, inputs, family = _attached("bert")
+    early = auxhead.EarlyExit(aux, return_exits=True)
+    early.thresholds = _median_thresholds(aux, inputs)
+    _routes_like_the_reference(early, aux, batch(sentences([1, 1, 1], seed=3), family))
+    _routes_like_the_reference(early, aux, inputs)
+    assert early.mode == "staged"

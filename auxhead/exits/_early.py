@@ -41,7 +41,14 @@ from auxhead.exits._calibrate import (
 from auxhead.exits._export import GraphRouted, Routed, export_program
 from auxhead.exits._forward import Decide, forward_generic, forward_staged
 from auxhead.exits._fx import plan_stages
-from auxhead.exits._graph import GraphPlan, as_keywords, forward_graph, graph_cut, key
+from auxhead.exits._graph import (
+    GraphPlan,
+    OutsideTrace,
+    as_keywords,
+    forward_graph,
+    graph_cut,
+    key,
+)
 from auxhead.exits._patience import PatienceRule, choose_patience
 from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
 from auxhead.exits._stages import NotStageable, Plan
@@ -366,7 +373,12 @@ class EarlyExit(nn.Module):
         inputs = as_keywords(self.aux_model.model, args, kwargs)
         if self._graph_mode and (plan := self._graph_plan(inputs)) is not None:
             keep = self.aux_model.real_tokens((), inputs)
-            return forward_graph(inputs, plan, self.aux_model, active, decide, keep)
+            try:
+                return forward_graph(inputs, plan, self.aux_model, active, decide, keep)
+            except OutsideTrace as error:
+                # Shapes the trace did not cover: this batch runs whole, as the model takes it
+                # (the model's own error, if it does not).
+                logger.info("EarlyExit runs this batch generic: %s", error)
         return forward_generic(((), inputs), self.aux_model, active, decide)
 
     def _patience_rule(self, rule: PatienceRule) -> Decide:

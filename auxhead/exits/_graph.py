@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +35,7 @@ from auxhead.attach import AuxModel
 from auxhead.exits._route import MAIN, check_logits, model_logits
 from auxhead.exits._stages import NotStageable
 
-__all__ = ["GraphPlan", "as_keywords", "forward_graph", "graph_cut", "key"]
+__all__ = ["GraphPlan", "OutsideTrace", "as_keywords", "forward_graph", "graph_cut", "key"]
 
 from auxhead.exits._forward import Decide
 
@@ -78,9 +79,24 @@ def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     return dict(bound.arguments)
 
 
-def key(kwargs: dict[str, Any]) -> tuple[str, ...]:
-    """Which plan a call needs: the names of its tensor inputs (a plan is cut per set)."""
-    return tuple(sorted(name for name, value in kwargs.items() if value is not None))
+class OutsideTrace(Exception):
+    """A batch the export graph was not traced for (its guards refuse the shapes)."""
+
+
+def key(kwargs: dict[str, Any]) -> tuple:
+    """Which plan a call needs: its inputs by name, and which of their dimensions after the
+    batch are 1 (torch.export fixes a dimension traced at size 1, so those get a plan of
+    their own)."""
+    return tuple(
+        sorted(
+            (
+                name,
+                tuple(d == 1 for d in value.shape[1:]) if isinstance(value, torch.Tensor) else (),
+            )
+            for name, value in kwargs.items()
+            if value is not None
+        )
+    )
 
 
 def _two_or_more(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
@@ -108,6 +124,9 @@ def _export(model: nn.Module, kwargs: dict[str, Any]) -> torch.export.ExportedPr
         )
         for name, value in kwargs.items()
     }
+    quiet = logging.getLogger("torch._export.non_strict_utils")  # "0/1 specialized" notes
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with eval_mode(model), torch.no_grad():
             return torch.export.export(model, (), kwargs, dynamic_shapes=shapes, strict=False)
@@ -117,6 +136,8 @@ def _export(model: nn.Module, kwargs: dict[str, Any]) -> torch.export.ExportedPr
             f"torch.export cannot trace {type(model).__name__} with a dynamic batch size "
             f"({type(error).__name__}: {first[:200]})"
         ) from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _scope(node: fx.Node) -> set[str]:
@@ -418,7 +439,12 @@ def forward_graph(
     exits = torch.full((batch,), len(taps), dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)
     out: torch.Tensor | None = None
-    state = plan.stages[0](*flat)
+    try:
+        state = plan.stages[0](*flat)
+    except AssertionError as error:  # the graph's input guards (a length it was fixed at)
+        if "Guard failed" in str(error):
+            raise OutsideTrace(str(error)) from None
+        raise
     for index, tap in enumerate(taps):
         if index:
             state = plan.stages[index](*state)
