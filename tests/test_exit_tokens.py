@@ -317,3 +317,98 @@ def test_a_first_batch_of_one_token_sentences_does_not_fix_the_length():
     _routes_like_the_reference(early, aux, batch(sentences([1, 1, 1], seed=3), family))
     _routes_like_the_reference(early, aux, inputs)
     assert early.mode == "staged"
+
+
+class Recurrent(nn.Module):
+    """GRUs: torch.export fixes the sequence length of their trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(100, 16)
+        self.grus = nn.ModuleList(nn.GRU(16, 16, batch_first=True) for _ in range(3))
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        for gru in self.grus:
+            h = gru(h)[0] * attention_mask.unsqueeze(-1)
+        return self.fc(h.sum(1))
+
+
+def test_a_trace_that_fixes_the_length_is_cut_again_for_each_length():
+    torch.manual_seed(0)
+    inputs = batch(sentences(LENGTHS, seed=1), "bert")
+    aux = auxhead.attach(
+        Recurrent(), ["grus.0", "grus.1"], num_classes=2, pool="mean", sample=inputs
+    )
+    early = auxhead.EarlyExit(aux.eval(), return_exits=True)
+    early.thresholds = _median_thresholds(aux, inputs)
+    _routes_like_the_reference(early, aux, inputs)
+    assert "each new length is cut again" in early.mode_reason
+    _routes_like_the_reference(early, aux, batch(sentences([3, 12, 5], seed=2), "bert"))
+    assert early.mode == "staged"
+    assert sorted(len(plans) for plans in early._graphs.values()) == [2]
+
+
+def test_inputs_of_another_dtype_route_alike_and_a_dict_must_be_unpacked():
+    aux, inputs, _ = _attached("bert")
+    early = auxhead.EarlyExit(aux, return_exits=True)
+    early.thresholds = _median_thresholds(aux, inputs)
+    logits, exits = early(**inputs)
+    for dtype in (torch.float32, torch.bool):  # the model takes any of them
+        mask = inputs["attention_mask"].to(dtype)
+        got, got_exits = early(input_ids=inputs["input_ids"], attention_mask=mask)
+        assert got_exits.tolist() == exits.tolist()
+        torch.testing.assert_close(got, logits, **TOL)
+    with pytest.raises(TypeError, match=r"call early\(\*\*batch\)"):
+        early(inputs)
+
+
+def test_a_cut_early_exit_saves_and_loads(tmp_path):
+    aux, inputs, _ = _attached("encoder")
+    early = auxhead.EarlyExit(aux)
+    early.thresholds = _median_thresholds(aux, inputs)
+    expected = early(**inputs)
+    torch.save(early, tmp_path / "early.pt")
+    loaded = torch.load(tmp_path / "early.pt", weights_only=False)
+    torch.testing.assert_close(loaded(**inputs), expected, **TOL)
+
+
+def test_export_to_a_folder_it_cannot_write_is_refused_before_tracing(tmp_path):
+    aux, inputs, _ = _attached("bert")
+    early = auxhead.EarlyExit(aux)
+    with pytest.raises(ValueError, match=r"cannot write .*missing.*choose a folder"):
+        early.export(tmp_path / "missing" / "m.onnx", inputs)
+    assert early._graphs == {}  # refused before any tracing
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_export_ignores_labels_and_the_sample_key_order(tmp_path):
+    aux, inputs, _ = _attached("bert")
+    early = auxhead.EarlyExit(aux, return_exits=True)
+    early.thresholds = _median_thresholds(aux, inputs)
+    backwards = {"labels": torch.zeros(8, dtype=torch.long)} | dict(reversed(inputs.items()))
+    path = early.export(tmp_path / "m.pt2", backwards)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # no partial file left
+    program = torch.export.load(path).module()
+    logits, exits = early(**inputs)  # inputs in the model's own order: ids, then mask
+    got, got_exits = program(inputs["input_ids"], inputs["attention_mask"])
+    assert got_exits.tolist() == exits.tolist()
+    torch.testing.assert_close(got, logits, **TOL)
+
+
+@pytest.mark.slow
+def test_onnx_of_a_trace_that_fixes_the_length_says_so(tmp_path, one_thread):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    inputs = batch(sentences(LENGTHS, seed=1), "bert")
+    aux = auxhead.attach(
+        Recurrent(), ["grus.0", "grus.1"], num_classes=2, pool="mean", sample=inputs
+    )
+    early = auxhead.EarlyExit(aux.eval())
+    early.thresholds = _median_thresholds(aux, inputs)
+    path = early.export(tmp_path / "m.onnx", inputs)
+    for declared in onnx.load(str(path)).graph.input:
+        dims = declared.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_value == 9  # batch dynamic, length fixed

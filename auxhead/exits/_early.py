@@ -38,7 +38,7 @@ from auxhead.exits._calibrate import (
     choose_budget_thresholds,
     choose_thresholds,
 )
-from auxhead.exits._export import GraphRouted, Routed, export_program
+from auxhead.exits._export import GraphRouted, Routed, check_path, export_program
 from auxhead.exits._forward import Decide, forward_generic, forward_staged
 from auxhead.exits._fx import plan_stages
 from auxhead.exits._graph import (
@@ -52,13 +52,22 @@ from auxhead.exits._graph import (
 from auxhead.exits._patience import PatienceRule, choose_patience
 from auxhead.exits._route import CRITERIA, MAIN, Criterion, leaves, score_logits
 from auxhead.exits._stages import NotStageable, Plan
-from auxhead.exits._summary import ExitSummary, Seen, collect, seconds_per_sample, summarise
+from auxhead.exits._summary import (
+    LABELS,
+    ExitSummary,
+    Seen,
+    collect,
+    seconds_per_sample,
+    summarise,
+)
 
 __all__ = ["MODES", "EarlyExit"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("auto", "staged", "generic")
+
+MAX_PLANS = 8  # lengths cut per set of inputs when a token model's trace fixes the length
 
 PATIENCE = "patience"  # PABEE's criterion: heads in a row that agree (`EarlyExit.patience`)
 
@@ -217,7 +226,9 @@ class EarlyExit(nn.Module):
         self.summary: ExitSummary | None = None
         self.last_exits: torch.Tensor | None = None  # (B,) of the latest forward
         self._plan: Plan | None = None
-        self._graphs: dict[tuple[str, ...], GraphPlan] = {}  # token models: by input names
+        # Token models: stages cut from the export graph, by input names and dtypes.
+        self._graphs: dict[tuple, list[GraphPlan]] = {}
+        self._warned_lengths = False
         self._asked = mode
         self._tokens = _token_model(aux_model)
         self._cut_error: str | None = None  # why the export graph could not be cut
@@ -259,29 +270,56 @@ class EarlyExit(nn.Module):
         return self._tokens and self._asked != "generic" and self._cut_error is None
 
     def _graph_plan(self, kwargs: dict[str, Any]) -> GraphPlan | None:
-        """The stages for a call with these keyword inputs, cut at the first such call; None
-        once cutting has failed (mode "auto": generic from then on)."""
-        name = key(kwargs)
-        if name not in self._graphs:
-            try:
-                self._graphs[name] = graph_cut(self.aux_model, kwargs)
-            except NotStageable as error:
-                if self._asked == "staged":
-                    raise ValueError(
-                        f"cannot route samples through {type(self.aux_model.model).__name__} "
-                        f"stage by stage: {error}. Use mode='generic' (or 'auto')."
-                    ) from None
-                self._cut_error = str(error)
-                self.mode = "generic"
-                self.mode_reason = f"it stops only once the whole batch has exited ({error})"
-                logger.info("EarlyExit runs %s in generic mode: %s", name, error)
-                return None
-            stages = len(self._graphs[name].stages)
-            self.mode_reason = (
-                f"{stages} stages cut from the torch.export graph; the padding mask and every "
-                "batch-first value narrow with the samples that stay"
+        """The stages for a call with these keyword inputs: cut at the first such call (and
+        again for each new length when the trace fixes the length, up to `MAX_PLANS`); None
+        once cutting has failed (mode "auto": generic from then on) or for a batch past
+        that many lengths (it runs whole)."""
+        plans = self._graphs.setdefault(key(kwargs), [])
+        for plan in plans:
+            if plan.fits(kwargs):
+                return plan
+        model = self.aux_model.model
+        if len(plans) >= MAX_PLANS:
+            if not self._warned_lengths:
+                self._warned_lengths = True
+                warnings.warn(
+                    f"{type(model).__name__}'s export graph fixes the sequence length, and "
+                    f"{MAX_PLANS} lengths have been cut already; batches of other lengths run "
+                    "whole (no saving). Pad batches to a few fixed lengths.",
+                    stacklevel=4,
+                )
+            return None
+        if not plans:
+            model(**kwargs)  # the inputs' own errors first, as the model reports them
+        try:
+            plan = graph_cut(self.aux_model, kwargs)
+        except NotStageable as error:
+            if self._asked == "staged":
+                raise ValueError(
+                    f"cannot route samples through {type(model).__name__} stage by stage: "
+                    f"{error}. Use mode='generic' (or 'auto')."
+                ) from None
+            self._cut_error = str(error)
+            self.mode = "generic"
+            self.mode_reason = f"it stops only once the whole batch has exited ({error})"
+            logger.info("EarlyExit runs %s in generic mode: %s", type(model).__name__, error)
+            return None
+        plans.append(plan)
+        self.mode_reason = (
+            f"{len(plan.stages)} stages cut from the torch.export graph; the padding mask and "
+            "every batch-first value narrow with the samples that stay"
+        )
+        if plan.fixes_sizes:
+            self.mode_reason += (
+                f"; its trace fixes the input sizes, so each new length is cut again (up to "
+                f"{MAX_PLANS})"
             )
-        return self._graphs[name]
+        return plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Stages cut from an export graph do not pickle; they are cut again after loading.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
+        return {**state, "_graphs": {}}
 
     @property
     def taps(self) -> list[str]:
@@ -399,7 +437,7 @@ class EarlyExit(nn.Module):
         scores = score_logits(self._criterion, logits, self._temperatures[index])
         return logits, leaves(scores, self._thresholds[index])
 
-    def export(self, path: str | Path, sample: torch.Tensor) -> Path:
+    def export(self, path: str | Path, sample: torch.Tensor | dict[str, Any]) -> Path:
         """Save a `torch.export` program (.pt2), or one self-contained ONNX file (.onnx), that
         routes like this `EarlyExit`, with its thresholds and temperatures baked in, and
         returns what its forward returns: the logits (B, K), or with `return_exits` the
@@ -433,6 +471,7 @@ class EarlyExit(nn.Module):
                 "export routes by thresholds; the patience rule is eager only. Calibrate "
                 "thresholds with criterion='confidence' or 'entropy' to export"
             )
+        check_path(path)  # before the tracing, which takes a while
         if self._tokens and self._graph_mode:
             inputs = sample if isinstance(sample, dict) else {}
             if not isinstance(sample, dict):
@@ -441,7 +480,10 @@ class EarlyExit(nn.Module):
                     f"keyword inputs (input_ids, attention_mask, ...), got "
                     f"{type(sample).__name__}; pass a batch such as `early.export(path, batch)`"
                 )
-            plan = self._graph_plan(as_keywords(self.aux_model.model, (), inputs))
+            # Targets in an evaluation batch are not inputs of the served model.
+            inputs = {name: value for name, value in inputs.items() if name not in LABELS}
+            inputs = as_keywords(self.aux_model.model, (), inputs)
+            plan = self._graph_plan(inputs)
             if plan is not None:
                 graph = GraphRouted(
                     plan,

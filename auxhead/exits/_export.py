@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import os
+import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +273,7 @@ def _two_or_more(sample: torch.Tensor) -> torch.Tensor:
     return torch.cat([sample, sample]) if sample.shape[0] == 1 else sample
 
 
-def _check_dynamic_batch(path: Path) -> None:
+def _check_dynamic_batch(path: Path, shown: str) -> None:
     """Refuse an ONNX file whose input batch came out fixed (torch's exporter may fall back to
     the sample's shapes without failing): it would reject every other batch size."""
     import onnx
@@ -282,7 +284,7 @@ def _check_dynamic_batch(path: Path) -> None:
         fixed = first.dim_value if first is not None else "none"
         path.unlink(missing_ok=True)
         raise ValueError(
-            f"torch's ONNX exporter fixed the batch size of {path.name} at {fixed}, so it would "
+            f"torch's ONNX exporter fixed the batch size of {shown} at {fixed}, so it would "
             "reject other batch sizes; the file is not written. Export to a .pt2 file, or "
             "report the model: its forward fixes the batch size somewhere"
         )
@@ -297,36 +299,86 @@ def export_program(
     exporter, which needs the onnx and onnxscript packages (`pip install 'auxhead[onnx]'`).
     A `Routed` takes one input, "x"; a `GraphRouted` the model's keyword inputs, by name (the
     token dimension stays dynamic too)."""
+    path = check_path(path)
+    routed = routed.eval()
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    if isinstance(routed, GraphRouted):
+        inputs = _named_inputs(routed.plan.names, sample)
+        names = list(routed.plan.names)
+        # The sizes the model's own trace fixed stay fixed (the file says so); others dynamic.
+        per_input = tuple(
+            {
+                0: batch,
+                **{d: torch.export.Dim.AUTO for d, size in enumerate(sizes) if d and size is None},
+            }
+            for sizes in routed.plan.fixed
+        )
+        shapes = (per_input,)  # forward(*inputs): one varargs parameter
+    else:
+        inputs, names, shapes = (_two_or_more(sample),), ["x"], ({0: batch},)
+    with _written(path) as partial:
+        _write(routed, partial, inputs, names, shapes, shown=path.name)
+    return path
+
+
+def check_path(path: str | Path) -> Path:
+    """`path` as a Path, refused (naming it) unless it ends in .pt2 or .onnx in a folder that
+    exists and can be written to: checked before any tracing."""
     path = Path(path)
     if path.suffix not in (".pt2", ".onnx"):
         raise ValueError(
             f"export writes a torch.export program (.pt2) or an ONNX file (.onnx), got "
             f"{path.name!r}"
         )
-    routed = routed.eval()
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    if isinstance(routed, GraphRouted):
-        inputs = _named_inputs(routed.plan.names, sample)
-        names = list(routed.plan.names)
-        per_input = tuple(
-            {0: batch, **{d: torch.export.Dim.AUTO for d in range(1, value.dim())}}
-            for value in inputs
-        )
-        shapes = (per_input,)  # forward(*inputs): one varargs parameter
-    else:
-        inputs, names, shapes = (_two_or_more(sample),), ["x"], ({0: batch},)
+    _partial(path).unlink()
+    return path
+
+
+def _partial(path: Path) -> Path:
+    """A new empty file beside `path`, or a ValueError naming the folder."""
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=folder)
+    except OSError as error:
+        raise ValueError(
+            f"cannot write {path}: {error.strerror or error} ({folder}); choose a folder that "
+            "exists and that you can write to"
+        ) from None
+    os.close(handle)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def _written(path: Path) -> Iterator[Path]:
+    """A partial file beside `path` to write to, renamed to `path` when the block ends
+    without error, removed otherwise (an interrupt, a failed check): nothing half-written is
+    left under the name asked for. A folder that is missing or not writable is refused
+    first, naming it, before the (long) tracing."""
+    partial = _partial(path)
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _write(
+    routed: nn.Module, path: Path, inputs: tuple, names: list[str], shapes: tuple, shown: str
+) -> None:
+    """Export `routed` to `path` (a partial file; `shown` is the name asked for)."""
     if path.suffix == ".onnx":
         missing = [
             name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None
         ]
         if missing:
             raise ValueError(
-                f"writing {path.name} needs the {' and '.join(missing)} package(s): "
+                f"writing {shown} needs the {' and '.join(missing)} package(s): "
                 "pip install 'auxhead[onnx]' (or export to a .pt2 file)"
             )
         with (
             torch.no_grad(),
             contextlib.redirect_stdout(io.StringIO()),  # its progress lines
+            contextlib.redirect_stderr(io.StringIO()),  # and notes; failures still raise
             warnings.catch_warnings(),
         ):
             # One batch dimension shared by several inputs: the exporter names it once, and
@@ -342,12 +394,11 @@ def export_program(
                 verbose=False,
             )
         program.save(str(path))
-        _check_dynamic_batch(path)
-        return path
+        _check_dynamic_batch(path, shown)
+        return
     with torch.no_grad():
         program = torch.export.export(routed, inputs, dynamic_shapes=shapes)
     torch.export.save(program, path)
-    return path
 
 
 def _named_inputs(names: Sequence[str], sample: Any) -> tuple[torch.Tensor, ...]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,32 +51,64 @@ class GraphPlan:
 
     stages: tuple[nn.Module, ...]
     narrow: tuple[tuple[bool, ...], ...]  # per tap: which slots of its state are batch-first
-    names: tuple[str, ...]  # the keyword inputs, in stage 0's order
+    names: tuple[str, ...]  # the keyword inputs, in stage 0's order (the forward's)
     out_spec: pytree.TreeSpec
+    # per input, per dimension: the size the trace fixed it at, or None (dynamic; the batch)
+    fixed: tuple[tuple[int | None, ...], ...] = ()
 
     def output(self, flat: Sequence[Any]) -> Any:
         """The model's output from the last stage's flat outputs."""
         return pytree.tree_unflatten(list(flat), self.out_spec)
 
+    def fits(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a call's inputs have the sizes the trace fixed (a model whose forward fixes
+        the sequence length is cut once per length)."""
+        for name, sizes in zip(self.names, self.fixed, strict=True):
+            shape = tuple(kwargs[name].shape)
+            if len(shape) != len(sizes) or any(
+                size is not None and size != got for size, got in zip(sizes, shape, strict=True)
+            ):
+                return False
+        return True
+
+    @property
+    def fixes_sizes(self) -> bool:
+        """Whether the trace fixed a dimension of an input (beyond any of size 1)."""
+        return any(size is not None and size > 1 for sizes in self.fixed for size in sizes)
+
 
 def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The call `model(*args, **kwargs)` as keyword arguments only, by `model.forward`'s
-    parameter names; a TypeError naming the model when they do not bind."""
-    if not args:
-        return dict(kwargs)
-    try:
-        bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError as error:
+    parameter names and in their order (so a dict's key order changes nothing); a TypeError
+    naming the model when they do not bind, or when no input is a tensor."""
+    name = type(model).__name__
+    if len(args) == 1 and isinstance(args[0], Mapping) and not kwargs:
         raise TypeError(
-            f"{type(model).__name__}.forward does not take these inputs: {error}"
-        ) from None
-    var = [p.name for p in bound.signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
-    if any(name in bound.arguments for name in var):
-        raise TypeError(
-            f"{type(model).__name__}.forward takes *{var[0]}; early exits on token models pass "
-            "inputs by name"
+            f"{name} takes its inputs by keyword: call early(**batch), not early(batch)"
         )
-    return dict(bound.arguments)
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        signature = None
+    if args:
+        if signature is None:
+            raise TypeError(f"{name}'s inputs must be given by keyword")
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{name}.forward does not take these inputs: {error}") from None
+        var = [p.name for p in signature.parameters.values() if p.kind is p.VAR_POSITIONAL]
+        if any(param in bound.arguments for param in var):
+            raise TypeError(
+                f"{name}.forward takes *{var[0]}; early exits on token models pass inputs by name"
+            )
+        kwargs = dict(bound.arguments)
+    if not any(isinstance(value, torch.Tensor) for value in kwargs.values()):
+        got = ", ".join(f"{k}={type(v).__name__}" for k, v in kwargs.items()) or "nothing"
+        raise TypeError(f"{name} got no tensor input ({got}); call early(input_ids=..., ...)")
+    order = list(signature.parameters) if signature is not None else []
+    first = {key: kwargs[key] for key in order if key in kwargs}
+    return first | {key: value for key, value in kwargs.items() if key not in first}
 
 
 class OutsideTrace(Exception):
@@ -84,17 +116,14 @@ class OutsideTrace(Exception):
 
 
 def key(kwargs: dict[str, Any]) -> tuple:
-    """Which plan a call needs: its inputs by name, and which of their dimensions after the
-    batch are 1 (torch.export fixes a dimension traced at size 1, so those get a plan of
-    their own)."""
+    """Which plans a call may use: its inputs by name, with each tensor's dtype and number of
+    dimensions and each other value itself (the trace bakes those in)."""
     return tuple(
         sorted(
-            (
-                name,
-                tuple(d == 1 for d in value.shape[1:]) if isinstance(value, torch.Tensor) else (),
-            )
+            (name, (str(value.dtype), value.dim()))
+            if isinstance(value, torch.Tensor)
+            else (name, ("value", repr(value)))
             for name, value in kwargs.items()
-            if value is not None
         )
     )
 
@@ -244,7 +273,11 @@ def graph_cut(aux_model: AuxModel, kwargs: dict[str, Any]) -> GraphPlan:
         graph = _stage_graph(part, incoming, sizes, outgoing, kind)
         stages.append(fx.GraphModule(module, graph, class_name=f"Stage_{index}"))
     names = tuple(node.name for node in inputs)
-    plan = GraphPlan(tuple(stages), tuple(narrow), names, program.call_spec.out_spec)
+    fixed = tuple(
+        tuple(None if index == 0 or _free(d) else int(_symbol(d)) for index, d in enumerate(shape))
+        for shape in (node.meta["val"].shape for node in inputs)
+    )
+    plan = GraphPlan(tuple(stages), tuple(narrow), names, program.call_spec.out_spec, fixed)
     _check(plan, aux_model, sample)
     return plan
 
