@@ -32,20 +32,23 @@ across splits, how often the drop exceeded --eps.
 
 Wall-clock, through `auxhead.EarlyExit` itself (staged: the encoder cut into stages from its
 torch.export graph, the batch and its padding mask narrowed as sentences exit): the ltt 90%
-max-softmax thresholds set on `EarlyExit(aux)`, and DeeBERT's shared entropy threshold on
-`EarlyExit(aux, criterion="entropy")`, against the full model (`model(input_ids=...,
-attention_mask=...)`, eval, no grad, the heads' hooks removed), on --threads torch threads. At
-batch size 1, the first --time-sentences test sentences, unpadded; at batch size 32,
---time-batches batches of 32 test sentences drawn in a shuffled order (padded to the longest
-of each batch). Full model and early exits alternate which runs first, batch by batch; the
-figure is the median over batches of seconds per sentence, and the speed-up full / early.
-PABEE is not an `EarlyExit` criterion (it needs the heads before the exit to agree), so it has
-no wall-clock figure. The first pass of the batch-size-32 timing also checks the routing: each
-test sentence's exit from `EarlyExit` against the exit the replay gives it from the cached
-logits. `EarlyExit.calibrate` on the calibration sentences (a DataLoader of
-`TokenDataset.collate` batches) is run too: its thresholds and their test figures are
-reported beside the replay's, with the replay's search run again on the calibration sentences
-in the order, and with the seed, that calibrate reads them.
+max-softmax thresholds set on `EarlyExit(aux)`, DeeBERT's shared entropy threshold on
+`EarlyExit(aux, criterion="entropy")` and PABEE with patience 1 as
+`EarlyExit(aux, criterion="patience", patience=1)`, against the full model
+(`model(input_ids=..., attention_mask=...)`, eval, no grad, the heads' hooks removed), the same
+with PyTorch's fused encoder-layer kernel off, and `EarlyExit` with every exit off (thresholds
+1), on --threads torch threads. At batch size 1, the first --time-sentences test sentences,
+unpadded; at batch size 32, --time-batches batches of 32 test sentences drawn in shuffled
+orders (padded to the longest of each batch). The four alternate which runs first, batch by
+batch; the figure is the median over batches of seconds per sentence, and the speed-up full /
+early. Batches that `EarlyExit` runs generic (outside its trace) are counted. The routing is
+checked first: each test sentence's exit from `EarlyExit` (shuffled batches of 32) against
+the exit the replay gives it from the cached logits. `EarlyExit.calibrate` on the
+calibration sentences (a DataLoader of `TokenDataset.collate` batches) is run too: its
+thresholds and their test figures are reported beside the replay's, with the replay's search
+run again on the calibration sentences in the order, and with the seed, that calibrate reads
+them; and so is `EarlyExit(aux, criterion="patience").calibrate`, with the patience it picks
+and its test figures.
 
 Commands (one process; --json keeps the raw results, --merge reports runs made apart):
 
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import statistics
@@ -81,14 +85,15 @@ from auxhead.exits import (
     confidence,
     entropy_confidence,
     exit_indices,
+    patience_exits,
 )
-from auxhead.exits._patience import patience_exits
 
 KIM_CNN_RAND = 0.761  # Kim (2014), CNN-rand on MR, 10-fold cross-validation
 DEPTH = 6
 LTT = "max softmax, ltt 90%"
 DEEBERT = "DeeBERT (one entropy threshold, fit on calib.)"
-TIMED = {LTT: "confidence", DEEBERT: "entropy"}  # the rules timed through EarlyExit: criterion
+PABEE = "PABEE, patience 1"
+TIMED = (LTT, DEEBERT, PABEE)  # the rules timed through EarlyExit
 
 
 class Encoder(nn.Module):
@@ -297,18 +302,27 @@ def _inputs(batch: dict) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def wall_clock(
-    aux, early: auxhead.EarlyExit, dataset, test: Pool, args: argparse.Namespace, seed: int
+    aux,
+    early: auxhead.EarlyExit,
+    baseline: auxhead.EarlyExit,
+    dataset,
+    test: Pool,
+    args: argparse.Namespace,
+    seed: int,
 ) -> dict:
     """Through `early` (its thresholds set): each test sentence's exit against the replay's
-    (`test`), and the median seconds per sentence of the full model, of `early`, and of
-    `early` with every exit off (thresholds 1: the same stages, no sentence leaving; what
-    routing costs or gains by itself), interleaved batch by batch (which runs first rotates),
+    (`test`), and the median seconds per sentence of the full model (with PyTorch's fused
+    encoder-layer kernel and without), of `early`, and of `baseline` (every exit off:
+    the same stages, no sentence leaving; what routing costs or gains by itself),
+    interleaved batch by batch (which runs first rotates),
     at batch size 1 (the first --time-sentences test sentences) and 32 (--time-batches
     shuffled batches)."""
-    thresholds = torch.tensor(early.thresholds, dtype=torch.float64)
-    replay = exit_indices(test.scores[early.criterion], thresholds).tolist()
+    if early.criterion == "patience":
+        replay = patience_exits(list(test.heads.unbind(1)), early.patience).tolist()
+    else:
+        thresholds = torch.tensor(early.thresholds, dtype=torch.float64)
+        replay = exit_indices(test.scores[early.criterion], thresholds).tolist()
     replayed = dict(zip(test.rows, replay, strict=True))
-    chosen = early.thresholds
 
     def full(inputs: dict) -> float:
         with aux.hooks_removed() as model:  # the model as it is served: no hooks on it
@@ -316,9 +330,9 @@ def wall_clock(
             model(**inputs)
             return time.perf_counter() - start
 
-    def routed(inputs: dict) -> float:
+    def routed(inputs: dict, exits: auxhead.EarlyExit = early) -> float:
         start = time.perf_counter()
-        early(**inputs)
+        exits(**inputs)
         return time.perf_counter() - start
 
     def plain(inputs: dict) -> float:  # without PyTorch's fused encoder-layer kernel
@@ -329,11 +343,7 @@ def wall_clock(
             torch.backends.mha.set_fastpath_enabled(True)
 
     def off(inputs: dict) -> float:
-        early.thresholds = 1.0
-        try:
-            return routed(inputs)
-        finally:
-            early.thresholds = chosen
+        return routed(inputs, baseline)
 
     def timed(chunks: list[list[int]]) -> dict[str, float]:
         runs = {
@@ -356,6 +366,10 @@ def wall_clock(
         out["batches"] = len(chunks)
         return out
 
+    generic, log = GenericCount(), logging.getLogger("auxhead.exits._early")
+    level = log.level
+    log.setLevel(logging.INFO)
+    log.addHandler(generic)
     # The routing check (and the warm-up: the first call cuts the stages): every test
     # sentence once, in shuffled batches of 32.
     generator = torch.Generator().manual_seed(seed)
@@ -372,6 +386,7 @@ def wall_clock(
     early.return_exits = False
     result = {
         "thresholds": list(early.thresholds),
+        "patience": early.patience if early.criterion == "patience" else None,
         "mode": early.mode,
         "acc": right / len(order),
         "layers": depth / len(order),
@@ -385,16 +400,43 @@ def wall_clock(
             order = torch.randperm(len(dataset), generator=generator).tolist()
             chunks += [order[i : i + 32] for i in range(0, len(order) - 31, 32)]
         result["bs32"] = timed(chunks[: args.time_batches])
+    log.removeHandler(generic)
+    log.setLevel(level)
+    result["generic_batches"] = generic.count  # run whole: outside the trace's shapes
     return result
 
 
-def calibrate_check(aux, data, calib_rows: list[int], args: argparse.Namespace) -> list[float]:
+class GenericCount(logging.Handler):
+    """Counts the batches `EarlyExit` runs generic (shapes outside its trace)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += record.getMessage().startswith("EarlyExit runs this batch generic")
+
+
+def calibrate_check(
+    aux, data, calib_rows: list[int], args: argparse.Namespace
+) -> tuple[list[float], int]:
     """The thresholds `EarlyExit.calibrate` picks on the calibration sentences (the same
-    target as the replay's ltt 90% rule), read from a DataLoader of collated dicts."""
+    target as the replay's ltt 90% rule), read from a DataLoader of collated dicts, and the
+    patience it picks for PABEE's rule."""
     loader = DataLoader(Subset(data.train, calib_rows), batch_size=64, collate_fn=data.collate)
     early = auxhead.EarlyExit(aux)
     early.calibrate(loader, max_accuracy_drop=args.eps, confidence=0.9, timing_batches=0)
-    return list(early.thresholds)
+    patient = auxhead.EarlyExit(aux, criterion="patience")
+    patient.calibrate(loader, max_accuracy_drop=args.eps, confidence=0.9, timing_batches=0)
+    return list(early.thresholds), patient.patience
+
+
+def timed_exits(aux, name: str, found: dict) -> auxhead.EarlyExit:
+    """The `EarlyExit` of a rule of TIMED."""
+    if name == PABEE:
+        return auxhead.EarlyExit(aux, criterion="patience", patience=1)
+    criterion = "entropy" if name == DEEBERT else "confidence"
+    return auxhead.EarlyExit(aux, criterion=criterion, thresholds=found[name]["thresholds"])
 
 
 def run_split(args: argparse.Namespace, seed: int) -> dict:
@@ -411,11 +453,12 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
     test = Pool(cache(aux, data.valid, list(range(len(data.valid))), layer_flops, head_flops))
     heads_acc = test.correct.double().mean(0).tolist()
     found = rules(args, calib, test, seed)
-    wall = {}
-    for name, criterion in TIMED.items():
-        early = auxhead.EarlyExit(aux, criterion=criterion, thresholds=found[name]["thresholds"])
-        wall[name] = wall_clock(aux, early, data.valid, test, args, seed)
-    calibrated = calibrate_check(aux, data, calib_rows, args)
+    baseline = auxhead.EarlyExit(aux)  # thresholds 1: every exit off
+    wall = {
+        name: wall_clock(aux, timed_exits(aux, name, found), baseline, data.valid, test, args, seed)
+        for name in TIMED
+    }
+    calibrated, patience = calibrate_check(aux, data, calib_rows, args)
     # The replay's search again, on the calibration sentences in the order calibrate reads
     # them (its DataLoader's) and with its seed (0): the betting test reads the samples in a
     # seeded random order of the data as given, so the order can change where it stops.
@@ -429,6 +472,8 @@ def run_split(args: argparse.Namespace, seed: int) -> dict:
         "thresholds": calibrated,
         "test": test.thresholded("confidence", torch.tensor(calibrated, dtype=torch.float64)),
         "replay_in_its_order": list(again.thresholds),
+        "patience": patience,
+        "patience_test": test.patience(patience),
     }
     result = {
         "seed": seed,
@@ -475,6 +520,7 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
             f"{m['drop'] * 100:+.2f} pt | {_speedup(r, LTT, 'bs1')} | {_speedup(r, LTT, 'bs32')} |"
         )
     timed = [r for r in results if r.get("wall")]
+    names = [name for name in TIMED if all(name in r["wall"] for r in timed)]
     if timed:
         print(
             f"\nWall-clock through auxhead.EarlyExit ({timed[0]['wall'][LTT]['mode']} mode), "
@@ -484,14 +530,14 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
             "early exits over each."
         )
         for size, label in (("bs1", "batch size 1"), ("bs32", "batch size 32")):
-            if not all(size in r["wall"][name] for r in timed for name in TIMED):
+            if not all(size in r["wall"][name] for r in timed for name in names):
                 continue
             print(
                 f"\n{label}:\n\n| rule | split | full | full, no fast path | exits off | early "
                 "| speed-up | over no fast path | over exits off | layers run | drop | "
                 "exits as replayed |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
             )
-            for name in TIMED:
+            for name in names:
                 for r in timed:
                     w = r["wall"][name]
                     t = w[size]
@@ -514,7 +560,8 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
                     f"{means[2]:.2f}x | "
                     f"{statistics.fmean(r['wall'][name]['layers'] for r in timed):.2f} | | |"
                 )
-        print("\nPABEE: no wall-clock (patience is not an EarlyExit criterion).")
+        generic = sum(w.get("generic_batches", 0) for r in timed for w in r["wall"].values())
+        print(f"\nbatches EarlyExit ran generic (outside its trace): {generic}")
         for r in timed:
             if "calibrate" not in r:
                 continue
@@ -530,6 +577,13 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
                 f"layers, drop {c['test']['drop'] * 100:+.2f} pt); the replay's search in "
                 f"calibrate's order and seed {row(c['replay_in_its_order'])}"
             )
+            if "patience" in c:
+                t = c["patience_test"]
+                print(
+                    f"split {r['seed']}: EarlyExit(criterion='patience').calibrate picks "
+                    f"patience {c['patience']} (test: {t['layers']:.2f} layers, drop "
+                    f"{t['drop'] * 100:+.2f} pt)"
+                )
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
     print(
         f"\nfull model: mean test accuracy {statistics.fmean(accs):.2%} (sd {sd:.2%}) over "
