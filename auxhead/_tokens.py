@@ -11,6 +11,7 @@ much padding its batch added (right padding: the real tokens keep their position
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -60,12 +61,37 @@ def pool_tokens(features: torch.Tensor, keep: torch.Tensor | None, how: str) -> 
     return features.masked_fill(~kept, 0).sum(dim=1) / count
 
 
-def _position(model: nn.Module, name: str) -> int | None:
-    """Where `name` stands among the positional parameters of `model.forward`, or None."""
+def forward_signature(model: nn.Module) -> inspect.Signature | None:
+    """The signature of `model.forward` (bound: no `self`), or None when it has none; looked
+    up once per forward function (early exits read it on every call)."""
+    forward = model.forward
+    function = getattr(forward, "__func__", None)
+    if function is None or getattr(forward, "__self__", None) is not model:
+        return _signature(forward)  # a forward set on the instance: not cached
+    bound = _function_signature(function)
+    if bound is None:
+        return None
+    return bound.replace(parameters=list(bound.parameters.values())[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _function_signature(function: Callable[..., Any]) -> inspect.Signature | None:
+    return _signature(function)
+
+
+def _signature(function: Callable[..., Any]) -> inspect.Signature | None:
     try:
-        parameters = list(inspect.signature(model.forward).parameters.values())
+        return inspect.signature(function)
     except (TypeError, ValueError):
         return None
+
+
+def _position(model: nn.Module, name: str) -> int | None:
+    """Where `name` stands among the positional parameters of `model.forward`, or None."""
+    signature = forward_signature(model)
+    if signature is None:
+        return None
+    parameters = list(signature.parameters.values())
     positional = [
         p.name
         for p in parameters
@@ -76,10 +102,8 @@ def _position(model: nn.Module, name: str) -> int | None:
 
 def takes_attention_mask(model: nn.Module) -> bool:
     """Whether `model.forward` has an `attention_mask` parameter (Hugging Face models do)."""
-    try:
-        return ATTENTION_MASK in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    signature = forward_signature(model)
+    return signature is not None and ATTENTION_MASK in signature.parameters
 
 
 class ModelMask:

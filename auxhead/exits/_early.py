@@ -16,7 +16,6 @@ How compute is saved depends on the model (`EarlyExit.mode`):
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import math
 import warnings
@@ -27,8 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from auxhead._probe import eval_mode
+from auxhead._probe import batch_size, eval_mode
 from auxhead._spread import per_name
+from auxhead._tokens import forward_signature
 from auxhead.attach import AuxModel
 from auxhead.exits._calibrate import (
     METHODS,
@@ -120,10 +120,10 @@ def _token_model(aux_model: AuxModel) -> bool:
     model = aux_model.model
     if aux_model.reads_padding:
         return True
-    try:
-        parameters = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
+    signature = forward_signature(model)
+    if signature is None:
         return False
+    parameters = signature.parameters.values()
     required = [
         p
         for p in parameters
@@ -409,7 +409,10 @@ class EarlyExit(nn.Module):
         self, args: tuple, kwargs: dict, active: list[bool], decide: Decide
     ) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = as_keywords(self.aux_model.model, args, kwargs)
-        if self._graph_mode and (plan := self._graph_plan(inputs)) is not None:
+        # One sentence: the model's own forward, stopped where it exits, beats the stages
+        # (torch's fused layer kernels, and nothing to narrow).
+        single = batch_size(inputs) == 1
+        if not single and self._graph_mode and (plan := self._graph_plan(inputs)) is not None:
             keep = self.aux_model.real_tokens((), inputs)
             try:
                 return forward_graph(inputs, plan, self.aux_model, active, decide, keep)

@@ -19,7 +19,6 @@ the model's own forward, and the stages run one after the other must give the mo
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from torch import fx, nn
 
 from auxhead._hooks import HookSet
 from auxhead._probe import eval_mode, resolve
+from auxhead._tokens import forward_signature
 from auxhead.attach import AuxModel
 from auxhead.exits._route import MAIN, check_logits, model_logits
 from auxhead.exits._stages import NotStageable
@@ -86,10 +86,7 @@ def as_keywords(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
         raise TypeError(
             f"{name} takes its inputs by keyword: call early(**batch), not early(batch)"
         )
-    try:
-        signature = inspect.signature(model.forward)
-    except (TypeError, ValueError):
-        signature = None
+    signature = forward_signature(model)
     if args:
         if signature is None:
             raise TypeError(f"{name}'s inputs must be given by keyword")
