@@ -126,7 +126,7 @@ def test_each_sample_gets_the_logits_and_exit_of_a_full_computation(kind):
     assert early.last_exits.tolist() == exits.tolist()
 
 
-@pytest.mark.parametrize("kind", ["bert", "encoder"])
+@pytest.mark.parametrize("kind", ["bert", "encoder", "stack"])
 def test_cls_pooling_and_a_single_sample_route_like_the_reference(kind):
     aux, inputs, family = _attached(kind, pool="cls")
     early = auxhead.EarlyExit(aux, return_exits=True)
@@ -233,8 +233,9 @@ def test_an_untraceable_model_runs_generic_with_the_reason():
         staged(**inputs)
 
 
-def test_generic_mode_on_a_token_model_routes_like_the_reference():
-    aux, inputs, _ = _attached("distilbert")
+@pytest.mark.parametrize("kind", ["distilbert", "stack"])
+def test_generic_mode_on_a_token_model_routes_like_the_reference(kind):
+    aux, inputs, _ = _attached(kind)
     early = auxhead.EarlyExit(aux, mode="generic", return_exits=True)
     early.thresholds = _median_thresholds(aux, inputs)
     _routes_like_the_reference(early, aux, inputs)

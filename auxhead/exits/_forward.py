@@ -122,6 +122,15 @@ def forward_staged(
     return out, exits
 
 
+def _rows(features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The samples `rows` of a tap's output: a dense tensor, or a nested one (one sequence of
+    real tokens per sample, as `nn.TransformerEncoder` passes them in eval)."""
+    if not features.is_nested:
+        return features[rows]
+    samples = features.unbind()
+    return torch.nested.nested_tensor([samples[i] for i in rows.tolist()])
+
+
 def forward_generic(
     inputs: tuple[tuple, dict], aux_model: AuxModel, active: Sequence[bool], decide: Decide
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,14 +154,17 @@ def forward_generic(
                 )
             state["last"] = index
             features = aux_model.head_input(taps[index], output)
-            if features.shape[0] != batch:
+            if features.size(0) != batch:
+                shape = "nested" if features.is_nested else tuple(features.shape)
                 raise ValueError(
-                    f"tap {taps[index]!r} outputs shape {tuple(features.shape)}, whose first "
-                    f"dimension is not the batch ({batch}); early exits need batch-first taps"
+                    f"tap {taps[index]!r} outputs shape {shape}, whose first dimension is "
+                    f"not the batch ({batch}); early exits need batch-first taps"
                 )
             rows = (~decided).nonzero().squeeze(1)
             keep = real_tokens(taps[index])
-            logits, leave = decide(index, features[rows], None if keep is None else keep[rows])
+            logits, leave = decide(
+                index, _rows(features, rows), None if keep is None else keep[rows]
+            )
             if state["out"] is None:
                 state["out"] = logits.new_empty((batch, *logits.shape[1:]))
             state["out"][rows[leave]] = check_logits(logits, state["out"], taps[index])[leave]
