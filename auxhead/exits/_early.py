@@ -234,7 +234,6 @@ class EarlyExit(nn.Module):
         self._cut_error: str | None = None  # why the export graph could not be cut
         self.mode_reason = "mode='generic' was asked for"
         if mode != "generic" and self._tokens:
-            self._plan = None
             self.mode_reason = (
                 "a token model: stages are cut from its torch.export graph at the first batch, "
                 "and the padding mask narrows with the samples that stay"
@@ -318,8 +317,7 @@ class EarlyExit(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # Stages cut from an export graph do not pickle; they are cut again after loading.
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(self.__dict__)
-        return {**state, "_graphs": {}}
+        return {**self.__dict__, "_graphs": {}}
 
     @property
     def taps(self) -> list[str]:

@@ -33,7 +33,7 @@ from torch import nn
 
 from auxhead.attach import AuxModel
 from auxhead.exits._forward import head_copy
-from auxhead.exits._graph import GraphPlan
+from auxhead.exits._graph import GraphPlan, two_or_more
 from auxhead.exits._route import Criterion, leaves, model_logits
 from auxhead.exits._stages import Plan
 
@@ -157,7 +157,7 @@ class GraphRouted(nn.Module):
         aux_model = self.aux_model[0]
         kwargs = dict(zip(self.plan.names, inputs, strict=True))
         keep = aux_model.real_tokens((), kwargs)
-        state = self.plan.stages[0](*inputs)
+        state = self.stages[0](*inputs)
         batch = state[0].shape[0]
         rows = torch.arange(batch, device=state[0].device)
         logits, exits = self._from(0, 1, state, keep, rows, None, None)
@@ -402,7 +402,7 @@ def _write(
 
 
 def _named_inputs(names: Sequence[str], sample: Any) -> tuple[torch.Tensor, ...]:
-    """The sample's keyword inputs in `names` order, at batch size >= 2 (see `_two_or_more`)."""
+    """The sample's keyword inputs in `names` order, at batch size >= 2 (`two_or_more`)."""
     if not isinstance(sample, dict) or any(name not in sample for name in names):
         got = sorted(sample) if isinstance(sample, dict) else type(sample).__name__
         raise ValueError(
@@ -412,6 +412,5 @@ def _named_inputs(names: Sequence[str], sample: Any) -> tuple[torch.Tensor, ...]
     inputs = tuple(sample[name] for name in names)
     if any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] == 0 for v in inputs):
         raise ValueError(f"export traces with a sample batch: tensors {list(names)} of (B, ...)")
-    if inputs[0].shape[0] == 1:
-        inputs = tuple(torch.cat([v, v]) for v in inputs)
-    return inputs
+    doubled = two_or_more(dict(zip(names, inputs, strict=True)))
+    return tuple(doubled[name] for name in names)

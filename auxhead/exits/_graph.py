@@ -29,13 +29,21 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 
 from auxhead._hooks import HookSet
-from auxhead._probe import eval_mode, resolve
+from auxhead._probe import batch_size, eval_mode, first_tensor, resolve
 from auxhead._tokens import forward_signature
 from auxhead.attach import AuxModel
 from auxhead.exits._route import MAIN, check_logits, model_logits
 from auxhead.exits._stages import NotStageable
 
-__all__ = ["GraphPlan", "OutsideTrace", "as_keywords", "forward_graph", "graph_cut", "key"]
+__all__ = [
+    "GraphPlan",
+    "OutsideTrace",
+    "as_keywords",
+    "forward_graph",
+    "graph_cut",
+    "key",
+    "two_or_more",
+]
 
 from auxhead.exits._forward import Decide
 
@@ -125,8 +133,10 @@ def key(kwargs: dict[str, Any]) -> tuple:
     )
 
 
-def _two_or_more(kwargs: dict[str, Any], batch: int) -> dict[str, Any]:
-    """A tracing sample of batch size >= 2 (torch.export specialises a dimension of size 1)."""
+def two_or_more(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A tracing sample of batch size >= 2 (torch.export specialises a dimension of size 1):
+    a batch of one, each batch-first input twice over."""
+    batch = batch_size(kwargs)
     if batch > 1:
         return kwargs
     return {
@@ -141,7 +151,7 @@ def _batch_first(value: Any, batch: int) -> bool:
 
 def _export(model: nn.Module, kwargs: dict[str, Any]) -> torch.export.ExportedProgram:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    size = next(v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim())
+    size = batch_size(kwargs)
     shapes = {
         name: (
             {0: batch, **{d: torch.export.Dim.AUTO for d in range(1, value.dim())}}
@@ -187,8 +197,7 @@ def graph_cut(aux_model: AuxModel, kwargs: dict[str, Any]) -> GraphPlan:
         ValueError: the taps are not listed in the order they run.
     """
     model, taps = aux_model.model, list(aux_model.taps)
-    size = next(v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim())
-    sample = _two_or_more(kwargs, size)
+    sample = two_or_more(kwargs)
     program = _export(model, sample)
     module = program.module()
     nodes = list(module.graph.nodes)
@@ -464,8 +473,8 @@ def forward_graph(
     if missing:
         raise TypeError(f"the model was cut for inputs {list(plan.names)}; {missing} missing")
     flat = [kwargs[name] for name in plan.names]
-    batch = next(v.shape[0] for v in flat if isinstance(v, torch.Tensor) and v.dim())
-    device = next(v.device for v in flat if isinstance(v, torch.Tensor))
+    batch = batch_size(flat)
+    device = first_tensor(flat).device
     exits = torch.full((batch,), len(taps), dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)
     out: torch.Tensor | None = None

@@ -65,11 +65,16 @@ def _exits(predictions: torch.Tensor, patience: int) -> torch.Tensor:
     exits = torch.full((batch,), heads, dtype=torch.long, device=predictions.device)
     counter = torch.zeros(batch, dtype=torch.long, device=predictions.device)
     for index in range(1, heads):
-        same = predictions[:, index] == predictions[:, index - 1]
-        counter = torch.where(same, counter + 1, torch.zeros_like(counter))
+        counter = _count(predictions[:, index], predictions[:, index - 1], counter)
         leaving = (counter >= patience) & (exits == heads)
         exits = torch.where(leaving, torch.full_like(exits, index), exits)
     return exits
+
+
+def _count(prediction: torch.Tensor, previous: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """PABEE's counter after one more head: +1 where it predicts what the head before it did,
+    back to 0 where it does not."""
+    return torch.where(prediction == previous, counter + 1, torch.zeros_like(counter))
 
 
 class PatienceRule:
@@ -88,7 +93,7 @@ class PatienceRule:
         if self.previous is None:
             counter = torch.zeros_like(prediction)
         else:
-            counter = torch.where(prediction == self.previous, self.counter + 1, 0)
+            counter = _count(prediction, self.previous, self.counter)
         leave = counter >= self.patience
         self.previous, self.counter = prediction[~leave], counter[~leave]
         return leave

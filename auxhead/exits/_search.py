@@ -219,14 +219,7 @@ def harm_path(
     judge = Judge(scores, correct, profile)
     per_exit = [candidates(scores[:, index]) for index in range(scores.shape[1])]
     rules = [lambda s, b=budget: s.harms <= b for budget in budgets]
-    path: list[torch.Tensor] = []
-    for pick in optimise(judge, per_exit, rules, "cost", limit):
-        if pick is None:
-            continue
-        pick = switch_off_unused(scores, pick)
-        if not path or not torch.equal(pick, path[-1]):
-            path.append(pick)
-    return path
+    return _distinct(scores, optimise(judge, per_exit, rules, "cost", limit))
 
 
 def drop_path(
@@ -255,14 +248,7 @@ def drop_path(
         else range(low, top + 1)
     )
     rules = [lambda s, b=budget: main_hits - s.hits <= b for budget in budgets]
-    path: list[torch.Tensor] = []
-    for pick in optimise(judge, per_exit, rules, "cost", limit):
-        if pick is None:
-            continue
-        pick = switch_off_unused(scores, pick)
-        if not path or not torch.equal(pick, path[-1]):
-            path.append(pick)
-    return path
+    return _distinct(scores, optimise(judge, per_exit, rules, "cost", limit))
 
 
 def shared_path(n_exits: int, steps: int = 64, closest: float = 1e-6) -> list[torch.Tensor]:
@@ -271,3 +257,15 @@ def shared_path(n_exits: int, steps: int = 64, closest: float = 1e-6) -> list[to
     scores of confident heads crowd."""
     logs = torch.linspace(math.log(closest), 0.0, steps, dtype=torch.float64)
     return [(1 - torch.exp(v)).repeat(n_exits) for v in logs]
+
+
+def _distinct(scores: torch.Tensor, picks: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """The picks found, heads that save nothing switched off, without repeats in a row."""
+    path: list[torch.Tensor] = []
+    for pick in picks:
+        if pick is None:
+            continue
+        pick = switch_off_unused(scores, pick)
+        if not path or not torch.equal(pick, path[-1]):
+            path.append(pick)
+    return path
